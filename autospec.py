@@ -562,8 +562,7 @@ def _no_arguments(parser):
 
 
 SUBCOMMANDS = {
-    "run": ('extract spectra of every catalogue object',
-            not_yet_implemented(6), _run_arguments),
+    "run": ("extract spectra of every catalogue object", not_yet_implemented(6), _run_arguments),
 }
 
 

@@ -520,12 +520,11 @@ def _no_arguments(parser):
 
 
 SUBCOMMANDS = {
-    "make-dataset": ('process IR images into augmented training subframes',
-            not_yet_implemented(None), _no_arguments),
-    "train": ('train the blob classifier',
-            not_yet_implemented(None), _no_arguments),
-    "predict": ('classify the subframes of a difference image',
-            not_yet_implemented(None), _no_arguments),
+    "make-dataset": ("process IR images into augmented training subframes",
+                     not_yet_implemented(), _no_arguments),
+    "train": ("train the blob classifier", not_yet_implemented(), _no_arguments),
+    "predict": ("classify the subframes of a difference image", not_yet_implemented(),
+                _no_arguments),
 }
 
 
