@@ -27,6 +27,7 @@ A ``param.py`` in the working directory (the original's format), or the same key
 the ``[autospec]`` section of an INI file (``--write-config FILE`` writes a template).
 """
 import argparse
+import ast
 import configparser
 import logging
 import os
@@ -47,6 +48,8 @@ __all__ = [
     "Config",
     "load_config",
     "setup_logging",
+    "read_param_file",
+    "load_autospec_config",
 ]
 __version__ = "0.1.0"
 
@@ -536,6 +539,107 @@ CONFIG_SCHEMA = (
 )
 
 
+# ===========================================================================
+# param.py files (the original's parameter format), read without executing them
+# ===========================================================================
+PARAM_FILE_NAME = "param.py"
+PARAM_SECTION = "autospec"
+
+
+def _param_entries():
+    return {entry.key.upper(): entry for entry in CONFIG_SCHEMA if entry.section == PARAM_SECTION}
+
+
+def _param_assignment(node, path, entries, errors):
+    """``(entry, value)`` of one ``NAME = literal`` statement, or None after an error."""
+    where = "%s, line %d" % (path, node.lineno)
+    if not (isinstance(node, ast.Assign) and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)):
+        errors.append("%s: only 'NAME = value' assignments are allowed in a parameter file"
+                      % where)
+        return None
+    name = node.targets[0].id
+    entry = entries.get(name.upper())
+    if entry is None:
+        errors.append("%s: unknown parameter %r; known parameters are %s"
+                      % (where, name, ", ".join(sorted(entries))))
+        return None
+    try:
+        value = ast.literal_eval(node.value)
+    except ValueError:
+        errors.append("%s: %s must be a plain value (string, number, True/False, or a "
+                      "tuple of them), not an expression" % (where, name))
+        return None
+    try:
+        entry.parse(value)
+    except (ValueError, TypeError):
+        errors.append("%s: %s = %r is invalid: expected %s"
+                      % (where, name, value, entry.describe_allowed()))
+        return None
+    return entry, value
+
+
+def read_param_file(path):
+    """Read an AutoSpec ``param.py`` safely (parsed, never executed).
+
+    Parameters
+    ----------
+    path : str or Path
+        A file of ``NAME = value`` lines, as the original's ``param.py``; names are the
+        keys of the ``[autospec]`` section of :data:`CONFIG_SCHEMA` (any case).
+
+    Returns
+    -------
+    dict
+        ``{("autospec", KEY): value}``, ready as ``overrides`` for :func:`load_config`.
+
+    Raises
+    ------
+    ConfigError
+        Every problem at once, each naming the file, line, parameter, bad value and
+        the allowed values.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("parameter file %s does not exist; give one with --param FILE "
+                          "(see configs/autospec_param.py)" % path)
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except (SyntaxError, UnicodeDecodeError) as exc:
+        raise ConfigError("parameter file %s is not valid Python (%s); fix the line or "
+                          "start again from configs/autospec_param.py" % (path, exc)) from None
+    entries, errors, values = _param_entries(), [], {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # a docstring
+        found = _param_assignment(node, path, entries, errors)
+        if found:
+            values[(PARAM_SECTION, found[0].key)] = found[1]
+    if errors:
+        raise ConfigError("invalid parameter file:\n  " + "\n  ".join(errors))
+    return values
+
+
+def load_autospec_config(param=None, config=None, overrides=None):
+    """Configuration from an INI file, then a ``param.py``, then command-line overrides.
+
+    Parameters
+    ----------
+    param : str or Path, optional
+        ``param.py`` file; None uses ``./param.py`` when it exists.
+    config : str or Path, optional
+        INI (or TOML) file with an ``[autospec]`` section.
+    overrides : dict, optional
+        ``{(section, key): raw}`` from ``--set``; they win over both files.
+    """
+    if param is None and Path(PARAM_FILE_NAME).is_file():
+        param = Path(PARAM_FILE_NAME)
+        log.info("using %s from the working directory", param.resolve())
+    merged = dict(read_param_file(param)) if param is not None else {}
+    merged.update(overrides or {})
+    return load_config(CONFIG_SCHEMA, config, merged)
+
+
 def _run_arguments(parser):
     """Options of ``autospec run``."""
     parser.add_argument("--param", metavar="FILE",
@@ -543,6 +647,13 @@ def _run_arguments(parser):
                              "(default: ./param.py when it exists); INI files go to --config")
     parser.add_argument("--nproc", type=int, default=1, metavar="N",
                         help="objects processed in parallel (default 1)")
+
+
+def _run(args, config):
+    """``autospec run``: resolve param.py + INI + --set, then extract (issue #6)."""
+    config = load_autospec_config(args.param, args.config, parse_overrides(args.set))
+    log.debug("parameters: %r", config)
+    return not_yet_implemented(6)(args, config)
 
 
 def _with_default_subcommand(argv):
@@ -562,7 +673,7 @@ def _no_arguments(parser):
 
 
 SUBCOMMANDS = {
-    "run": ("extract spectra of every catalogue object", not_yet_implemented(6), _run_arguments),
+    "run": ("extract spectra of every catalogue object", _run, _run_arguments),
 }
 
 
