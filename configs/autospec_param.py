@@ -4,11 +4,11 @@
 # The same keys can go in the [autospec] section of an INI file (configs/autospec.ini).
 
 MODE = 'param'            # 'param': settings below for every object; 'cat': SIZE, REF per object from the catalogue
-CATALOGUE = 'catalogue.txt'   # ID RA DEC [SIZE REF], text or CSV
-CUBE = 'cube.fits'        # the IFU data cube
+CATALOG = 'catalogue.txt'     # ID RA DEC [SIZE REF], text/CSV or FITS/ECSV (MUSELET); alias CATALOGUE
+DATACUBE = 'cube.fits'    # the IFU data cube (alias CUBE)
 REF = ''                  # reference extraction for cross-correlation: an aperture size (in APER) or an image ('' = white light)
 DATA_EXT = ()             # data [and variance] extension, e.g. (1, 2) or ('DATA', 'STAT'); () = detect
-APER = 1.0, 1.5, 2.0      # aperture diameters (arcsec); at most SIZE / 2
+APER = 1.0, 1.5, 2.0      # aperture radii (arcsec, as mpdaf); at most SIZE / 2
 IMG = ()                  # additional images to weight extractions and build masks, e.g. ('hst_f606w.fits',)
 USE_IMGS = True           # use the IMG images when building the object and sky masks
 OBJ_MASK = 'intersection' # 'intersection' or 'union' of the segmentation maps (empty intersection -> union)
@@ -19,6 +19,7 @@ SIZE = 5.0                # full width of sub-cubes and stamps (arcsec)
 XCOR = True               # cross-correlation extraction
 CONT_SUB = True           # polynomial continuum subtraction (with XCOR)
 CONT_POLY = 5             # polynomial order of the continuum
+SKY_SUB = True            # local sky subtraction (mean of the sky-mask spaxels)
 PLOTS = True              # ID_IMAGES, ID_MASKS, ID_SPECTRA, ID_XCOR .jpg plots per object
 OUT_SUB = False           # keep sub-cubes in the Source files (large)
 OUT_IMG = True
@@ -32,3 +33,16 @@ ORIG_FROMV = ''
 ORIG_CUBE = ''
 ORIG_CUBEV = ''
 WARNINGS = False          # show astropy/mpdaf warnings
+# --- beyond the original (all optional) ---
+PREFIX = ''               # product names (PREFIX_WHITE, ...); '' = the cube's INSTRUME (MUSE), else CUBE
+OPTIMAL = True            # Horne (1986) optimal extraction with the white-light profile
+XCOR_ITER = 2             # cross-correlation passes (2+ = iterate with the last spectrum as reference)
+XCOR_MASK = 0.1           # cross-correlation mask: reference-mask spaxels above this fraction of the map's peak
+NB_RANGES = ()            # narrow-band images, e.g. ('6550-6580', '4990-5020') in Angstrom
+DETECT_THRESH = 1.5       # sep detection threshold (background rms)
+DETECT_MINAREA = 5        # sep minimum area (pixels)
+DEBLEND_CONT = 0.005      # sep deblending contrast (1.0 = no deblending)
+MATCH_RADIUS = 0.5        # arcsec from the catalogue position to the object's segment
+SKY_GROW = 0.6            # arcsec kept clear around every segment in the sky mask
+SUMMARY = 'summary'       # summary catalogue (summary.ecsv + summary.csv in OUTPUT)
+MARZ = 'marz.fits'        # MARZ input file of the final spectra ('' = none)

@@ -192,5 +192,6 @@ def test_autospec_defaults_to_run(capsys):
     import autospec
     assert autospec._with_default_subcommand(["--nproc", "2"]) == ["run", "--nproc", "2"]
     assert autospec._with_default_subcommand(["run", "--nproc", "2"]) == ["run", "--nproc", "2"]
-    assert autospec.main(["--nproc", "2", "-q"]) == 1          # reaches the run placeholder
-    assert "'autospec run' is not implemented yet" in capsys.readouterr().err
+    assert autospec.main(["--nproc", "2", "-q"]) == 2          # run, but nothing to run on
+    assert "no parameters: there is no ./param.py and neither --param FILE nor --config FILE" \
+        in capsys.readouterr().err
