@@ -10,6 +10,7 @@ Usage::
     python tests/demo.py --outdir demo_output [--only faust_imaging] [--overwrite]
 """
 import argparse
+import importlib
 import json
 import logging
 import shutil
@@ -100,20 +101,31 @@ def demo_casa_smoke(outdir):
     return summary
 
 
-# tool -> (description, demo function or None, issue that builds it)
+# tool -> (description, "module:function" that takes the output directory and returns a
+# summary dict, or None while the tool has no demo yet, issue that builds it)
 DEMOS = {
-    "faust_imaging": ("CASA smoke run: simulated ALMA line MS -> tclean cube", demo_casa_smoke, 3),
+    "faust_imaging": ("CASA smoke run: simulated ALMA line MS -> tclean cube",
+                      "demo:demo_casa_smoke", 3),
     "clover": ("Gaussian and NH3 cubes -> class and velocity maps", None, 5),
-    "autospec": ("MUSE-like cube -> extracted spectra", None, 6),
+    "autospec": ("MUSE-like cube with a blended pair -> extracted spectra",
+                 "simulate_autospec:run_demo", 6),
     "racs_pipeline": ("ASKAP-like field -> crossmatch and transients", None, 7),
     "ir_blobs": ("WFC3/IR difference image -> blob tiles", None, None),
 }
 
 
+def _demo_function(target):
+    """Import ``module:function`` (test-side simulators or the tools themselves)."""
+    module_name, _, function_name = target.partition(":")
+    if module_name == "demo":
+        return globals()[function_name]
+    return getattr(importlib.import_module(module_name), function_name)
+
+
 def run_demo(name, outdir, overwrite):
     """Run one tool's demo into ``outdir/name``; return its summary entry."""
-    text, func, issue = DEMOS[name]
-    if func is None:
+    text, target_name, issue = DEMOS[name]
+    if target_name is None:
         return {"status": "pending", "what": text, "issue": issue}
     target = outdir / name
     if target.exists():
@@ -124,7 +136,7 @@ def run_demo(name, outdir, overwrite):
     target.mkdir(parents=True)
     start = time.perf_counter()
     try:
-        result = func(target)
+        result = _demo_function(target_name)(target)
     except Exception as exc:  # one demo failing must not hide the others
         log.exception("demo %s failed", name)
         return {"status": "failed", "what": text, "error": f"{type(exc).__name__}: {exc}"}
@@ -138,7 +150,7 @@ def _print_summary(summary):
     for name, entry in summary.items():
         print(f"{name:15s} {entry['status']:8s} {entry['what']}")
         if entry["status"] == "ok":
-            for key, value in entry["result"].items():
+            for key, value in (entry["result"] or {}).items():
                 print(f"{'':24s}{key}: {value}")
         elif entry["status"] == "pending":
             print(f"{'':24s}not built yet (issue #{entry['issue']})" if entry["issue"]
