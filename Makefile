@@ -12,6 +12,7 @@ STAMP := $(VENV)/.installed-from-lock
 MIN_FREE_GB ?= 6
 DEMO_OUT ?= demo_output
 PYTEST_ARGS ?=
+PGBIN ?= /usr/lib/postgresql/15/bin
 
 # CASA runs fully offline from the repository's site config; quiet TensorFlow;
 # headless matplotlib.
@@ -20,7 +21,7 @@ export MPLBACKEND := Agg
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test test-fast demo lint clean distclean check-python check-space
+.PHONY: help venv test test-fast demo lint clean distclean check-python check-space postgres
 
 help:
 	@echo "make demo       set up .venv and run every tool's demo into $(DEMO_OUT)/"
@@ -61,11 +62,27 @@ $(STAMP): requirements.lock pyproject.toml
 
 venv: $(STAMP)
 
-test: $(STAMP)
-	$(VPY) -m pytest $(PYTEST_ARGS)
+# PostgreSQL 15 + Q3C for the racs_pipeline database tests (tests/with_postgres.sh starts a
+# throwaway server on 127.0.0.1 for the test run and removes it afterwards).
+postgres:
+	@if [ -n "$${TOOLKIT_PG_URL:-}" ]; then :; \
+	elif [ -x "$(PGBIN)/initdb" ] && ls /usr/share/postgresql/15/extension/q3c.control >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo ">>> installing postgresql-15 and postgresql-15-q3c (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    postgresql-15 postgresql-15-q3c >/dev/null; \
+	else \
+	  echo "error: PostgreSQL 15 with the Q3C extension is needed for the database tests; install" >&2; \
+	  echo "       the Debian/Ubuntu packages postgresql-15 and postgresql-15-q3c (as root:" >&2; \
+	  echo "       apt-get install postgresql-15 postgresql-15-q3c), or point TOOLKIT_PG_URL at a" >&2; \
+	  echo "       server with q3c (PGBIN=... if the binaries are elsewhere)" >&2; \
+	  exit 2; fi
 
-test-fast: $(STAMP)
-	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+test: $(STAMP) postgres
+	tests/with_postgres.sh $(VPY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) postgres
+	tests/with_postgres.sh $(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(VPY) tests/demo.py --outdir $(DEMO_OUT) --overwrite

@@ -1,13 +1,14 @@
 """RACS historical transients: ASKAP vs SUMSS/NVSS crossmatch and transient search.
 
-Re-creation of the RACS historical-transients pipeline (processASKAPimage.py of
-ajstewart/racs-historical-transients): source finding on an ASKAP image, crossmatch
-with SUMSS and NVSS (local catalogues or cached Vizier queries), flux-ratio and
-positional diagnostics, transient candidates, forced photometry, postage stamps and
-a database of the results.
+Re-creation of the RACS historical-transients pipeline (``processASKAPimage.py`` of
+ajstewart/racs-historical-transients): source finding on an ASKAP image (AegeanTools,
+PyBDSF, or existing Aegean/Selavy catalogues), crossmatch with SUMSS and NVSS (local
+catalogue files, or Vizier queries cached on disk), flux-ratio and positional
+diagnostics, transient candidates with forced (priorized) Aegean photometry, kvis/DS9
+annotations, postage stamps and an SQL database (SQLite by default, PostgreSQL + Q3C).
 
-Status: skeleton with the shared command-line conventions and the parset schema; the
-pipeline itself is issue #7.
+Everything that scales with the number of sources is vectorised (a KD-tree on unit
+vectors does the crossmatch; no Python loops over table rows).
 
 Use
 ---
@@ -15,10 +16,17 @@ As a module::
 
     import racs_pipeline
     racs_pipeline.main(["process", "-c", "parset.in", "image.fits"])
+    summary = racs_pipeline.process_image("image.fits", racs_pipeline.load_config(
+        racs_pipeline.CONFIG_SCHEMA, "parset.in"))
 
 From the shell::
 
     python racs_pipeline.py process -c parset.in image.fits [image2.fits ...]
+    python racs_pipeline.py process --sumss-csv sumss.csv --transients image.fits
+
+Every parset key also exists as a ``--flag`` (``transient_max_separation`` ->
+``--transient-max-separation 20``); booleans take true/false/yes/no/on/off/1/0 and a bare
+``--transients`` means true.  The command line overrides the parset.
 
 Inside a CASA 6 session: ``execfile("racs_pipeline.py")`` defines the functions and
 runs nothing.
@@ -28,30 +36,74 @@ Configuration
 A parset (INI) with the sections ``[GENERAL]``, ``[ANALYSIS]``, ``[CATALOGUES]``,
 ``[CROSSMATCHING]``, ``[TRANSIENTS]``, ``[POSTAGESTAMPS]`` and ``[DATABASE]``
 (``--write-config FILE`` writes a template; ``configs/racs_pipeline.in``).
+Aegean settings come from an optional ``[aegean]`` file (``aegean_settings_config``).
+
+Outputs go to ``<image>_results[_<output_tag>]/``; each stage writes named products and
+is skipped (logged) when they exist, unless ``clobber``/``--overwrite`` is set.
 """
 import argparse
 import configparser
+import json
 import logging
+import math
 import os
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 __all__ = [
     "main",
     "CONFIG_SCHEMA",
+    "SURVEYS",
     "ToolError",
     "ConfigError",
     "InputError",
     "OutputExistsError",
+    "RacsDataWarning",
     "ConfigKey",
     "Config",
     "load_config",
     "setup_logging",
+    "ImageInfo",
+    "load_image",
+    "rms_map",
+    "robust_rms",
+    "sample_map",
+    "weight_crop",
+    "convolve_to_beam",
+    "survey_beam",
+    "determine_catalogues",
+    "read_survey_catalogue",
+    "fetch_survey_catalogue",
+    "trim_to_footprint",
+    "flag_extended",
+    "read_askap_csv",
+    "find_sources_aegean",
+    "find_sources_pybdsf",
+    "read_aegean_settings",
+    "forced_photometry",
+    "crossmatch_nearest",
+    "pairs_within",
+    "scale_flux",
+    "flux_ratio",
+    "sky_offsets",
+    "variability_metrics",
+    "transient_search",
+    "write_ann",
+    "write_ds9_region",
+    "write_table",
+    "make_diagnostic_plots",
+    "make_postage_stamps",
+    "RacsDatabase",
+    "process_image",
+    "process_images",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 log = logging.getLogger("racs_pipeline")
 
@@ -61,8 +113,9 @@ log = logging.getLogger("racs_pipeline")
 SPECTRAL_INDEX = -0.8   # flux extrapolation S ~ nu^alpha between surveys (seed)
 SUMSS_FREQUENCY_HZ = 843e6
 NVSS_FREQUENCY_HZ = 1.4e9
+CITATION = ("Stewart et al., racs-historical-transients (github.com/ajstewart/"
+            "racs-historical-transients); Hancock et al. 2012, 2018 (Aegean)")
 
-# ---------------------------------------------------------------------------
 # >>> shared conventions >>>
 # This block is identical in all five modules of the toolkit (each module must stay
 # self-contained, so it cannot be imported from a common file); tests/test_conventions.py
@@ -505,76 +558,2440 @@ def invoked_as_script(namespace):
     return namespace.get("__name__") == "__main__" and "casalog" not in namespace
 # <<< shared conventions <<<
 
+
+class RacsDataWarning(UserWarning):
+    """A recoverable problem in the input data (filter with ``warnings.filterwarnings``)."""
+
+
 # ===========================================================================
 # Configuration schema (the only keys accepted; see --write-config)
 # ===========================================================================
+_POS = (0.0, None)
 CONFIG_SCHEMA = (
     ConfigKey("GENERAL", "output_tag", "str", "", help="suffix of the output directory <image>_results_<tag>"),
-    ConfigKey("GENERAL", "log_level", "str", "INFO", ("DEBUG", "INFO", "WARNING"), "logging level"),
-    ConfigKey("GENERAL", "nice", "int", 10, (0, 19), "process niceness", bounds=True),
-    ConfigKey("GENERAL", "clobber", "bool", False, help="overwrite existing results"),
+    ConfigKey("GENERAL", "output_dir", "path", None, help="parent directory of the results (default: beside each image)"),
+    ConfigKey("GENERAL", "log_level", "str", "INFO", ("DEBUG", "INFO", "WARNING"), "logging level (-v/-q win)"),
+    ConfigKey("GENERAL", "nice", "int", 10, (0, 19), "process niceness (never lowered)", bounds=True),
+    ConfigKey("GENERAL", "clobber", "bool", False, help="recompute and overwrite existing products (same as --overwrite)"),
     ConfigKey("GENERAL", "sumss_only", "bool", False, help="crossmatch with SUMSS only"),
     ConfigKey("GENERAL", "nvss_only", "bool", False, help="crossmatch with NVSS only"),
-    ConfigKey("ANALYSIS", "frequency", "float", None, (0.0, None), "image frequency (Hz) when the header has none", bounds=True),
-    ConfigKey("ANALYSIS", "weight_crop", "bool", False, help="crop the image where the weight is low"),
-    ConfigKey("ANALYSIS", "weight_crop_value", "float", 0.04, (0.0, 1.0), "relative weight below which pixels are cropped", bounds=True),
-    ConfigKey("ANALYSIS", "weight_crop_image", "path", None, help="weight image used for cropping"),
-    ConfigKey("ANALYSIS", "convolve", "bool", False, help="convolve the image to the SUMSS/NVSS beam"),
-    ConfigKey("ANALYSIS", "convolved_image", "path", None, help="an already convolved image"),
-    ConfigKey("ANALYSIS", "convolved_non_conv_askap_csv", "path", None, help="catalogue of the image before convolution"),
+    ConfigKey("ANALYSIS", "frequency", "float", None, _POS, "image frequency (Hz) when the header has no RESTFRQ/CRVAL3", bounds=True),
+    ConfigKey("ANALYSIS", "weight_crop", "bool", False, help="blank pixels whose weight is low"),
+    ConfigKey("ANALYSIS", "weight_crop_value", "float", 0.04, (0.0, 1.0), "relative weight (x max) at or below which pixels are blanked", bounds=True),
+    ConfigKey("ANALYSIS", "weight_crop_image", "path", None, help="weight image for cropping ({stem} = image name without .fits)"),
+    ConfigKey("ANALYSIS", "convolve", "bool", False, help="convolve the image to the SUMSS/NVSS beam before crossmatching"),
+    ConfigKey("ANALYSIS", "convolve_method", "str", "auto", ("auto", "casa", "astropy"), "convolution: CASA imsmooth, astropy+radio-beam, or auto (CASA if installed)"),
+    ConfigKey("ANALYSIS", "convolved_image", "path", None, help="an already convolved image ({stem} allowed)"),
+    ConfigKey("ANALYSIS", "convolved_non_conv_askap_csv", "path", None, help="component catalogue of the image before convolution"),
     ConfigKey("ANALYSIS", "convolved_non_conv_askap_islands_csv", "path", None, help="island catalogue of the image before convolution"),
     ConfigKey("ANALYSIS", "sourcefinder", "str", "aegean", ("aegean", "pybdsf", "selavy"), "source finder"),
-    ConfigKey("ANALYSIS", "aegean_settings_config", "path", None, help="[aegean] settings file"),
-    ConfigKey("ANALYSIS", "pybdsf_settings_config", "path", None, help="[pybdsf] settings file"),
+    ConfigKey("ANALYSIS", "aegean_settings_config", "path", None, help="[aegean] settings file (copied to <sf>_settings_used.cfg)"),
+    ConfigKey("ANALYSIS", "pybdsf_settings_config", "path", None, help="[pybdsf] settings file (process_image keywords)"),
     ConfigKey("ANALYSIS", "selavy_settings_config", "path", None, help="[selavy] settings file"),
-    ConfigKey("ANALYSIS", "boundary_value", "str", "nan", ("nan", "zero"), "value of blanked boundary pixels"),
-    ConfigKey("ANALYSIS", "askap_flux_error", "float", 0.0, (0.0, None), "fractional flux error added in quadrature", bounds=True),
-    ConfigKey("CATALOGUES", "askap_csv", "path", None, help="existing ASKAP component catalogue"),
-    ConfigKey("CATALOGUES", "askap_islands_csv", "path", None, help="existing ASKAP island catalogue"),
-    ConfigKey("CATALOGUES", "sumss_csv", "path", None, help="local SUMSS catalogue (offline path)"),
-    ConfigKey("CATALOGUES", "nvss_csv", "path", None, help="local NVSS catalogue (offline path)"),
+    ConfigKey("ANALYSIS", "boundary_value", "str", "nan", ("nan", "zero"), "value of blanked pixels outside the image"),
+    ConfigKey("ANALYSIS", "askap_flux_error", "float", 0.0, _POS, "fractional flux error added in quadrature (0.1 = 10 %)", bounds=True),
+    ConfigKey("ANALYSIS", "rms_box", "int", 200, (8, None), "box (pixels) of the sigma-clipped rms/background map", bounds=True),
+    ConfigKey("ANALYSIS", "edge_margin", "int", 24, (0, None), "pixels: a blank or off-image pixel this close marks an edge source", bounds=True),
+    ConfigKey("CATALOGUES", "askap_csv", "path", None, help="existing ASKAP component catalogue ({stem} allowed, for batches)"),
+    ConfigKey("CATALOGUES", "askap_islands_csv", "path", None, help="existing ASKAP island catalogue ({stem} allowed)"),
+    ConfigKey("CATALOGUES", "sumss_csv", "path", None, help="local SUMSS catalogue (Vizier columns; file, or directory holding sumss.csv)"),
+    ConfigKey("CATALOGUES", "nvss_csv", "path", None, help="local NVSS catalogue (Vizier columns; file, or directory holding nvss.csv)"),
+    ConfigKey("CATALOGUES", "catalogue_cache_dir", "path", None, help="directory caching Vizier downloads (reused offline)"),
+    ConfigKey("CATALOGUES", "vizier_timeout", "int", 60, (1, None), "seconds before a Vizier query gives up", bounds=True),
     ConfigKey("CATALOGUES", "askap_csv_format", "str", "aegean", ("aegean", "selavy"), "format of askap_csv"),
-    ConfigKey("CATALOGUES", "write_ann", "bool", False, help="write kvis annotation files"),
-    ConfigKey("CATALOGUES", "produce_overlays", "bool", True, help="write overlay plots"),
-    ConfigKey("CROSSMATCHING", "diagnostic_max_separation", "float", 5.0, (0.0, None), "match radius of the diagnostics (arcsec)", bounds=True),
-    ConfigKey("CROSSMATCHING", "transient_max_separation", "float", 45.0, (0.0, None), "match radius of the transient search (arcsec)", bounds=True),
-    ConfigKey("CROSSMATCHING", "remove_extended", "bool", False, help="drop extended sources before matching"),
-    ConfigKey("CROSSMATCHING", "askap_ext_thresh", "float", 1.2, (0.0, None), "ASKAP extended threshold (x beam)", bounds=True),
-    ConfigKey("CROSSMATCHING", "sumss_ext_thresh", "float", 1.2, (0.0, None), "SUMSS extended threshold (x beam)", bounds=True),
-    ConfigKey("CROSSMATCHING", "nvss_ext_thresh", "float", 1.2, (0.0, None), "NVSS extended threshold (x beam)", bounds=True),
+    ConfigKey("CATALOGUES", "write_ann", "bool", False, help="write kvis .ann and DS9 .reg files"),
+    ConfigKey("CATALOGUES", "produce_overlays", "bool", True, help="write overlay plots of the sources on the image"),
+    ConfigKey("CROSSMATCHING", "diagnostic_max_separation", "float", 5.0, _POS, "match radius of the diagnostics (arcsec)", bounds=True),
+    ConfigKey("CROSSMATCHING", "transient_max_separation", "float", 45.0, _POS, "match radius of the transient search (arcsec)", bounds=True),
+    ConfigKey("CROSSMATCHING", "remove_extended", "bool", False, help="leave extended sources out of the diagnostics"),
+    ConfigKey("CROSSMATCHING", "askap_ext_thresh", "float", 1.2, _POS, "ASKAP extended threshold (x beam, either axis)", bounds=True),
+    ConfigKey("CROSSMATCHING", "sumss_ext_thresh", "float", 1.2, _POS, "SUMSS extended threshold (x beam, either axis)", bounds=True),
+    ConfigKey("CROSSMATCHING", "nvss_ext_thresh", "float", 1.2, _POS, "NVSS extended threshold (x beam, either axis)", bounds=True),
     ConfigKey("CROSSMATCHING", "use_all_fits", "bool", False, help="keep Aegean fits with non-zero flags"),
+    ConfigKey("CROSSMATCHING", "spectral_index", "float", SPECTRAL_INDEX, help="spectral index alpha (S ~ nu^alpha) of the flux extrapolation"),
     ConfigKey("TRANSIENTS", "transients", "bool", False, help="run the transient search"),
-    ConfigKey("TRANSIENTS", "transients_askap_snr_thresh", "float", 5.0, (0.0, None), "S/N a missing source must reach in ASKAP", bounds=True),
-    ConfigKey("TRANSIENTS", "transients_large_flux_ratio_thresh", "float", 3.0, (1.0, None), "flux ratio flagging a variable match", bounds=True),
+    ConfigKey("TRANSIENTS", "transients_askap_snr_thresh", "float", 5.0, _POS, "S/N (x local rms) a catalogue source must reach in ASKAP to count as missing", bounds=True),
+    ConfigKey("TRANSIENTS", "transients_catalogue_snr_thresh", "float", 5.0, _POS, "S/N an ASKAP source must reach in the survey to count as new", bounds=True),
+    ConfigKey("TRANSIENTS", "transients_large_flux_ratio_thresh", "float", 3.0, (1.0, None), "flux ratio (>= 1) flagging a variable match", bounds=True),
+    ConfigKey("TRANSIENTS", "forced_photometry", "bool", True, help="priorized Aegean fits at catalogue positions without an ASKAP source"),
+    ConfigKey("TRANSIENTS", "extended_tag_thresh", "float", 1.75, _POS, "axis > this x beam tags a candidate 'Extended source'", bounds=True),
+    ConfigKey("TRANSIENTS", "bright_sources_csv", "path", None, help="bright-source table (ra, dec in deg; ',' or ';' separated): missing sources within bright_source_radius are 'Likely artefact (bright source)'"),
+    ConfigKey("TRANSIENTS", "bright_source_radius", "float", 10.0, _POS, "radius (arcmin) around a bright source", bounds=True),
     ConfigKey("POSTAGESTAMPS", "postage_stamps", "bool", False, help="make postage stamps"),
-    ConfigKey("POSTAGESTAMPS", "postage_stamp_selection", "str", "all", ("all", "transients"), "which sources get stamps"),
-    ConfigKey("POSTAGESTAMPS", "postage_stamp_ncores", "int", 1, (1, None), "parallel processes for stamps", bounds=True),
-    ConfigKey("POSTAGESTAMPS", "postage_stamp_radius", "float", 13.0, (0.0, None), "stamp radius (arcmin)", bounds=True),
+    ConfigKey("POSTAGESTAMPS", "postage_stamp_selection", "str", "all", ("all", "transients"), "which crossmatch rows get stamps"),
+    ConfigKey("POSTAGESTAMPS", "postage_stamp_ncores", "int", None, (1, None), "parallel processes for stamps (default: half the CPUs)", bounds=True),
+    ConfigKey("POSTAGESTAMPS", "postage_stamp_radius", "float", 13.0, _POS, "stamp size (arcmin, full width as in the original)", bounds=True),
     ConfigKey("POSTAGESTAMPS", "postage_stamp_zscale_contrast", "float", 0.2, (0.0, 1.0), "zscale contrast of the stamps", bounds=True),
-    ConfigKey("POSTAGESTAMPS", "sumss_mosaic_dir", "path", None, help="directory of SUMSS mosaics"),
-    ConfigKey("POSTAGESTAMPS", "nvss_mosaic_dir", "path", None, help="directory of NVSS mosaics"),
+    ConfigKey("POSTAGESTAMPS", "sumss_mosaic_dir", "path", None, help="directory of SUMSS mosaic FITS files"),
+    ConfigKey("POSTAGESTAMPS", "nvss_mosaic_dir", "path", None, help="directory of NVSS mosaic FITS files"),
     ConfigKey("DATABASE", "db_inject", "bool", True, help="write the results to the database"),
-    ConfigKey("DATABASE", "db_engine", "str", "sqlite", ("sqlite", "postgresql"), "database engine"),
-    ConfigKey("DATABASE", "db_username", "str", "", help="database user"),
+    ConfigKey("DATABASE", "db_engine", "str", "sqlite", ("sqlite", "postgresql"), "database engine (sqlite: file in the output directory)"),
+    ConfigKey("DATABASE", "db_url", "str", "", help="full SQLAlchemy URL; wins over the other db_* keys"),
+    ConfigKey("DATABASE", "db_username", "str", "", help="database user (postgresql)"),
     ConfigKey("DATABASE", "db_password", "str", "", help="database password (better: PGPASSWORD or ~/.pgpass)"),
     ConfigKey("DATABASE", "db_host", "str", "127.0.0.1", help="database host"),
     ConfigKey("DATABASE", "db_port", "int", 5432, (1, 65535), "database port", bounds=True),
-    ConfigKey("DATABASE", "db_database", "str", "racs", help="database name (sqlite: file in the output directory)"),
-    ConfigKey("DATABASE", "db_tag", "str", "RACS Analysis", help="tag of this run in the database"),
-    ConfigKey("DATABASE", "website_media_dir", "path", None, help="media directory of the review website"),
+    ConfigKey("DATABASE", "db_database", "str", "racs", help="database name (sqlite: <db_database>.sqlite in the output directory)"),
+    ConfigKey("DATABASE", "db_tag", "str", "RACS Analysis", help="tag of this run; re-running with the same tag replaces its rows"),
+    ConfigKey("DATABASE", "website_media_dir", "path", None, help="media directory of the review website (PNG and stamps copied there)"),
 )
+
+
+def _cross_key_checks(config):
+    """Second validation pass: rules that involve several keys or the file system."""
+    errors = []
+    general, analysis = config["GENERAL"], config["ANALYSIS"]
+    if general["sumss_only"] and general["nvss_only"]:
+        errors.append("[GENERAL] sumss_only and nvss_only are both true; set at most one")
+    if analysis["weight_crop"] and analysis["weight_crop_image"] is None:
+        errors.append("[ANALYSIS] weight_crop = true needs weight_crop_image = FILE")
+    if analysis["sourcefinder"] == "selavy" and config["CATALOGUES"]["askap_csv"] is None:
+        import shutil
+        if shutil.which("selavy") is None:
+            errors.append("[ANALYSIS] sourcefinder = 'selavy' but the selavy program is not on PATH; "
+                          "run Selavy yourself and give its catalogue with askap_csv = FILE and "
+                          "askap_csv_format = selavy, or use sourcefinder = aegean or pybdsf")
+    for section, key in (("ANALYSIS", "aegean_settings_config"), ("ANALYSIS", "pybdsf_settings_config"),
+                         ("ANALYSIS", "selavy_settings_config")):
+        path = config[section][key]
+        if path is not None and not Path(path).is_file():
+            errors.append("[%s] %s = %s does not exist" % (section, key, path))
+    return errors
+
+
+def flat_options(config):
+    """All configuration values in one ``{key: value}`` dict (keys are unique)."""
+    return {key: value for section in config.as_dict() for key, value in config[section].items()}
+
+
+# ===========================================================================
+# Survey registry: everything that differs between SUMSS and NVSS
+# ===========================================================================
+SURVEYS = {
+    "sumss": {
+        "frequency": SUMSS_FREQUENCY_HZ,
+        "vizier": ("VIII/81B/sumss212", "VIII/82/mgpscat"),
+        "columns": {"ra": "_RAJ2000", "dec": "_DEJ2000", "flux": "St", "flux_err": "e_St"},
+        "optional": {"peak_flux": "Sp", "maj": "MajAxis", "min": "MinAxis", "pa": "PA",
+                     "mosaic": "Mosaic"},
+        "beam_arcsec": 45.0, "beam_cosec_dec": True, "dec_range": (-90.0, -30.0),
+    },
+    "nvss": {
+        "frequency": NVSS_FREQUENCY_HZ,
+        "vizier": ("VIII/65/nvss",),
+        "columns": {"ra": "_RAJ2000", "dec": "_DEJ2000", "flux": "S1.4", "flux_err": "e_S1.4"},
+        "optional": {"maj": "MajAxis", "min": "MinAxis", "pa": "PA"},
+        "beam_arcsec": 45.0, "beam_cosec_dec": False, "dec_range": (-40.0, 90.0),
+    },
+}
+_ALT_COLUMNS = {"_RAJ2000": ("RAJ2000", "ra", "RA"), "_DEJ2000": ("DEJ2000", "dec", "DEC", "Dec")}
+
+
+def survey_rms(survey, dec):
+    """Typical 1-sigma noise (Jy) of a survey at declination ``dec`` (deg).
+
+    SUMSS: 2 mJy for dec > -50, 1.2 mJy south of it (original pipeline, PIPELINE.md);
+    NVSS: 0.45 mJy (Condon et al. 1998).
+    """
+    dec = np.asarray(dec, dtype=float)
+    if survey == "sumss":
+        return np.where(dec > -50.0, 2.0e-3, 1.2e-3)
+    return np.full(dec.shape, 0.45e-3)
+
+
+def survey_beam(survey, dec):
+    """Survey restoring beam (bmaj, bmin, bpa) in arcsec/deg at declination ``dec``.
+
+    SUMSS: 45" x 45" cosec|dec| (major axis along declination); NVSS: 45" x 45".
+
+    Examples
+    --------
+    >>> survey_beam("sumss", -90.0)
+    (45.0, 45.0, 0.0)
+    """
+    info = SURVEYS[survey]
+    size = info["beam_arcsec"]
+    if info["beam_cosec_dec"]:
+        return (float(size / abs(math.sin(math.radians(dec)))), size, 0.0)
+    return (size, size, 0.0)
+
+
+def determine_catalogues(dec, sumss_only=False, nvss_only=False):
+    """Which surveys cover an image centred at ``dec``; the first is the base survey.
+
+    dec <= -30: SUMSS (plus NVSS when dec > -43); -30 < dec < -27: NVSS then SUMSS;
+    dec >= -27: NVSS only.  ``sumss_only``/``nvss_only`` restrict the list.
+
+    Returns
+    -------
+    list of str
+        e.g. ``['sumss', 'nvss']``; empty when the requested survey does not cover it.
+    """
+    if dec <= -30.0:
+        surveys = ["sumss", "nvss"] if dec > -43.0 else ["sumss"]
+    elif dec < -27.0:
+        surveys = ["nvss", "sumss"]
+    else:
+        surveys = ["nvss"]
+    if sumss_only:
+        surveys = [s for s in surveys if s == "sumss"]
+    if nvss_only:
+        surveys = [s for s in surveys if s == "nvss"]
+    return surveys
+
+
+def matched_to_label(surveys):
+    """Database label of the surveys used: 'SUMSS & NVSS', 'NVSS & SUMSS', 'SUMSS', 'NVSS'."""
+    return " & ".join(s.upper() for s in surveys)
+
+
+# ===========================================================================
+# Pure science functions
+# ===========================================================================
+def scale_flux(flux, from_hz, to_hz, alpha=SPECTRAL_INDEX):
+    """Extrapolate a flux density with a power-law spectrum S ~ nu^alpha.
+
+    Parameters
+    ----------
+    flux : float or array
+        Flux density at ``from_hz`` (any unit; returned in the same unit).
+    from_hz, to_hz : float
+        Frequencies (Hz).
+    alpha : float
+        Spectral index (default -0.8, the original pipeline's).
+
+    Returns
+    -------
+    float or array
+        ``flux * (to_hz / from_hz) ** alpha``.
+
+    Examples
+    --------
+    >>> round(float(scale_flux(1.0, 843e6, 1.4e9)), 4)   # (1400/843)^-0.8
+    0.6666
+    """
+    return np.asarray(flux, dtype=float) * (to_hz / from_hz) ** alpha
+
+
+def flux_ratio(flux_a, err_a, flux_b, err_b):
+    """Flux ratio >= 1 (larger over smaller) and its error.
+
+    ``ratio = max(a, b) / min(a, b)``, ``err = ratio * hypot(err_a / a, err_b / b)``
+    (original ``sort_master_transient_table``).  Non-positive fluxes give NaN.
+    """
+    a = np.asarray(flux_a, dtype=float)
+    b = np.asarray(flux_b, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ok = (a > 0) & (b > 0)
+        ratio = np.where(ok, np.maximum(a, b) / np.minimum(a, b), np.nan)
+        err = ratio * np.hypot(np.asarray(err_a, float) / a, np.asarray(err_b, float) / b)
+    return ratio, np.where(ok, err, np.nan)
+
+
+def variability_metrics(flux_a, err_a, flux_b, err_b):
+    """Two-epoch variability metrics (Mooley et al. 2016).
+
+    ``vs = |Sa - Sb| / hypot(ea, eb)``; ``m = (Sa - Sb) / ((Sa + Sb) / 2)``.
+
+    Returns
+    -------
+    vs, m, m_abs : arrays
+    """
+    a, b = np.asarray(flux_a, float), np.asarray(flux_b, float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        vs = np.abs(a - b) / np.hypot(err_a, err_b)
+        m = (a - b) / ((a + b) / 2.0)
+    return vs, m, np.abs(m)
+
+
+def _unit_vectors(ra, dec):
+    ra = np.radians(np.asarray(ra, dtype=float))
+    dec = np.radians(np.asarray(dec, dtype=float))
+    cos_dec = np.cos(dec)
+    return np.column_stack([cos_dec * np.cos(ra), cos_dec * np.sin(ra), np.sin(dec)])
+
+
+def _chord(arcsec):
+    return 2.0 * np.sin(np.radians(np.asarray(arcsec, float) / 3600.0) / 2.0)
+
+
+def _arcsec_from_chord(chord):
+    return np.degrees(2.0 * np.arcsin(np.clip(chord / 2.0, 0.0, 1.0))) * 3600.0
+
+
+def crossmatch_nearest(ra1, dec1, ra2, dec2, max_sep=None, workers=-1):
+    """Nearest neighbour in catalogue 2 of every source of catalogue 1.
+
+    A KD-tree on unit vectors gives exact great-circle nearest neighbours, so RA
+    wrap-around at 0/360 deg and the poles need no special cases.
+
+    Parameters
+    ----------
+    ra1, dec1, ra2, dec2 : array (deg)
+    max_sep : float, optional
+        Only neighbours within this many arcsec count.
+    workers : int
+        Threads of the KD-tree query (-1 = all cores).
+
+    Returns
+    -------
+    idx : int array, len(ra1)
+        Index into catalogue 2, -1 where none lies within ``max_sep``.
+    sep : float array (arcsec)
+        Separation, NaN where ``idx == -1``.
+    """
+    from scipy.spatial import cKDTree
+    n1, n2 = len(np.atleast_1d(ra1)), len(np.atleast_1d(ra2))
+    if n1 == 0 or n2 == 0:
+        return np.full(n1, -1, dtype=np.int64), np.full(n1, np.nan)
+    tree = cKDTree(_unit_vectors(ra2, dec2))
+    bound = np.inf if max_sep is None else float(_chord(max_sep)) * (1 + 1e-12)
+    queries = _unit_vectors(ra1, dec1)
+    # query in spatially sorted order (a 1024^3 grid key): neighbouring queries then walk
+    # the same tree nodes, which is 3-4x faster for large catalogues (cache locality)
+    cell = np.floor((queries + 1.0) * 512.0).astype(np.int64).clip(0, 1023)
+    order = np.argsort((cell[:, 0] << 20) | (cell[:, 1] << 10) | cell[:, 2], kind="stable")
+    dist, idx = np.empty(n1), np.empty(n1, dtype=np.int64)
+    dist[order], idx[order] = tree.query(queries[order], k=1, distance_upper_bound=bound,
+                                         workers=workers)
+    found = idx < n2
+    return (np.where(found, idx, -1).astype(np.int64),
+            np.where(found, _arcsec_from_chord(np.where(found, dist, 0.0)), np.nan))
+
+
+def pairs_within(ra1, dec1, ra2, dec2, radius):
+    """All pairs (i, j, sep) with source i of 1 and j of 2 within ``radius`` arcsec."""
+    from scipy.spatial import cKDTree
+    if len(np.atleast_1d(ra1)) == 0 or len(np.atleast_1d(ra2)) == 0:
+        return np.array([], int), np.array([], int), np.array([])
+    tree1, tree2 = cKDTree(_unit_vectors(ra1, dec1)), cKDTree(_unit_vectors(ra2, dec2))
+    coo = tree1.sparse_distance_matrix(tree2, float(_chord(radius)), output_type="coo_matrix")
+    return coo.row.astype(int), coo.col.astype(int), _arcsec_from_chord(coo.data)
+
+
+def nearest_other(ra, dec, k=2):
+    """Distance (arcsec) to the nearest other source of the same catalogue (k=2)."""
+    from scipy.spatial import cKDTree
+    n = len(ra)
+    if n < k:
+        return np.full(n, np.nan)
+    dist, _ = cKDTree(_unit_vectors(ra, dec)).query(_unit_vectors(ra, dec), k=k)
+    return _arcsec_from_chord(dist[:, k - 1])
+
+
+def sky_offsets(ra1, dec1, ra2, dec2):
+    """Offsets (arcsec) from positions 1 to 2: (dRA cos dec, dDec) on the sphere."""
+    from astropy.coordinates import SkyCoord
+    if len(ra1) == 0:
+        return np.array([]), np.array([])
+    c1 = SkyCoord(ra1, dec1, unit="deg")
+    dra, ddec = c1.spherical_offsets_to(SkyCoord(ra2, dec2, unit="deg"))
+    return dra.to_value("arcsec"), ddec.to_value("arcsec")
+
+
+def source_names(ra, dec, prefix="J"):
+    """IAU-style names ``J hhmmss.ss-ddmmss.s`` -> 'J123456.78-123456.7' (vectorised)."""
+    # round the total seconds first, so 59.995 s carries into the minutes
+    ra_s = np.mod(np.round(np.mod(np.asarray(ra, float), 360.0) / 15.0 * 3600.0, 2), 86400.0)
+    dec = np.asarray(dec, float)
+    dec_s = np.round(np.abs(dec) * 3600.0, 1)
+    hh, rest = np.divmod(ra_s, 3600.0)
+    mm, ss = np.divmod(rest, 60.0)
+    sign = np.where(dec < 0, "-", "+")
+    dd, rest = np.divmod(dec_s, 3600.0)
+    dm, ds = np.divmod(rest, 60.0)
+    parts = [np.char.mod("%02d", hh), np.char.mod("%02d", mm), np.char.mod("%05.2f", ss), sign,
+             np.char.mod("%02d", dd), np.char.mod("%02d", dm), np.char.mod("%04.1f", ds)]
+    out = np.full(ra_s.shape, prefix, dtype=object)
+    for part in parts:
+        out = out + part.astype(object)
+    return out.astype(str)
+
+
+def robust_rms(data, sigma=4.0, maxiters=10):
+    """Sigma-clipped standard deviation of the finite values (MAD-based clipping)."""
+    values = np.asarray(data, dtype=float).ravel()
+    if values.size > 2_000_000:        # a regular subsample is plenty for a noise estimate
+        values = values[:: values.size // 1_000_000]
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        return float("nan")
+    for _ in range(maxiters):
+        med = np.median(values)
+        mad = 1.4826 * np.median(np.abs(values - med))
+        keep = np.abs(values - med) <= sigma * mad
+        if keep.all() or mad == 0:
+            break
+        values = values[keep]
+    return float(np.std(values))
+
+
+def rms_map(data, box=200, sigma=4.0, maxiters=10):
+    """Background and rms maps from sigma-clipped statistics in boxes, bilinearly interpolated.
+
+    Parameters
+    ----------
+    data : 2-D array (NaN = blank)
+    box : int
+        Box size (pixels) of the statistics grid.
+    sigma, maxiters : float, int
+        Clipping of the iterative (median, 1.4826 MAD) estimate; the rms is the std of
+        the values that remain (the original: 4 sigma, 10 iterations, +-300 px).
+
+    Returns
+    -------
+    bkg, rms : 2-D float32 arrays, same shape as ``data``; NaN where ``data`` is NaN.
+    """
+    data = np.asarray(data, dtype=np.float32)
+    ny, nx = data.shape
+    box = int(min(box, ny, nx))
+    gy, gx = -(-ny // box), -(-nx // box)
+    padded = np.full((gy * box, gx * box), np.nan, dtype=np.float32)
+    padded[:ny, :nx] = data
+    # statistics from every step-th pixel of each box (>= 64 x 64 samples): the noise is
+    # correlated over a beam anyway, and this makes 4k x 4k images several times faster
+    step = max(1, box // 64)
+    blocks = padded.reshape(gy, box, gx, box)[:, ::step, :, ::step]
+    blocks = blocks.transpose(0, 2, 1, 3).reshape(gy, gx, -1).copy()
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN boxes are handled below
+        for _ in range(maxiters):
+            med = np.nanmedian(blocks, axis=-1, keepdims=True)
+            mad = 1.4826 * np.nanmedian(np.abs(blocks - med), axis=-1, keepdims=True)
+            clip = np.abs(blocks - med) > sigma * mad
+            if not clip.any():
+                break
+            blocks[clip] = np.nan
+        grid_rms = np.nanstd(blocks, axis=-1)
+        grid_bkg = np.nanmedian(blocks, axis=-1)
+    fill = np.nanmedian(grid_rms) if np.isfinite(grid_rms).any() else 1.0
+    grid_rms = np.where(np.isfinite(grid_rms) & (grid_rms > 0), grid_rms, fill)
+    grid_bkg = np.where(np.isfinite(grid_bkg), grid_bkg, 0.0)
+    # bilinear interpolation of the box grid as two small matrix products (separable)
+    wy, wx = _linear_weights(ny, gy, box), _linear_weights(nx, gx, box)
+    rms = (wy @ grid_rms @ wx.T).astype(np.float32)
+    bkg = (wy @ grid_bkg @ wx.T).astype(np.float32)
+    blank = ~np.isfinite(data)
+    rms[blank] = np.nan
+    bkg[blank] = np.nan
+    return bkg, rms
+
+
+def _linear_weights(n, grid, box):
+    """(n, grid) matrix of linear-interpolation weights from box centres to pixels."""
+    coord = np.clip((np.arange(n) - (box - 1) / 2.0) / box, 0, grid - 1)
+    low = np.floor(coord).astype(int)
+    high = np.minimum(low + 1, grid - 1)
+    frac = coord - low
+    weights = np.zeros((n, grid))
+    np.add.at(weights, (np.arange(n), low), 1.0 - frac)
+    np.add.at(weights, (np.arange(n), high), frac)
+    return weights
+
+
+def sample_map(image, x, y, fill=np.nan):
+    """Values of a 2-D map at (rounded) pixel positions; ``fill`` off the image."""
+    x = np.rint(np.asarray(x, float))
+    y = np.rint(np.asarray(y, float))
+    ny, nx = image.shape
+    inside = np.isfinite(x) & np.isfinite(y) & (x >= 0) & (x < nx) & (y >= 0) & (y < ny)
+    out = np.full(x.shape, fill, dtype=float)
+    out[inside] = image[y[inside].astype(int), x[inside].astype(int)]
+    return out
+
+
+def flag_extended(major, minor, beam_major, beam_minor, thresh):
+    """True where either axis exceeds ``thresh`` x the beam axis (original remove_extended)."""
+    major, minor = np.asarray(major, float), np.asarray(minor, float)
+    return (major > thresh * np.asarray(beam_major)) | (minor > thresh * np.asarray(beam_minor))
+
+
+# ===========================================================================
+# Images
+# ===========================================================================
+@dataclass
+class ImageInfo:
+    """An ASKAP image reduced to what the pipeline needs.
+
+    Build it with :func:`load_image`.  ``beam`` is (bmaj, bmin, bpa) in degrees,
+    ``frequency`` in Hz, ``ra``/``dec`` the centre pixel (deg), ``radius`` the
+    half-diagonal (deg), ``pixel_scale`` deg/pixel.
+    """
+
+    path: Path
+    data: np.ndarray
+    header: object
+    wcs: object
+    beam: tuple
+    frequency: float
+    ra: float
+    dec: float
+    radius: float
+    pixel_scale: float
+    boundary_value: str = "nan"
+    rms: float = float("nan")
+    extra: dict = field(default_factory=dict)
+
+    def blank_mask(self):
+        """True where a pixel is outside the observed area (NaN, or 0 with boundary zero)."""
+        blank = ~np.isfinite(self.data)
+        if self.boundary_value == "zero":
+            blank |= self.data == 0
+        return blank
+
+    def world_to_pixel(self, ra, dec):
+        """Pixel (x, y) of sky positions (deg), vectorised."""
+        if len(np.atleast_1d(ra)) == 0:
+            return np.array([]), np.array([])
+        x, y = self.wcs.all_world2pix(np.asarray(ra, float), np.asarray(dec, float), 0)
+        return x, y
+
+    def __repr__(self):
+        return ("ImageInfo(%s, shape=%s, beam=%.1f\"x%.1f\" pa %.0f, freq=%.4g Hz, centre=(%.4f, %.4f))"
+                % (self.path.name, self.data.shape, self.beam[0] * 3600, self.beam[1] * 3600,
+                   self.beam[2], self.frequency, self.ra, self.dec))
+
+
+def _image_frequency(header, fallback):
+    if header.get("RESTFRQ"):
+        return float(header["RESTFRQ"])
+    for axis in range(3, 5):
+        if str(header.get("CTYPE%d" % axis, "")).upper().startswith("FREQ"):
+            return float(header["CRVAL%d" % axis])
+    if header.get("CRVAL3"):
+        return float(header["CRVAL3"])
+    if fallback:
+        return float(fallback)
+    raise InputError("the image header has no RESTFRQ or frequency axis (CRVAL3); give the image "
+                     "frequency in Hz with [ANALYSIS] frequency = 887.5e6 or --frequency")
+
+
+def load_image(path, frequency=None, boundary_value="nan"):
+    """Read a (2-D or degenerate 3-/4-D) FITS image with its beam and frequency.
+
+    Raises
+    ------
+    InputError
+        When the file is missing or not an image, the header has no BMAJ/BMIN, or no
+        frequency can be found and none is given.
+    """
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("image %s does not exist" % path)
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            header = hdul[0].header.copy()
+            data = hdul[0].data
+    except OSError as exc:
+        raise InputError("%s is not a readable FITS file: %s" % (path, exc)) from None
+    if data is None or data.ndim < 2:
+        raise InputError("%s has no 2-D image in its primary HDU" % path)
+    data = np.asarray(data, dtype=np.float32).reshape(data.shape[-2:]) if data.ndim > 2 \
+        else np.asarray(data, dtype=np.float32)
+    if "BMAJ" not in header or "BMIN" not in header:
+        raise InputError("%s has no beam: the header lacks BMAJ/BMIN (deg). Add them, e.g. "
+                         "astropy.io.fits.setval(%r, 'BMAJ', value=15/3600) and the same for "
+                         "BMIN and BPA" % (path, str(path)))
+    beam = (float(header["BMAJ"]), float(header["BMIN"]), float(header.get("BPA", 0.0)))
+    wcs = WCS(header).celestial
+    ny, nx = data.shape
+    centre = wcs.all_pix2world([[(nx - 1) / 2.0, (ny - 1) / 2.0]], 0)[0]
+    from astropy.wcs.utils import proj_plane_pixel_scales
+    scale = float(np.mean(np.abs(proj_plane_pixel_scales(wcs))))   # deg/pixel (CUNIT deg)
+    info = ImageInfo(path, data, header, wcs, beam, _image_frequency(header, frequency),
+                     float(centre[0]) % 360.0, float(centre[1]), 0.5 * math.hypot(nx, ny) * scale,
+                     scale, boundary_value)
+    if boundary_value == "zero":
+        info.data = np.where(info.data == 0, np.nan, info.data).astype(np.float32)
+    info.rms = robust_rms(info.data)
+    return info
+
+
+def write_fits_2d(path, data, header):
+    """Write a 2-D image with the celestial part of ``header`` (plus beam and frequency)."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    new = WCS(header).celestial.to_header()
+    for key in ("BMAJ", "BMIN", "BPA", "BUNIT", "RESTFRQ", "TELESCOP", "OBJECT"):
+        if key in header:
+            new[key] = header[key]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".part")
+    fits.PrimaryHDU(np.asarray(data, dtype=np.float32), header=new).writeto(tmp, overwrite=True)
+    os.replace(tmp, path)
+    return path
+
+
+def weight_crop(image_path, weight_path, value, out_path):
+    """Blank (NaN) the pixels whose weight is <= ``value`` x max(weight).
+
+    Output ``<image>.weightcrop_<value>.fits`` (original ``weight_crop``); the weight image
+    must have the image's pixel grid.
+    """
+    from astropy.io import fits
+    with fits.open(image_path) as hdul:
+        header, data = hdul[0].header.copy(), np.asarray(hdul[0].data, dtype=np.float32)
+    weight_path = Path(weight_path)
+    if not weight_path.is_file():
+        raise InputError("weight image %s does not exist (set [ANALYSIS] weight_crop_image)" % weight_path)
+    weights = np.squeeze(fits.getdata(weight_path)).astype(np.float32)
+    image2d = data.reshape(data.shape[-2:])
+    if weights.shape != image2d.shape:
+        raise InputError("weight image %s has shape %s but the image has %s; give the weight "
+                         "image of this mosaic" % (weight_path, weights.shape, image2d.shape))
+    cropped = np.where(weights <= value * np.nanmax(weights), np.nan, image2d)
+    return write_fits_2d(out_path, cropped, header)
+
+
+def convolve_to_beam(image_path, target_beam, out_path, method="auto"):
+    """Convolve an image to ``target_beam`` = (bmaj, bmin, bpa) in arcsec, arcsec, deg.
+
+    ``method='casa'`` runs CASA ``imsmooth(targetres=True)``; ``'astropy'`` convolves
+    with the radio-beam deconvolved kernel and rescales Jy/beam by the beam-area ratio;
+    ``'auto'`` uses CASA when casatasks is installed.  RESTFRQ is kept.
+    """
+    if method in ("auto", "casa"):
+        try:
+            import casatasks  # noqa: F401
+        except ImportError:
+            if method == "casa":
+                raise InputError("convolve_method = casa but casatasks is not installed; use "
+                                 "convolve_method = astropy") from None
+        else:
+            return _convolve_casa(image_path, target_beam, out_path)
+    return _convolve_astropy(image_path, target_beam, out_path)
+
+
+def _convolve_casa(image_path, target_beam, out_path):
+    import shutil
+    from casatasks import exportfits, imsmooth
+    work = Path(out_path).with_suffix(".casaimage")
+    shutil.rmtree(work, ignore_errors=True)
+    imsmooth(imagename=str(image_path), kernel="gauss", targetres=True,
+             major="%.3farcsec" % target_beam[0], minor="%.3farcsec" % target_beam[1],
+             pa="%.3fdeg" % target_beam[2], outfile=str(work), overwrite=True)
+    exportfits(imagename=str(work), fitsimage=str(out_path), overwrite=True, dropdeg=True)
+    shutil.rmtree(work, ignore_errors=True)
+    from astropy.io import fits
+    restfrq = fits.getheader(image_path).get("RESTFRQ")
+    if restfrq:
+        fits.setval(out_path, "RESTFRQ", value=restfrq)
+    return Path(out_path)
+
+
+def _convolve_astropy(image_path, target_beam, out_path):
+    import astropy.units as u
+    from astropy.convolution import convolve_fft
+    from radio_beam import Beam
+    info = load_image(image_path, frequency=1.0)
+    current = Beam(info.beam[0] * u.deg, info.beam[1] * u.deg, info.beam[2] * u.deg)
+    target = Beam(target_beam[0] * u.arcsec, target_beam[1] * u.arcsec, target_beam[2] * u.deg)
+    try:
+        kernel_beam = target.deconvolve(current)
+    except ValueError:
+        raise InputError("cannot convolve %s: its beam %s is larger than the target %s"
+                         % (image_path, current, target)) from None
+    kernel = kernel_beam.as_kernel(info.pixel_scale * u.deg)
+    smoothed = convolve_fft(info.data, kernel, normalize_kernel=True, nan_treatment="fill",
+                            preserve_nan=True, allow_huge=True)
+    smoothed *= float(target.sr / current.sr)   # Jy/beam: flux per (larger) beam
+    header = info.header.copy()
+    header["BMAJ"], header["BMIN"], header["BPA"] = (target_beam[0] / 3600.0,
+                                                     target_beam[1] / 3600.0, target_beam[2])
+    header["RESTFRQ"] = info.frequency
+    return write_fits_2d(out_path, smoothed, header)
+
+
+# ===========================================================================
+# Reference catalogues (SUMSS / NVSS)
+# ===========================================================================
+def _resolve_local_catalogue(survey, local):
+    path = Path(local)
+    if path.is_dir():
+        path = path / ("%s.csv" % survey)
+    if not path.is_file():
+        raise InputError("%s catalogue %s does not exist; set [CATALOGUES] %s_csv to a CSV file "
+                         "(or a directory holding %s.csv)" % (survey.upper(), path, survey, survey))
+    return path
+
+
+def read_survey_catalogue(survey, path):
+    """Read a local SUMSS/NVSS catalogue (Vizier column names; fluxes mJy) into pipeline form.
+
+    Required columns: SUMSS ``_RAJ2000, _DEJ2000, St, e_St``; NVSS ``_RAJ2000, _DEJ2000,
+    S1.4, e_S1.4`` (``RAJ2000``/``ra`` are accepted for the positions, in degrees).
+    Optional: ``MajAxis, MinAxis`` (arcsec), ``PA`` (deg), SUMSS ``Sp``, ``Mosaic``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns name, ra, dec, flux, flux_err (Jy), peak_flux (Jy), maj, min (arcsec),
+        pa (deg), mosaic, survey.
+    """
+    import pandas as pd
+    path = Path(path)
+    try:
+        raw = pd.read_csv(path, comment="#")
+    except (OSError, ValueError) as exc:
+        raise InputError("cannot read %s catalogue %s: %s" % (survey.upper(), path, exc)) from None
+    return normalise_survey_table(survey, raw, str(path))
+
+
+def normalise_survey_table(survey, raw, where):
+    """Rename a Vizier-style table (DataFrame) to the pipeline's columns and units."""
+    import pandas as pd
+    spec = SURVEYS[survey]
+    columns = {}
+    missing = []
+    for name, column in spec["columns"].items():
+        options = (column,) + _ALT_COLUMNS.get(column, ())
+        found = next((c for c in options if c in raw.columns), None)
+        if found is None:
+            missing.append(column)
+        columns[name] = found
+    if missing:
+        raise InputError("%s catalogue %s lacks the column(s) %s; it has %s. A %s catalogue needs "
+                         "%s (positions in deg, fluxes in mJy, as downloaded from Vizier %s)"
+                         % (survey.upper(), where, ", ".join(missing), ", ".join(map(str, raw.columns)),
+                            survey.upper(), ", ".join(spec["columns"].values()), spec["vizier"][0]))
+    out = pd.DataFrame({"ra": pd.to_numeric(raw[columns["ra"]], errors="coerce"),
+                        "dec": pd.to_numeric(raw[columns["dec"]], errors="coerce")})
+    out["flux"] = pd.to_numeric(raw[columns["flux"]], errors="coerce") / 1e3
+    out["flux_err"] = pd.to_numeric(raw[columns["flux_err"]], errors="coerce") / 1e3
+    optional = spec["optional"]
+    out["peak_flux"] = (pd.to_numeric(raw[optional["peak_flux"]], errors="coerce") / 1e3
+                        if optional.get("peak_flux") in raw.columns else out["flux"])
+    for name in ("maj", "min", "pa"):
+        column = optional.get(name)
+        out[name] = pd.to_numeric(raw[column], errors="coerce") if column in raw.columns else np.nan
+    out["pa"] = out["pa"].fillna(0.0)      # NVSS leaves PA blank for unresolved sources
+    mosaic = optional.get("mosaic")
+    out["mosaic"] = (raw[mosaic].astype(str).str.strip() if mosaic in raw.columns else "")
+    bad = ~(np.isfinite(out["ra"]) & np.isfinite(out["dec"]) & np.isfinite(out["flux"]))
+    if bad.any():
+        import warnings
+        warnings.warn("%s catalogue %s: %d rows without position or flux dropped"
+                      % (survey.upper(), where, int(bad.sum())), RacsDataWarning)
+        out = out[~bad].reset_index(drop=True)
+    out["flux_err"] = out["flux_err"].fillna(0.0)
+    out["ra"] = np.mod(out["ra"], 360.0)
+    out.insert(0, "name", np.char.add(survey.upper() + "_", source_names(out["ra"], out["dec"], "J")))
+    out["survey"] = survey
+    return out
+
+
+def fetch_survey_catalogue(survey, ra, dec, radius, local=None, cache_dir=None, timeout=60):
+    """A survey catalogue around (ra, dec): the local file if given, else Vizier (cached).
+
+    Parameters
+    ----------
+    survey : {'sumss', 'nvss'}
+    ra, dec, radius : float (deg)
+    local : path, optional
+        Local catalogue file (or directory holding ``<survey>.csv``); no network then.
+    cache_dir : path, optional
+        Vizier results are written here as ``<survey>_<ra>_<dec>_<radius>.csv`` and reused.
+
+    Raises
+    ------
+    InputError
+        When Vizier cannot be reached (or astroquery is missing) and no local file is
+        given; the message says how to supply one.
+    """
+    import pandas as pd
+    if local is not None:
+        return read_survey_catalogue(survey, _resolve_local_catalogue(survey, local))
+    cached = None
+    if cache_dir is not None:
+        cached = Path(cache_dir) / ("%s_%.4f_%.4f_%.4f.csv" % (survey, ra, dec, radius))
+        if cached.is_file():
+            log.info("%s: using cached Vizier download %s", survey.upper(), cached)
+            return read_survey_catalogue(survey, cached)
+    how = ("give a local catalogue with [CATALOGUES] %s_csv = FILE (or --%s-csv FILE): a CSV "
+           "with the Vizier columns %s (deg, mJy) from %s" % (survey, survey,
+           ", ".join(SURVEYS[survey]["columns"].values()), SURVEYS[survey]["vizier"][0]))
+    try:
+        import astropy.units as u
+        from astropy.coordinates import SkyCoord
+        from astroquery.vizier import VizierClass
+    except ImportError as exc:
+        raise InputError("astroquery is needed to download %s (%s); %s"
+                         % (survey.upper(), exc, how)) from None
+    vizier = VizierClass(columns=["_r", "_RAJ2000", "_DEJ2000", "**"], row_limit=-1, timeout=timeout)
+    try:
+        tables = vizier.query_region(SkyCoord(ra, dec, unit="deg"), radius=radius * u.deg,
+                                     catalog=list(SURVEYS[survey]["vizier"]))
+    except Exception as exc:  # noqa: BLE001 - any network/HTTP/parse failure means "unreachable"
+        raise InputError("Vizier could not be reached for %s (%s: %s); %s"
+                         % (survey.upper(), type(exc).__name__, exc, how)) from None
+    frames = [t.to_pandas() for t in tables]
+    raw = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=list(SURVEYS[survey]["columns"].values()))
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        raw.to_csv(cached, index=False)
+    return normalise_survey_table(survey, raw, "Vizier " + ",".join(SURVEYS[survey]["vizier"]))
+
+
+def trim_to_footprint(table, image, margin=0):
+    """Rows of ``table`` (ra, dec deg) whose pixel lies on the image and is not blank."""
+    x, y = image.world_to_pixel(table["ra"].to_numpy(), table["dec"].to_numpy())
+    value = sample_map(np.where(image.blank_mask(), np.nan, 1.0), x, y)
+    keep = np.isfinite(value)
+    out = table[keep].reset_index(drop=True)
+    return out
+
+
+# ===========================================================================
+# ASKAP source finding and catalogues
+# ===========================================================================
+AEGEAN_COLUMNS = ("island", "source", "local_rms", "ra", "dec", "err_ra", "err_dec", "peak_flux",
+                  "err_peak_flux", "int_flux", "err_int_flux", "a", "err_a", "b", "err_b", "pa",
+                  "err_pa", "flags")
+_REQUIRED_AEGEAN = ("ra", "dec", "peak_flux", "err_peak_flux", "int_flux", "err_int_flux",
+                    "local_rms", "a", "b", "pa")
+# Selavy component catalogue (mJy, arcsec) -> Aegean-style columns (Jy, arcsec).
+_SELAVY_RENAME = {"ra_deg_cont": "ra", "dec_deg_cont": "dec", "flux_peak": "peak_flux",
+                  "flux_peak_err": "err_peak_flux", "flux_int": "int_flux",
+                  "flux_int_err": "err_int_flux", "maj_axis": "a", "min_axis": "b",
+                  "pos_ang": "pa", "rms_image": "local_rms", "island_id": "island",
+                  "component_id": "source", "flag_c4": "flags"}
+_SELAVY_MJY = ("peak_flux", "err_peak_flux", "int_flux", "err_int_flux", "local_rms")
+
+# Aegean defaults of the original pipeline and how [aegean] keys map onto AegeanTools.
+AEGEAN_DEFAULTS = {"cores": 1, "maxsummits": 5, "seedclip": 5.0, "floodclip": 4.0, "nocov": True}
+_AEGEAN_KEYS = {"cores": ("cores", int), "maxsummits": ("max_summits", int),
+                "seedclip": ("innerclip", float), "floodclip": ("outerclip", float),
+                "nocov": ("docov", lambda v: not parse_bool(v)),
+                "island": ("doislandflux", parse_bool), "nopositive": ("nopositive", parse_bool),
+                "negative": ("nonegative", lambda v: not parse_bool(v)),
+                "autoload": (None, None)}
+
+
+def read_aegean_settings(path=None):
+    """Aegean settings: the seed's defaults updated from an ``[aegean]`` INI file.
+
+    Keys: cores, maxsummits, seedclip, floodclip, nocov, island, nopositive, negative,
+    autoload (ignored: the pipeline always supplies its own rms/background maps).
+    ``true`` means the bare flag, ``false`` drops it; a key left out keeps the default
+    (the original dropped it instead).
+
+    Returns
+    -------
+    settings : dict
+        The resolved settings (original key names).
+    kwargs : dict
+        Keyword arguments of ``SourceFinder.find_sources_in_image``.
+    """
+    settings = dict(AEGEAN_DEFAULTS)
+    if path is not None:
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+        parser.read(path)
+        if not parser.has_section("aegean"):
+            raise ConfigError("Aegean settings file %s has no [aegean] section" % path)
+        for key, value in parser["aegean"].items():
+            if key not in _AEGEAN_KEYS:
+                raise ConfigError("Aegean settings file %s: unknown key %r; known keys are %s"
+                                  % (path, key, ", ".join(sorted(_AEGEAN_KEYS))))
+            settings[key] = value
+    kwargs = {}
+    for key, value in settings.items():
+        target, convert = _AEGEAN_KEYS[key]
+        if target is None:
+            continue
+        try:
+            kwargs[target] = convert(value)
+        except ValueError:
+            raise ConfigError("Aegean setting %s = %r is invalid" % (key, value)) from None
+    return settings, kwargs
+
+
+def _components_frame(components):
+    import pandas as pd
+    from AegeanTools.models import ComponentSource
+    rows = [{name: getattr(c, name) for name in AEGEAN_COLUMNS}
+            for c in components if isinstance(c, ComponentSource)]
+    return pd.DataFrame(rows, columns=list(AEGEAN_COLUMNS))
+
+
+def _quiet_aegean():
+    """AegeanTools logs every step at INFO through its own handler; keep it to warnings
+    unless this tool runs at DEBUG level."""
+    logging.getLogger("AegeanTools").setLevel(logging.WARNING)
+
+
+def find_sources_aegean(image_path, rms_path, bkg_path, settings_path=None):
+    """Run AegeanTools on an image with the given rms/background maps.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Aegean component columns (``AEGEAN_COLUMNS``; fluxes Jy, a/b arcsec, pa deg).
+    """
+    from AegeanTools.source_finder import SourceFinder
+    _, kwargs = read_aegean_settings(settings_path)
+    kwargs.setdefault("cores", 1)
+    log.info("Aegean on %s with %s", Path(image_path).name, kwargs)
+    _quiet_aegean()
+    finder = SourceFinder()
+    components = finder.find_sources_in_image(str(image_path), rmsin=str(rms_path),
+                                              bkgin=str(bkg_path), progress=False, **kwargs)
+    return _components_frame(components)
+
+
+def find_sources_pybdsf(image_path, frequency, settings_path=None):
+    """Run PyBDSF and convert its Gaussian list to Aegean-style columns.
+
+    Sizes are FWHM in arcsec and PA in degrees (the original multiplied PA by 3600).
+    ``[pybdsf]`` keys of the settings file are passed to ``bdsf.process_image``.
+    """
+    import bdsf
+    import pandas as pd
+    kwargs = {"thresh_isl": 3.0, "thresh_pix": 5.0}
+    if settings_path is not None:
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(settings_path)
+        for key, value in (parser["pybdsf"].items() if parser.has_section("pybdsf") else ()):
+            kwargs[key] = _guess_type(value)
+    img = bdsf.process_image(str(image_path), frequency=frequency, quiet=True, **kwargs)
+    gaussians = list(getattr(img, "gaussians", []))
+    frame = pd.DataFrame({
+        "island": [g.island_id for g in gaussians],
+        "source": [g.gaus_num for g in gaussians],
+        "local_rms": [g.rms for g in gaussians],
+        "ra": [g.centre_sky[0] for g in gaussians], "dec": [g.centre_sky[1] for g in gaussians],
+        "err_ra": [g.centre_skyE[0] for g in gaussians], "err_dec": [g.centre_skyE[1] for g in gaussians],
+        "peak_flux": [g.peak_flux for g in gaussians], "err_peak_flux": [g.peak_fluxE for g in gaussians],
+        "int_flux": [g.total_flux for g in gaussians], "err_int_flux": [g.total_fluxE for g in gaussians],
+        "a": [g.size_sky[0] * 3600 for g in gaussians], "err_a": [g.size_skyE[0] * 3600 for g in gaussians],
+        "b": [g.size_sky[1] * 3600 for g in gaussians], "err_b": [g.size_skyE[1] * 3600 for g in gaussians],
+        "pa": [g.size_sky[2] for g in gaussians], "err_pa": [g.size_skyE[2] for g in gaussians],
+    }, columns=[c for c in AEGEAN_COLUMNS if c != "flags"])
+    frame["flags"] = 0
+    return frame
+
+
+def _guess_type(text):
+    for convert in (int, float, parse_bool):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_askap_csv(path, fmt="aegean"):
+    """Read an existing ASKAP component catalogue (Aegean CSV, or Selavy CSV/fixed-width text).
+
+    Raises
+    ------
+    InputError
+        When the file is missing or lacks required columns (the message lists them).
+    """
+    import pandas as pd
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("ASKAP catalogue %s does not exist (set [CATALOGUES] askap_csv)" % path)
+    with path.open() as stream:
+        first = stream.readline()
+    if fmt == "selavy" and "," not in first:
+        raw = pd.read_csv(path, sep=r"\s+", skiprows=[1], comment=None)  # fixed width, units line
+        raw.columns = [c.lstrip("#") for c in raw.columns]
+    else:
+        raw = pd.read_csv(path, comment="#")
+    if fmt == "selavy":
+        raw = raw.rename(columns=_SELAVY_RENAME)
+        missing = [k for k, v in _SELAVY_RENAME.items() if v in _REQUIRED_AEGEAN and v not in raw.columns]
+        if missing:
+            raise InputError("Selavy catalogue %s lacks the column(s) %s" % (path, ", ".join(missing)))
+        for column in _SELAVY_MJY:
+            raw[column] = pd.to_numeric(raw[column], errors="coerce") / 1e3
+    missing = [c for c in _REQUIRED_AEGEAN if c not in raw.columns]
+    if missing:
+        raise InputError("ASKAP catalogue %s lacks the column(s) %s; an Aegean-format catalogue "
+                         "needs %s (Jy, arcsec, deg)" % (path, ", ".join(missing), ", ".join(_REQUIRED_AEGEAN)))
+    for column in AEGEAN_COLUMNS:
+        if column not in raw.columns:
+            raw[column] = 0 if column in ("flags", "island", "source") else np.nan
+    raw["flags"] = pd.to_numeric(raw["flags"], errors="coerce").fillna(0).astype(int)
+    return raw
+
+
+def prepare_askap_catalogue(table, image, opts):
+    """Derived columns of the ASKAP catalogue (vectorised).
+
+    Adds name, askap_snr, err_*_orig (with ``askap_flux_error`` added in quadrature),
+    distance_from_centre (deg), nn_d2d (arcsec), island_size, extended, edge, x, y.
+    Keeps only Aegean flag 0 unless ``use_all_fits``.
+    """
+    cat = table.copy()
+    if not opts["use_all_fits"]:
+        cat = cat[cat["flags"] == 0]
+    cat = cat[np.isfinite(cat["ra"]) & np.isfinite(cat["dec"])].reset_index(drop=True)
+    cat["ra"] = np.mod(cat["ra"], 360.0)
+    cat.insert(0, "name", np.char.add("ASKAP_", source_names(cat["ra"], cat["dec"])))
+    cat["askap_snr"] = cat["int_flux"] / cat["local_rms"]
+    fraction = opts["askap_flux_error"]
+    for column in ("err_int_flux", "err_peak_flux"):
+        flux = cat[column.replace("err_", "")]
+        cat[column + "_orig"] = cat[column]
+        cat[column] = np.hypot(cat[column].fillna(0.0).clip(lower=0), fraction * flux)
+    cat["distance_from_centre"] = _separation_deg(cat["ra"], cat["dec"], image.ra, image.dec)
+    cat["nn_d2d"] = nearest_other(cat["ra"].to_numpy(), cat["dec"].to_numpy())
+    cat["island_size"] = cat.groupby("island")["island"].transform("size") if len(cat) else []
+    cat["extended"] = flag_extended(cat["a"], cat["b"], image.beam[0] * 3600, image.beam[1] * 3600,
+                                    opts["askap_ext_thresh"])
+    x, y = image.world_to_pixel(cat["ra"].to_numpy(), cat["dec"].to_numpy())
+    cat["x"], cat["y"] = x, y
+    cat["edge"] = edge_flags(image, x, y, opts["edge_margin"])
+    return cat
+
+
+def island_sizes(askap, islands_csv):
+    """Components per island from an Aegean/Selavy island catalogue (for "Large island")."""
+    import pandas as pd
+    islands = pd.read_csv(islands_csv, comment="#")
+    islands = islands.rename(columns={"island_id": "island", "n_components": "components"})
+    missing = [c for c in ("island", "components") if c not in islands.columns]
+    if missing:
+        raise InputError("island catalogue %s lacks the column(s) %s (Aegean: island, components; "
+                         "Selavy: island_id, n_components)" % (islands_csv, ", ".join(missing)))
+    sizes = islands.drop_duplicates("island").set_index("island")["components"]
+    return askap["island"].map(sizes).fillna(askap["island_size"]).to_numpy()
+
+
+def prepare_survey_catalogue(cat, survey, image, opts, rms_image):
+    """Derived columns of a trimmed survey catalogue (scaled flux, local ASKAP rms, edge...)."""
+    cat = cat.copy()
+    nu = SURVEYS[survey]["frequency"]
+    bmaj, bmin, _ = survey_beam(survey, float(np.median(cat["dec"])) if len(cat) else image.dec)
+    cat["beam_maj"], cat["beam_min"] = bmaj, bmin
+    cat["extended"] = flag_extended(cat["maj"].fillna(0), cat["min"].fillna(0), bmaj, bmin,
+                                    opts["%s_ext_thresh" % survey])
+    cat["survey_rms"] = survey_rms(survey, cat["dec"])
+    cat["scaled_to_askap"] = scale_flux(cat["flux"], nu, image.frequency, opts["spectral_index"])
+    cat["scaled_to_askap_err"] = scale_flux(cat["flux_err"], nu, image.frequency, opts["spectral_index"])
+    x, y = image.world_to_pixel(cat["ra"].to_numpy(), cat["dec"].to_numpy())
+    cat["x"], cat["y"] = x, y
+    cat["askap_local_rms"] = sample_map(rms_image, x, y)
+    cat["edge"] = edge_flags(image, x, y, opts["edge_margin"])
+    cat["distance_from_centre"] = _separation_deg(cat["ra"], cat["dec"], image.ra, image.dec)
+    return cat
+
+
+def _separation_deg(ra, dec, ra0, dec0):
+    v = _unit_vectors(np.asarray(ra, float), np.asarray(dec, float))
+    v0 = _unit_vectors([ra0], [dec0])[0]
+    return _arcsec_from_chord(np.linalg.norm(v - v0, axis=1)) / 3600.0
+
+
+def edge_flags(image, x, y, margin):
+    """True where a blank or off-image pixel lies within +-``margin`` px (original: 24 px)."""
+    from scipy.ndimage import maximum_filter
+    key = ("edge_mask", margin)
+    if key not in image.extra:
+        blank = image.blank_mask().astype(np.uint8)
+        image.extra[key] = maximum_filter(blank, size=2 * margin + 1, mode="constant", cval=1) \
+            if margin > 0 else blank
+    return sample_map(image.extra[key], x, y, fill=1.0) > 0
+
+
+def forced_photometry(image_path, ra, dec, beam, rms_path, bkg_path):
+    """Forced (priorized) Aegean fits of point sources at fixed positions.
+
+    Each position gets a component with the image's beam shape; AegeanTools'
+    ``priorized_fit_islands`` (stage 1: flux only, no flood clipping, no regrouping)
+    fits its flux.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per input position, in input order: peak_flux, err_peak_flux, int_flux,
+        err_int_flux, local_rms (Jy); NaN where Aegean returned nothing.
+    """
+    import pandas as pd
+    from AegeanTools.models import ComponentSource
+    from AegeanTools.source_finder import SourceFinder
+    n = len(ra)
+    out = pd.DataFrame(np.nan, index=np.arange(n),
+                       columns=["peak_flux", "err_peak_flux", "int_flux", "err_int_flux", "local_rms"])
+    if n == 0:
+        return out
+    priors = []
+    for i, (r, d) in enumerate(zip(np.asarray(ra, float), np.asarray(dec, float))):
+        comp = ComponentSource()
+        comp.ra, comp.dec = float(r), float(d)
+        comp.a, comp.b, comp.pa = beam[0] * 3600.0, beam[1] * 3600.0, float(beam[2])
+        comp.psf_a, comp.psf_b, comp.psf_pa = comp.a, comp.b, comp.pa
+        comp.peak_flux, comp.int_flux = 1e-3, 1e-3
+        comp.island, comp.source = i, 0
+        priors.append(comp)
+    _quiet_aegean()
+    finder = SourceFinder()
+    fitted = finder.priorized_fit_islands(str(image_path), catalogue=priors, rmsin=str(rms_path),
+                                          bkgin=str(bkg_path), stage=1, outerclip=-1,
+                                          doregroup=False, docov=False, cores=1, progress=False)
+    fitted = [c for c in fitted if isinstance(c, ComponentSource)]
+    if fitted:
+        found = _components_frame(fitted)      # positions are fixed at stage 1: match back
+        idx, _ = crossmatch_nearest(found["ra"], found["dec"], ra, dec, max_sep=1.0)
+        ok = idx >= 0
+        for column in out.columns:
+            out.loc[idx[ok], column] = found[column].to_numpy()[ok]
+    return out
+
+
+# ===========================================================================
+# Crossmatch and transient search (vectorised)
+# ===========================================================================
+def diagnostic_crossmatch(askap, cat, survey, image, opts):
+    """Each catalogue source with its nearest ASKAP component (any distance).
+
+    Columns are prefixed ``<survey>_`` and ``askap_``; adds d2d (arcsec), RA/Dec offsets
+    (arcsec, ASKAP minus catalogue), scaled fluxes at both frequencies, the flux ratio
+    (scaled ASKAP / catalogue) and its error, and ``good`` (d2d <= diagnostic radius).
+    """
+    import pandas as pd
+    idx, d2d = crossmatch_nearest(cat["ra"], cat["dec"], askap["ra"], askap["dec"])
+    ok = idx >= 0
+    left = cat[ok].add_prefix(survey + "_").reset_index(drop=True)
+    right = askap.iloc[idx[ok]].add_prefix("askap_").reset_index(drop=True)
+    xm = pd.concat([left, right], axis=1)
+    xm["d2d"] = d2d[ok]
+    nu = SURVEYS[survey]["frequency"]
+    alpha = opts["spectral_index"]
+    xm["askap_scaled_to_%s" % survey] = scale_flux(xm["askap_int_flux"], image.frequency, nu, alpha)
+    xm["askap_scaled_to_%s_err" % survey] = scale_flux(xm["askap_err_int_flux"], image.frequency, nu, alpha)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xm["flux_ratio"] = xm["askap_scaled_to_%s" % survey] / xm[survey + "_flux"]
+        xm["flux_ratio_err"] = np.abs(xm["flux_ratio"]) * np.hypot(
+            xm["askap_scaled_to_%s_err" % survey] / xm["askap_scaled_to_%s" % survey],
+            xm[survey + "_flux_err"] / xm[survey + "_flux"])
+        xm["inverse_flux_ratio"] = 1.0 / xm["flux_ratio"]
+    xm["dra"], xm["ddec"] = sky_offsets(xm[survey + "_ra"].to_numpy(), xm[survey + "_dec"].to_numpy(),
+                                        xm["askap_ra"].to_numpy(), xm["askap_dec"].to_numpy())
+    xm["good"] = xm["d2d"] <= opts["diagnostic_max_separation"]
+    if opts["remove_extended"]:
+        xm["good"] &= ~(xm[survey + "_extended"].astype(bool) | xm["askap_extended"].astype(bool))
+    xm["survey"] = survey
+    return xm
+
+
+_MASTER_COLUMNS = (
+    "master_name", "ra", "dec", "survey", "transient_type", "d2d", "askap_index", "askap_name",
+    "askap_ra", "askap_dec", "askap_iflux", "askap_iflux_err", "askap_local_rms", "askap_scaled_flux",
+    "askap_scaled_flux_err", "catalog_name", "catalog_ra", "catalog_dec", "catalog_iflux",
+    "catalog_iflux_err", "catalog_rms", "catalog_scaled_flux", "catalog_scaled_flux_err",
+    "catalog_mosaic", "predicted_snr", "aegean_rms_used", "askap_extended", "catalog_extended",
+    "island_size", "edge", "d2d_nn_askap_cat", "distance_from_centre")
+
+
+def _rows(n, **columns):
+    import pandas as pd
+    frame = pd.DataFrame({c: np.full(n, np.nan) for c in _MASTER_COLUMNS})
+    for key, value in columns.items():
+        frame[key] = value
+    return frame
+
+
+def _unique_matches(idx, sep):
+    """Keep only the closest catalogue source for each ASKAP source (others -> no match)."""
+    idx = idx.copy()
+    matched = np.flatnonzero(idx >= 0)
+    order = matched[np.argsort(sep[matched], kind="stable")]
+    _, first = np.unique(idx[order], return_index=True)
+    losers = np.setdiff1d(order, order[first])
+    idx[losers] = -1
+    return idx, len(losers)
+
+
+def _survey_rows(askap, cat, survey, image, opts, forced):
+    """Match and no-ASKAP-match rows of one survey (see :func:`transient_search`)."""
+    import pandas as pd
+    nu, alpha = SURVEYS[survey]["frequency"], opts["spectral_index"]
+    radius = opts["transient_max_separation"]
+    idx, sep = crossmatch_nearest(cat["ra"], cat["dec"], askap["ra"], askap["dec"], max_sep=radius)
+    idx, n_dup = _unique_matches(idx, sep)
+    if n_dup:
+        log.info("%s: %d catalogue sources shared an ASKAP match; the closer one kept", survey.upper(), n_dup)
+    hit = idx >= 0
+    a = askap.reset_index(drop=True).reindex(np.where(hit, idx, -1)).reset_index(drop=True)
+    n = len(cat)
+    rows = _rows(
+        n, master_name=cat["name"].to_numpy(), ra=cat["ra"].to_numpy(), dec=cat["dec"].to_numpy(),
+        survey=survey, transient_type=np.where(hit, "match", "noaskapmatch"), d2d=sep,
+        askap_index=idx, catalog_name=cat["name"].to_numpy(), catalog_ra=cat["ra"].to_numpy(),
+        catalog_dec=cat["dec"].to_numpy(), catalog_iflux=cat["flux"].to_numpy(),
+        catalog_iflux_err=cat["flux_err"].to_numpy(), catalog_rms=cat["survey_rms"].to_numpy(),
+        catalog_scaled_flux=cat["scaled_to_askap"].to_numpy(),
+        catalog_scaled_flux_err=cat["scaled_to_askap_err"].to_numpy(),
+        catalog_mosaic=cat["mosaic"].to_numpy(), catalog_extended=cat["catalog_ext_tag"].to_numpy(),
+        edge=cat["edge"].to_numpy(), distance_from_centre=cat["distance_from_centre"].to_numpy(),
+        aegean_rms_used=False)
+    rows["askap_local_rms"] = np.where(hit, a["local_rms"], cat["askap_local_rms"])
+    for column, source in (("askap_name", "name"), ("askap_ra", "ra"), ("askap_dec", "dec"),
+                           ("askap_iflux", "int_flux"), ("askap_iflux_err", "err_int_flux"),
+                           ("island_size", "island_size")):
+        rows[column] = np.where(hit, a[source].to_numpy(), rows[column].to_numpy() if
+                                column not in ("askap_name",) else "")
+    rows["askap_extended"] = np.where(hit, a["ext_tag"].to_numpy(), False)
+    rows["edge"] = rows["edge"].astype(bool) | np.where(hit, a["edge"].to_numpy(), False)
+    miss = np.flatnonzero(~hit)
+    if len(miss) and forced is not None:
+        phot = forced(cat["ra"].to_numpy()[miss], cat["dec"].to_numpy()[miss])
+        flux = phot["int_flux"].to_numpy()
+        rms = np.where(np.isfinite(phot["local_rms"]) & (phot["local_rms"] > 0), phot["local_rms"],
+                       rows["askap_local_rms"].to_numpy()[miss])
+        # Aegean's formal error treats pixels as independent and so underestimates the
+        # error of a fixed-shape point-source amplitude in beam-correlated noise: that is
+        # the local rms (Jy/beam); use whichever is larger.
+        err = np.fmax(phot["err_int_flux"].to_numpy(), rms)
+        rows.loc[miss, "forced_flux"] = flux
+        rows.loc[miss, "forced_flux_err"] = err
+        limit = ~np.isfinite(flux) | (flux <= 0) | (flux < 3 * rms)
+        rows.loc[miss, "askap_iflux"] = np.where(limit, 3 * rms, flux)
+        rows.loc[miss, "askap_iflux_err"] = np.where(limit, rms, err)
+        rows.loc[miss, "askap_local_rms"] = rms
+        rows.loc[miss, "aegean_rms_used"] = limit
+    elif len(miss):
+        rms = rows["askap_local_rms"].to_numpy()[miss]
+        rows.loc[miss, "askap_iflux"] = 3 * rms
+        rows.loc[miss, "askap_iflux_err"] = rms
+        rows.loc[miss, "aegean_rms_used"] = True
+    rows["askap_scaled_flux"] = scale_flux(rows["askap_iflux"], image.frequency, nu, alpha)
+    rows["askap_scaled_flux_err"] = scale_flux(rows["askap_iflux_err"], image.frequency, nu, alpha)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rows["predicted_snr"] = np.where(hit, np.nan, rows["catalog_scaled_flux"] / rows["askap_local_rms"])
+    return rows
+
+
+def _nocatalog_rows(askap, catalogues, base, image, opts):
+    """ASKAP sources with no catalogue source within the radius that the survey should see."""
+    radius = opts["transient_max_separation"]
+    has_cat = np.zeros(len(askap), dtype=bool)
+    covered = np.zeros(len(askap), dtype=bool)
+    for survey, cat in catalogues.items():
+        idx, _ = crossmatch_nearest(askap["ra"], askap["dec"], cat["ra"], cat["dec"], max_sep=radius)
+        has_cat |= idx >= 0
+        low, high = SURVEYS[survey]["dec_range"]
+        covered |= (askap["dec"].to_numpy() >= low) & (askap["dec"].to_numpy() <= high)
+    # beyond every used survey's declination limit a source cannot be "new" (original:
+    # removal of ASKAP sources past the SUMSS/NVSS boundary)
+    matched_any = has_cat.copy()
+    has_cat |= ~covered
+    nu, alpha = SURVEYS[base]["frequency"], opts["spectral_index"]
+    a = askap[~has_cat]
+    scaled = scale_flux(a["int_flux"], image.frequency, nu, alpha)
+    srms = survey_rms(base, a["dec"])
+    seen = scaled / srms >= opts["transients_catalogue_snr_thresh"]
+    a, scaled, srms = a[seen], scaled[seen], srms[seen]
+    rows = _rows(
+        len(a), master_name=a["name"].to_numpy(), ra=a["ra"].to_numpy(), dec=a["dec"].to_numpy(),
+        survey=base, transient_type="nocatalogmatch", askap_index=a.index.to_numpy(),
+        askap_name=a["name"].to_numpy(), askap_ra=a["ra"].to_numpy(), askap_dec=a["dec"].to_numpy(),
+        askap_iflux=a["int_flux"].to_numpy(), askap_iflux_err=a["err_int_flux"].to_numpy(),
+        askap_local_rms=a["local_rms"].to_numpy(), catalog_name="", catalog_iflux=3 * srms,
+        catalog_iflux_err=srms, catalog_rms=srms, catalog_mosaic="", aegean_rms_used=True,
+        askap_extended=a["ext_tag"].to_numpy(), catalog_extended=False,
+        island_size=a["island_size"].to_numpy(), edge=a["edge"].to_numpy(),
+        distance_from_centre=a["distance_from_centre"].to_numpy(),
+        predicted_snr=(scaled / srms))
+    rows["catalog_scaled_flux"] = scale_flux(rows["catalog_iflux"], nu, image.frequency, alpha)
+    rows["catalog_scaled_flux_err"] = scale_flux(rows["catalog_iflux_err"], nu, image.frequency, alpha)
+    rows["askap_scaled_flux"] = np.asarray(scaled, float)
+    rows["askap_scaled_flux_err"] = scale_flux(rows["askap_iflux_err"], image.frequency, nu, alpha)
+    # "Likely double": another ASKAP source within 2.5 x 45" that has a catalogue
+    # counterpart (the original counted any ASKAP source, which tags most sources of a
+    # deep field; an unmatched neighbour explains nothing)
+    i, j, _ = pairs_within(rows["ra"], rows["dec"], askap["ra"], askap["dec"], 2.5 * 45.0)
+    other = (j != rows["askap_index"].to_numpy()[i]) & matched_any[j]
+    rows["likely_double"] = np.bincount(i[other], minlength=len(rows)) > 0
+    return rows
+
+
+def _merge_surveys(per_survey, base):
+    """Dual mode: keep the base survey's rows, add the others' rows only for new sources."""
+    import pandas as pd
+    if len(per_survey) == 1:
+        return per_survey[base]
+    base_rows = per_survey[base]
+    base_askap = set(base_rows.loc[base_rows["transient_type"] == "match", "askap_index"].astype(int))
+    frames = [base_rows]
+    for survey, rows in per_survey.items():
+        if survey == base:
+            continue
+        is_match = rows["transient_type"] == "match"
+        dup_match = is_match & rows["askap_index"].astype(int).isin(base_askap)
+        near, _ = crossmatch_nearest(rows["ra"], rows["dec"], base_rows["catalog_ra"],
+                                     base_rows["catalog_dec"], max_sep=45.0)
+        dup_noaskap = ~is_match & (near >= 0)
+        frames.append(rows[~(dup_match | dup_noaskap)])
+    return pd.concat(frames, ignore_index=True)
+
+
+def transient_search(askap, catalogues, image, opts, forced=None, non_conv=None):
+    """Classify every source into match / noaskapmatch / nocatalogmatch and tag candidates.
+
+    Parameters
+    ----------
+    askap : DataFrame
+        ASKAP components from :func:`prepare_askap_catalogue`.
+    catalogues : dict
+        ``{survey: DataFrame}`` from :func:`prepare_survey_catalogue`; the first key is
+        the base survey.
+    image : ImageInfo
+    opts : dict
+        Flat options (:func:`flat_options`).
+    forced : callable, optional
+        ``forced(ra, dec) -> DataFrame`` (int_flux, err_int_flux, local_rms) measuring the
+        ASKAP flux at catalogue positions without an ASKAP source; without it the 3-sigma
+        upper limit of the local rms is used.
+    non_conv : DataFrame, optional
+        Convolved mode: the catalogue of the image before convolution.  A catalogue
+        source without a convolved match but with a non-convolved one within the radius
+        becomes a match on the non-convolved fluxes (``using_preconv``); new ASKAP
+        sources are tagged "Created convolved source" when their non-convolved
+        counterpart is more than 2 beams away and "Inflated convolved flux error" when
+        the non-convolved flux would not be seen by the survey.
+
+    Returns
+    -------
+    DataFrame
+        The master table, sorted by ratio (descending), with ``pipelinetag`` (Good or the
+        reason it is not), ``transient_class`` (askap_only, catalogue_only, large_ratio or
+        '') and ``candidate`` (bool).
+
+    Notes
+    -----
+    * match: catalogue source with its nearest ASKAP source within
+      ``transient_max_separation`` (closest wins when two share one ASKAP source);
+    * noaskapmatch: catalogue source without one; it must be expected at
+      ``transients_askap_snr_thresh`` x the local ASKAP rms (S_cat (nu_askap/nu_cat)^alpha);
+    * nocatalogmatch: ASKAP source with no catalogue source within the radius in any
+      survey, whose flux scaled to the base survey is >= ``transients_catalogue_snr_thresh``
+      x the survey rms;
+    * ratio = larger / smaller of (scaled ASKAP flux, catalogue flux) at the survey
+      frequency; a match is a large-ratio candidate when ratio >=
+      ``transients_large_flux_ratio_thresh``.
+    """
+    import pandas as pd
+    askap = askap.copy()
+    ext = opts["extended_tag_thresh"]
+    askap["ext_tag"] = flag_extended(askap["a"], askap["b"], image.beam[0] * 3600,
+                                     image.beam[1] * 3600, ext)
+    per_survey = {}
+    for survey, cat in catalogues.items():
+        cat = cat.copy()
+        cat["catalog_ext_tag"] = flag_extended(cat["maj"].fillna(0), cat["min"].fillna(0),
+                                               cat["beam_maj"], cat["beam_min"], ext)
+        rows = _survey_rows(askap, cat, survey, image, opts, forced)
+        if non_conv is not None:
+            rows = _use_preconvolved(rows, non_conv, survey, image, opts)
+        per_survey[survey] = rows
+    base = next(iter(catalogues))
+    master = _merge_surveys(per_survey, base)
+    nocat = _nocatalog_rows(askap, catalogues, base, image, opts)
+    if non_conv is not None and len(nocat):
+        _tag_convolved_artefacts(nocat, askap, base, image, opts)
+    master = pd.concat([master, nocat], ignore_index=True)
+    for column in ("likely_double", "aegean_rms_used", "askap_extended", "catalog_extended", "edge",
+                   "using_preconv", "created_convolved", "inflated_convolved_error"):
+        if column not in master.columns:
+            master[column] = False
+        master[column] = master[column].fillna(False).astype(bool)
+    master["ratio"], master["ratio_e"] = flux_ratio(master["askap_scaled_flux"], master["askap_scaled_flux_err"],
+                                                    master["catalog_iflux"], master["catalog_iflux_err"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        master["ratio_askap_flux"] = master["askap_scaled_flux"] / master["catalog_iflux"]
+    master["vs"], master["m"], master["m_abs"] = variability_metrics(
+        master["askap_scaled_flux"], master["askap_scaled_flux_err"], master["catalog_iflux"],
+        master["catalog_iflux_err"])
+    if "inflated_convolved_flux" in askap.columns:
+        own = master["askap_index"].fillna(-1).to_numpy().astype(int)
+        flag = askap["inflated_convolved_flux"].to_numpy().astype(bool)
+        master["inflated_convolved_flux"] = np.where(own >= 0, flag[np.maximum(own, 0)], False) \
+            if len(askap) else False
+        master["using_preconv"] = False
+    bright = opts.get("bright_sources_csv")
+    if bright is not None:
+        master["near_bright_source"] = near_bright_sources(master, bright, opts["bright_source_radius"])
+    _tag(master, image, opts)
+    _add_sky_columns(master, askap)
+    return master.sort_values("ratio", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def _use_preconvolved(rows, non_conv, survey, image, opts):
+    """Convolved mode: no-ASKAP-match rows with a non-convolved source in range -> match."""
+    rows = rows.copy()
+    rows["using_preconv"] = False
+    miss = np.flatnonzero(rows["transient_type"].to_numpy() == "noaskapmatch")
+    if not len(miss) or not len(non_conv):
+        return rows
+    idx, sep = crossmatch_nearest(rows["ra"].to_numpy()[miss], rows["dec"].to_numpy()[miss], non_conv["ra"],
+                                  non_conv["dec"], max_sep=opts["transient_max_separation"])
+    hit, idx = miss[idx >= 0], idx[idx >= 0]
+    if not len(hit):
+        return rows
+    src = non_conv.iloc[idx]
+    nu, alpha = SURVEYS[survey]["frequency"], opts["spectral_index"]
+    rows.loc[hit, "transient_type"] = "match"
+    rows.loc[hit, "using_preconv"] = True
+    rows.loc[hit, "aegean_rms_used"] = False
+    rows.loc[hit, "predicted_snr"] = np.nan
+    rows.loc[hit, "d2d"] = sep[np.isfinite(sep)]
+    for column, source in (("askap_name", "name"), ("askap_ra", "ra"), ("askap_dec", "dec"),
+                           ("askap_iflux", "int_flux"), ("askap_iflux_err", "err_int_flux"),
+                           ("askap_local_rms", "local_rms")):
+        rows.loc[hit, column] = src[source].to_numpy()
+    rows.loc[hit, "askap_scaled_flux"] = scale_flux(src["int_flux"].to_numpy(), image.frequency, nu, alpha)
+    rows.loc[hit, "askap_scaled_flux_err"] = scale_flux(src["err_int_flux"].to_numpy(), image.frequency, nu, alpha)
+    log.info("%s: %d catalogue sources matched only in the non-convolved image", survey.upper(), len(hit))
+    return rows
+
+
+def _tag_convolved_artefacts(nocat, askap, base, image, opts):
+    """New-source rows whose convolved detection is not backed by the non-convolved image."""
+    own = nocat["askap_index"].to_numpy().astype(int)
+    if "non_conv_d2d" not in askap.columns:
+        return
+    d2d = askap["non_conv_d2d"].to_numpy()[own]
+    nonconv_flux = askap["non_conv_int_flux"].to_numpy()[own]
+    beam = askap["non_conv_beam"].to_numpy()[own] if "non_conv_beam" in askap.columns else image.beam[0] * 3600
+    nu, alpha = SURVEYS[base]["frequency"], opts["spectral_index"]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scaled = scale_flux(nonconv_flux, image.frequency, nu, alpha) / nocat["catalog_rms"].to_numpy()
+    nocat["created_convolved"] = ~(d2d < 2 * beam)
+    nocat["inflated_convolved_error"] = ~(scaled >= opts["transients_catalogue_snr_thresh"])
+
+
+def near_bright_sources(master, path, radius_arcmin):
+    """True for rows within ``radius_arcmin`` of a source of a bright-source table.
+
+    The table (the original's packaged sumss/nvss_bright_sources.csv, or any list) needs
+    ra and dec columns in degrees (also _RAJ2000/_DEJ2000); ',' or ';' separated.
+    """
+    import pandas as pd
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("bright_sources_csv %s does not exist" % path)
+    table = pd.read_csv(path, sep=None, engine="python")
+    table.columns = [c.strip() for c in table.columns]
+    table = table.rename(columns={"_RAJ2000": "ra", "_DEJ2000": "dec", "RA": "ra", "DEC": "dec", "Dec": "dec"})
+    if not {"ra", "dec"} <= set(table.columns):
+        raise InputError("bright_sources_csv %s needs ra and dec columns (deg); it has %s"
+                         % (path, ", ".join(table.columns)))
+    idx, _ = crossmatch_nearest(master["ra"], master["dec"], table["ra"], table["dec"], max_sep=radius_arcmin * 60)
+    return idx >= 0
+
+
+def _tag(master, image, opts):
+    """pipelinetag, transient_class and candidate columns (vectorised, original priorities)."""
+    t = master["transient_type"].to_numpy()
+    match, noaskap, nocat = t == "match", t == "noaskapmatch", t == "nocatalogmatch"
+    extended = master["askap_extended"].to_numpy() | master["catalog_extended"].to_numpy()
+    large_island = master["island_size"].fillna(0).to_numpy() >= 3
+    edge = master["edge"].to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bright_structure = noaskap & (master["askap_iflux"].to_numpy() / image.rms > 50) & \
+            ~master["aegean_rms_used"].to_numpy()
+        low_snr = noaskap & ~(master["predicted_snr"].to_numpy() >= opts["transients_askap_snr_thresh"])
+    near_bright = master["near_bright_source"].to_numpy().astype(bool) if "near_bright_source" in master \
+        else np.zeros(len(master), dtype=bool)
+    conditions = [
+        ~np.isfinite(master["ratio"].to_numpy()),
+        noaskap & near_bright,
+        noaskap & bright_structure,
+        noaskap & low_snr,
+        nocat & master["likely_double"].to_numpy(),
+        nocat & master["created_convolved"].to_numpy(),
+        nocat & master["inflated_convolved_error"].to_numpy(),
+        extended,
+        (match | nocat) & large_island,
+        edge,
+    ]
+    labels = ["Failed", "Likely artefact (bright source)", "Likely bright extended structure", "Local RMS too high", "Likely double",
+              "Created convolved source", "Inflated convolved flux error",
+              "Extended source", "Large island source", "Edge of ASKAP image"]
+    master["pipelinetag"] = np.select(conditions, labels, default="Good")
+    good = master["pipelinetag"].to_numpy() == "Good"
+    large = match & (master["ratio"].to_numpy() >= opts["transients_large_flux_ratio_thresh"])
+    master["transient_class"] = np.select([nocat, noaskap, large],
+                                          ["askap_only", "catalogue_only", "large_ratio"], default="")
+    master["candidate"] = good & (master["transient_class"].to_numpy() != "")
+    master["flagged"] = ~good
+
+
+def _add_sky_columns(master, askap):
+    from astropy.coordinates import SkyCoord
+    if len(master):
+        galactic = SkyCoord(master["ra"].to_numpy(), master["dec"].to_numpy(), unit="deg").galactic
+        master["gal_l"], master["gal_b"] = galactic.l.deg, galactic.b.deg
+    else:
+        master["gal_l"], master["gal_b"] = [], []
+    # distance to the nearest ASKAP source other than the matched one
+    from scipy.spatial import cKDTree
+    if len(askap) >= 2 and len(master):
+        dist, idx = cKDTree(_unit_vectors(askap["ra"], askap["dec"])).query(
+            _unit_vectors(master["ra"], master["dec"]), k=2)
+        own = master["askap_index"].fillna(-1).to_numpy().astype(int)
+        pick = np.where(idx[:, 0] == own, dist[:, 1], dist[:, 0])
+        master["d2d_nn_askap_cat"] = _arcsec_from_chord(pick)
+    # names of the 6 nearest good matches (original "nearest_sources")
+    good = master[(master["transient_type"] == "match") & (master["pipelinetag"] == "Good")]
+    if len(good) and len(master):
+        k = min(7, len(good))
+        _, idx = cKDTree(_unit_vectors(good["ra"], good["dec"])).query(
+            _unit_vectors(master["ra"], master["dec"]), k=k)
+        names = good["master_name"].to_numpy()[np.asarray(idx).reshape(len(master), k)]
+        own_name = master["master_name"].to_numpy()[:, None]
+        master["nearest_sources"] = [",".join(row[row != me][:6]) for row, me in zip(names, own_name[:, 0])]
+    else:
+        master["nearest_sources"] = ""
+
+
+# ===========================================================================
+# Output products: tables, annotations, plots, postage stamps
+# ===========================================================================
+def write_table(frame, csv_path, formats=("csv", "fits", "vot")):
+    """Write a DataFrame as CSV and (optionally) FITS and VOTable next to it (atomic)."""
+    from astropy.table import Table
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "csv" in formats:
+        with atomic_output(csv_path, overwrite=True) as stream:
+            frame.to_csv(stream, index=False)
+        written.append(csv_path)
+    if set(formats) & {"fits", "vot"}:
+        clean = frame.copy()
+        for column in clean.columns:
+            if clean[column].dtype == object or str(clean[column].dtype).startswith("str"):
+                clean[column] = clean[column].fillna("").astype(str)
+        table = Table.from_pandas(clean)
+        for fmt, suffix, writer in (("fits", ".fits", "fits"), ("vot", ".vot", "votable")):
+            if fmt in formats:
+                path = csv_path.with_suffix(suffix)
+                tmp = path.with_name("." + path.name + ".part")
+                table.write(tmp, format=writer, overwrite=True)
+                os.replace(tmp, path)
+                written.append(path)
+    return written
+
+
+def write_ann(path, ra, dec, major, minor, pa, colour="BLUE", names=None):
+    """kvis annotation file of ellipses (axes are FWHM in arcsec; written as semi-axes deg)."""
+    lines = ["COORD W", "PA SKY", "COLOR %s" % colour]
+    a = np.asarray(major, float) / 3600.0 / 2.0
+    b = np.asarray(minor, float) / 3600.0 / 2.0
+    lines += ["ELLIPSE W %.6f %.6f %.6f %.6f %.2f" % row
+              for row in zip(ra, dec, a, b, np.nan_to_num(np.asarray(pa, float)))]
+    if names is not None:
+        lines += ["TEXT W %.6f %.6f %s" % row for row in zip(ra, dec, names)]
+    with atomic_output(path, overwrite=True) as stream:
+        stream.write("\n".join(lines) + "\n")
+    return Path(path)
+
+
+def write_ds9_region(path, ra, dec, major, minor, pa, colour="blue", names=None):
+    """DS9 region file (fk5) of ellipses; axes are FWHM in arcsec, written as semi-axes."""
+    a = np.asarray(major, float) / 2.0
+    b = np.asarray(minor, float) / 2.0
+    angle = np.nan_to_num(np.asarray(pa, float)) + 90.0     # DS9 angles from the x axis
+    text = names if names is not None else [""] * len(a)
+    rows = ['ellipse(%.6f,%.6f,%.2f",%.2f",%.2f) # text={%s}' % r
+            for r in zip(ra, dec, a, b, angle, text)]
+    with atomic_output(path, overwrite=True) as stream:
+        stream.write("# Region file format: DS9 version 4.1\nglobal color=%s\nfk5\n" % colour)
+        stream.write("\n".join(rows) + ("\n" if rows else ""))
+    return Path(path)
+
+
+def _figure():
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def make_diagnostic_plots(xm_by_survey, askap, catalogues, image, prefix):
+    """Diagnostic PNGs: flux ratio vs flux and vs distance, offsets, separations, sky, counts.
+
+    Only good matches (``good``: d2d <= diagnostic radius, extended removed if asked)
+    enter the ratio/offset plots; the source-count plot uses everything.
+    Returns the list of written files.
+    """
+    plt = _figure()
+    prefix = Path(prefix)
+    written = []
+
+    def save(fig, suffix):
+        path = prefix.with_name(prefix.name + suffix)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+
+    for survey, xm in xm_by_survey.items():
+        good = xm[xm["good"]]
+        for xcol, label, suffix in (("askap_int_flux", "ASKAP integrated flux (Jy)", "flux_ratio_vs_askap_flux"),
+                                    ("askap_distance_from_centre", "distance from image centre (deg)",
+                                     "flux_ratio_vs_distance_from_centre")):
+            fig, ax = plt.subplots(figsize=(7, 5))
+            ax.errorbar(good[xcol], good["flux_ratio"], yerr=good["flux_ratio_err"], fmt="o", ms=3, alpha=0.7)
+            if len(good):
+                ax.axhline(np.nanmedian(good["flux_ratio"]), color="C1", ls="--", label="median")
+            ax.axhline(1.0, color="k", lw=0.8, label="unity")
+            if xcol == "askap_int_flux":
+                ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("scaled ASKAP / %s flux" % survey.upper())
+            ax.legend()
+            save(fig, "_%s_%s.png" % (survey, suffix))
+        fig, ax = plt.subplots(figsize=(6, 6))
+        sc = ax.scatter(good["dra"], good["ddec"], c=np.log10(good["askap_int_flux"].clip(lower=1e-6)), s=10)
+        fig.colorbar(sc, label="log10 ASKAP flux (Jy)")
+        if len(good):
+            ax.axvline(np.median(good["dra"]), ls="--", color="C1")
+            ax.axhline(np.median(good["ddec"]), ls="--", color="C1")
+        from matplotlib.patches import Ellipse
+        ax.add_patch(Ellipse((0, 0), image.beam[1] * 3600, image.beam[0] * 3600, angle=-image.beam[2],
+                             fill=False, color="k", label="ASKAP beam"))
+        half = 0.6 * image.beam[0] * 3600
+        ax.set_xlim(min(-half, *good["dra"]) if len(good) else -half, max(half, *good["dra"]) if len(good) else half)
+        ax.set_ylim(min(-half, *good["ddec"]) if len(good) else -half, max(half, *good["ddec"]) if len(good) else half)
+        ax.set_xlabel("RA offset (arcsec)")
+        ax.set_ylabel("Dec offset (arcsec)")
+        ax.set_aspect("equal")
+        save(fig, "_position_offset_from_%s.png" % survey)
+        fig = plt.figure(figsize=(8, 7))
+        ax = fig.add_subplot(projection=image.wcs)
+        ax.imshow(np.where(image.blank_mask(), np.nan, 0.0), origin="lower", cmap="Greys", vmin=-1, vmax=1)
+        x, y = image.world_to_pixel(good["askap_ra"].to_numpy(), good["askap_dec"].to_numpy())
+        sc = ax.scatter(x, y, c=good["flux_ratio"], cmap="Reds", s=25, edgecolors="k", linewidths=0.3)
+        fig.colorbar(sc, label="scaled ASKAP / %s flux" % survey.upper())
+        save(fig, "_%s_flux_ratio_image_view.png" % survey)
+        fig, ax = plt.subplots(figsize=(7, 5))
+        ax.hist(xm["d2d"].clip(upper=120), bins=60)
+        ax.set_xlabel("separation to nearest ASKAP source (arcsec, clipped at 120)")
+        ax.set_ylabel("number")
+        save(fig, "_%s_separation_distribution.png" % survey)
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.scatter(askap["ra"], askap["dec"], s=8, label="ASKAP", alpha=0.6)
+    for survey, cat in catalogues.items():
+        ax.scatter(cat["ra"], cat["dec"], s=20, facecolors="none", edgecolors="C%d" % (2 + len(ax.collections)),
+                   label=survey.upper())
+    ax.invert_xaxis()
+    ax.set_xlabel("RA (deg)")
+    ax.set_ylabel("Dec (deg)")
+    ax.legend()
+    save(fig, "_sky_distribution.png")
+    fig, ax = plt.subplots(figsize=(7, 5))
+    labels, counts = ["ASKAP"], [len(askap)]
+    for survey, cat in catalogues.items():
+        labels += ["%s total" % survey.upper(), "%s matched" % survey.upper()]
+        counts += [len(cat), int(xm_by_survey[survey]["good"].sum()) if survey in xm_by_survey else 0]
+    ax.bar(labels, counts)
+    ax.set_ylabel("number of sources")
+    save(fig, "_source_counts.png")
+    return written
+
+
+def make_overlay(image, tables, path, zscale_contrast=0.2):
+    """PNG of the image with source ellipses (``tables``: list of (frame, colour, label))."""
+    plt = _figure()
+    from astropy.visualization import ImageNormalize, ZScaleInterval
+    from matplotlib.patches import Ellipse
+    fig = plt.figure(figsize=(9, 9))
+    ax = fig.add_subplot(projection=image.wcs)
+    norm = ImageNormalize(image.data, interval=ZScaleInterval(contrast=zscale_contrast))
+    ax.imshow(image.data, origin="lower", cmap="gray_r", norm=norm)
+    scale = image.pixel_scale * 3600.0
+    for frame, colour, label in tables:
+        if not len(frame):
+            continue
+        x, y = image.world_to_pixel(frame["ra"].to_numpy(), frame["dec"].to_numpy())
+        major = frame["major"].to_numpy() / scale
+        minor = frame["minor"].to_numpy() / scale
+        for xi, yi, ma, mi, pa, ext in zip(x, y, major, minor, frame["pa"].to_numpy(),
+                                           frame["extended"].to_numpy()):
+            ax.add_patch(Ellipse((xi, yi), mi, ma, angle=pa, fill=False, color=colour,
+                                 ls="--" if ext else "-", lw=0.8))
+        ax.plot([], [], color=colour, label=label)
+    ax.legend(loc="upper right")
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)
+
+
+def _mosaic_index(directory):
+    """(paths, centre ra, centre dec, radius deg) of the FITS mosaics in a directory."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    paths, ra, dec, radius = [], [], [], []
+    for path in sorted(Path(directory).glob("*.fits")) + sorted(Path(directory).glob("*.FITS")):
+        header = fits.getheader(path)
+        wcs = WCS(header).celestial
+        nx, ny = header["NAXIS1"], header["NAXIS2"]
+        centre = wcs.all_pix2world([[(nx - 1) / 2, (ny - 1) / 2]], 0)[0]
+        scale = abs(float(header.get("CDELT2", wcs.pixel_scale_matrix[1, 1])))
+        paths.append(path)
+        ra.append(centre[0])
+        dec.append(centre[1])
+        radius.append(0.5 * min(nx, ny) * scale)
+    return paths, np.array(ra), np.array(dec), np.array(radius)
+
+
+def _stamp_job(job):
+    """Draw one postage stamp (runs in a worker process)."""
+    plt = _figure()
+    import astropy.units as u
+    from astropy.coordinates import SkyCoord
+    from astropy.io import fits
+    from astropy.nddata import Cutout2D
+    from astropy.visualization import ImageNormalize, ZScaleInterval
+    from astropy.wcs import WCS
+    from matplotlib.patches import Circle, Ellipse
+    position = SkyCoord(job["ra"], job["dec"], unit="deg")
+    size = job["size_arcmin"] * u.arcmin
+    panels = [("ASKAP", job["askap_image"])] + ([(job["survey"].upper(), job["mosaic"])] if job["mosaic"] else [])
+    fig = plt.figure(figsize=(6 * len(panels) + 2, 8))
+    for k, (title, path) in enumerate(panels):
+        with fits.open(path) as hdul:
+            data = np.squeeze(hdul[0].data)
+            wcs = WCS(hdul[0].header).celestial
+        try:
+            cut = Cutout2D(data, position, size, wcs=wcs, mode="partial")
+        except Exception:  # noqa: BLE001 - position off this mosaic: leave the panel empty
+            continue
+        ax = fig.add_subplot(1, len(panels), k + 1, projection=cut.wcs)
+        finite = cut.data[np.isfinite(cut.data)]
+        norm = ImageNormalize(finite if finite.size else [0, 1],
+                              interval=ZScaleInterval(contrast=job["contrast"]))
+        ax.imshow(cut.data, origin="lower", cmap="gray_r", norm=norm)
+        x, y = cut.wcs.world_to_pixel(position)
+        scale = abs(cut.wcs.proj_plane_pixel_scales()[0].to_value("deg"))
+        ax.add_patch(Circle((x, y), (1.0 / 60.0) / scale, fill=False, color="orange", ls=":",
+                            label="1' around target"))
+        for key, colour, label in (("askap", "blue", "ASKAP"), ("catalog", "red", job["survey"].upper())):
+            ra, dec, bmaj, bmin, bpa = job[key]
+            if not (np.isfinite(ra) and np.isfinite(dec)):
+                continue
+            ex, ey = cut.wcs.world_to_pixel(SkyCoord(ra, dec, unit="deg"))
+            ax.add_patch(Ellipse((ex, ey), bmin / 3600 / scale, bmaj / 3600 / scale, angle=bpa,
+                                 fill=False, color=colour, label=label))
+        ax.legend(loc="upper right", fontsize=8)
+        ax.set_title("%s %s" % (title, job["name"]))
+    fig.text(0.01, 0.01, job["text"], fontsize=10, family="monospace")
+    fig.savefig(job["out"], dpi=80, format="jpg" if str(job["out"]).endswith(".jpg") else None)
+    plt.close(fig)
+    return job["out"]
+
+
+def make_postage_stamps(master, askap_image, mosaic_dirs, outdir, size_arcmin=13.0, contrast=0.2,
+                        ncores=1, askap_beam=(0.0, 0.0, 0.0)):
+    """One JPEG per master row: ASKAP cutout next to the survey mosaic cutout.
+
+    Parameters
+    ----------
+    master : DataFrame
+        Rows with master_name, ra, dec, survey, ratio, askap_iflux, catalog_iflux.
+    mosaic_dirs : dict
+        ``{survey: directory of mosaic FITS}``; the mosaic whose centre is nearest and
+        covers the position is used (no mosaic -> ASKAP panel only).
+    ncores : int
+        Worker processes (``concurrent.futures.ProcessPoolExecutor``).
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    indices = {s: _mosaic_index(d) for s, d in mosaic_dirs.items() if d is not None}
+    mosaic = np.full(len(master), "", dtype=object)
+    for survey, (paths, mra, mdec, mrad) in indices.items():
+        rows = np.flatnonzero(master["survey"].to_numpy() == survey)
+        if not len(paths) or not len(rows):
+            continue
+        idx, sep = crossmatch_nearest(master["ra"].to_numpy()[rows], master["dec"].to_numpy()[rows], mra, mdec)
+        ok = sep / 3600.0 <= mrad[idx]
+        mosaic[rows[ok]] = np.array([str(paths[i]) for i in idx[ok]], dtype=object)
+    text = ["%s  d2d %.1f\"  ratio %.2f +- %.2f\nASKAP %.2f mJy (local rms %.2f)  %s %.2f mJy"
+            % (t, d, r, re, a * 1e3, lr * 1e3, s.upper(), c * 1e3) for t, d, r, re, a, lr, s, c in zip(
+                master["transient_type"], master["d2d"].fillna(-1), master["ratio"], master["ratio_e"],
+                master["askap_iflux"], master["askap_local_rms"], master["survey"], master["catalog_iflux"])]
+    beam = [askap_beam[0] * 3600, askap_beam[1] * 3600, askap_beam[2]]
+    jobs = [{"ra": r, "dec": d, "name": n, "survey": s, "mosaic": m, "askap_image": str(askap_image),
+             "size_arcmin": size_arcmin, "contrast": contrast, "text": t,
+             "askap": (float(ar), float(ad), *beam),
+             "catalog": (float(cr), float(cd), *survey_beam(s, d)),
+             "out": str(outdir / ("source_%s_postagestamps.jpg" % n.replace(" ", "_")))}
+            for r, d, n, s, m, t, ar, ad, cr, cd in zip(
+                master["ra"], master["dec"], master["master_name"], master["survey"], mosaic, text,
+                master["askap_ra"].astype(float), master["askap_dec"].astype(float),
+                master["catalog_ra"].astype(float), master["catalog_dec"].astype(float))]
+    if ncores > 1 and len(jobs) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(ncores, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return [Path(p) for p in pool.map(_stamp_job, jobs)]
+    return [Path(_stamp_job(job)) for job in jobs]
+
+
+# ===========================================================================
+# Database (SQLAlchemy Core; SQLite file or PostgreSQL with Q3C)
+# ===========================================================================
+_IMAGE_COLUMNS = {"unique_tag": "str", "name": "str", "description": "str", "ra": "float",
+                  "dec": "float", "runtime": "str", "url": "str", "url_2": "str", "runby": "str",
+                  "number_askap_sources": "int", "number_sumss_sources": "int",
+                  "number_nvss_sources": "int", "rms": "float", "frequency": "float",
+                  "transients_master_total": "int", "number_candidates": "int",
+                  "matched_to": "str", "claimed_by": "str", "number_candidates_checked": "int",
+                  "output_dir": "str", "settings": "str"}
+_SOURCE_COLUMNS = {"name": "str", "ra": "float", "dec": "float", "int_flux": "float",
+                   "err_int_flux": "float", "peak_flux": "float", "err_peak_flux": "float",
+                   "local_rms": "float", "a": "float", "b": "float", "pa": "float",
+                   "island": "int", "flags": "int", "extended": "bool"}
+_CROSSMATCH_COLUMNS = {"master_name": "str", "askap_name": "str", "catalog_name": "str",
+                       "ra": "float", "dec": "float", "gal_l": "float", "gal_b": "float",
+                       "survey": "str", "transient_type": "str", "d2d": "float",
+                       "askap_iflux": "float", "askap_iflux_err": "float",
+                       "askap_scaled_flux": "float", "askap_scaled_flux_err": "float",
+                       "askap_local_rms": "float", "catalog_iflux": "float",
+                       "catalog_iflux_err": "float", "catalog_rms": "float", "catalog_mosaic": "str",
+                       "ratio": "float", "ratio_e": "float", "ratio_askap_flux": "float",
+                       "vs": "float", "m": "float", "m_abs": "float", "predicted_snr": "float",
+                       "aegean_rms_used": "bool", "d2d_nn_askap_cat": "float",
+                       "distance_from_centre": "float", "pipelinetag": "str",
+                       "transient_class": "str", "candidate": "bool", "flagged": "bool",
+                       "usertag": "str", "userreason": "str", "checkedby": "str", "ploturl": "str",
+                       "inflated_convolved_flux": "bool", "nearest_sources": "str"}
+
+
+class RacsDatabase:
+    """Results database: images, sources, crossmatches and transient candidates.
+
+    Parameters
+    ----------
+    url : str or sqlalchemy.engine.URL
+        e.g. ``sqlite:////path/racs.sqlite`` or ``postgresql+psycopg://user@host:5432/racs``.
+
+    Notes
+    -----
+    Every query is built with SQLAlchemy expressions or bound parameters (never string
+    formatting).  On PostgreSQL with the ``q3c`` extension, :meth:`cone_search` uses
+    ``q3c_radial_query`` and the crossmatch table gets a ``q3c_ang2ipix`` index; elsewhere
+    a declination band in SQL is refined with exact great-circle distances.
+    Injecting a run whose (image name, db_tag) exists already replaces that run's rows.
+    """
+
+    def __init__(self, url):
+        import sqlalchemy as sa
+        self.sa = sa
+        self.engine = sa.create_engine(url, future=True)
+        self.meta = sa.MetaData()
+        t = {"str": sa.Text, "float": sa.Float, "int": sa.Integer, "bool": sa.Boolean}
+
+        def cols(spec):
+            return [sa.Column(name, t[kind]) for name, kind in spec.items()]
+        self.images = sa.Table("racs_images", self.meta, sa.Column("id", sa.Integer, primary_key=True),
+                               *cols(_IMAGE_COLUMNS), sa.UniqueConstraint("name", "description"))
+        fk = lambda: sa.Column("image_id", sa.Integer, sa.ForeignKey("racs_images.id", ondelete="CASCADE"),  # noqa: E731
+                               index=True, nullable=False)
+        self.sources = sa.Table("racs_sources", self.meta, sa.Column("id", sa.Integer, primary_key=True),
+                                fk(), *cols(_SOURCE_COLUMNS))
+        self.crossmatches = sa.Table("racs_crossmatches", self.meta,
+                                     sa.Column("id", sa.Integer, primary_key=True), fk(),
+                                     *cols(_CROSSMATCH_COLUMNS))
+        self.transients = sa.Table("racs_transients", self.meta, sa.Column("id", sa.Integer, primary_key=True),
+                                   fk(), sa.Column("crossmatch_id", sa.Integer,
+                                                   sa.ForeignKey("racs_crossmatches.id", ondelete="CASCADE")),
+                                   sa.Column("master_name", sa.Text), sa.Column("transient_class", sa.Text),
+                                   sa.Column("ra", sa.Float), sa.Column("dec", sa.Float),
+                                   sa.Column("ratio", sa.Float))
+        self.meta.create_all(self.engine)
+        self._add_missing_columns()
+        self.has_q3c = False
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.begin() as conn:
+                self.has_q3c = conn.execute(sa.text(
+                    "SELECT count(*) FROM pg_extension WHERE extname = :name"), {"name": "q3c"}).scalar() > 0
+                if self.has_q3c:
+                    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS racs_crossmatches_q3c "
+                                         "ON racs_crossmatches (q3c_ang2ipix(ra, dec))"))
+
+    def _add_missing_columns(self):
+        """Schema upgrade: columns added in a later version are appended (never dropped)."""
+        sa = self.sa
+        inspector = sa.inspect(self.engine)
+        with self.engine.begin() as conn:
+            for table in self.meta.sorted_tables:
+                present = {c["name"] for c in inspector.get_columns(table.name)}
+                for column in table.columns:
+                    if column.name not in present:
+                        kind = column.type.compile(dialect=self.engine.dialect)
+                        preparer = self.engine.dialect.identifier_preparer
+                        conn.execute(sa.text("ALTER TABLE %s ADD COLUMN %s %s" % (
+                            preparer.quote(table.name), preparer.quote(column.name), kind)))
+                        log.info("database: added column %s.%s", table.name, column.name)
+
+    def __repr__(self):
+        return "RacsDatabase(%s, q3c=%s)" % (self.engine.url.render_as_string(hide_password=True), self.has_q3c)
+
+    @staticmethod
+    def _records(frame, spec):
+        import pandas as pd
+        out = pd.DataFrame(index=frame.index)
+        for name, kind in spec.items():
+            if name in frame.columns:
+                col = frame[name]
+            else:
+                col = pd.Series([None] * len(frame), index=frame.index)
+            if kind == "float":
+                col = pd.to_numeric(col, errors="coerce").astype(float)
+            out[name] = col
+        records = out.astype(object).where(pd.notna(out), None).to_dict("records")
+        for rec in records:
+            for name, kind in spec.items():
+                value = rec[name]
+                if value is None:
+                    continue
+                if kind == "float":
+                    rec[name] = float(value) if np.isfinite(value) else None
+                elif kind == "int":
+                    rec[name] = int(value)
+                elif kind == "bool":
+                    rec[name] = bool(value)
+                else:
+                    rec[name] = str(value)
+        return records
+
+    def inject(self, image_row, sources, master):
+        """Store one processed image in one transaction; returns the image id."""
+        sa = self.sa
+        with self.engine.begin() as conn:
+            old = conn.execute(sa.select(self.images.c.id).where(
+                (self.images.c.name == image_row["name"]) &
+                (self.images.c.description == image_row["description"]))).scalars().all()
+            for image_id in old:    # explicit deletes: SQLite does not cascade by default
+                for table in (self.transients, self.crossmatches, self.sources):
+                    conn.execute(sa.delete(table).where(table.c.image_id == image_id))
+                conn.execute(sa.delete(self.images).where(self.images.c.id == image_id))
+            image_id = conn.execute(sa.insert(self.images).returning(self.images.c.id),
+                                    self._records(_one_row(image_row), _IMAGE_COLUMNS)[0]).scalar_one()
+            for table, frame, spec in ((self.sources, sources, _SOURCE_COLUMNS),
+                                       (self.crossmatches, master, _CROSSMATCH_COLUMNS)):
+                records = self._records(frame, spec)
+                for rec in records:
+                    rec["image_id"] = image_id
+                if records:
+                    conn.execute(sa.insert(table), records)
+            if master is not None and len(master):
+                cand = conn.execute(sa.select(self.crossmatches.c.id, self.crossmatches.c.master_name,
+                                              self.crossmatches.c.transient_class, self.crossmatches.c.ra,
+                                              self.crossmatches.c.dec, self.crossmatches.c.ratio).where(
+                    (self.crossmatches.c.image_id == image_id) & self.crossmatches.c.candidate)).all()
+                if cand:
+                    conn.execute(sa.insert(self.transients), [
+                        {"image_id": image_id, "crossmatch_id": r[0], "master_name": r[1],
+                         "transient_class": r[2], "ra": r[3], "dec": r[4], "ratio": r[5]} for r in cand])
+        return image_id
+
+    def count(self, table):
+        """Number of rows of ``table`` ('images', 'sources', 'crossmatches', 'transients')."""
+        sa = self.sa
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(getattr(self, table))).scalar()
+
+    def table(self, table, image_name=None):
+        """A table as a DataFrame (ordered by id), optionally one image's rows."""
+        import pandas as pd
+        sa = self.sa
+        t = getattr(self, table)
+        query = sa.select(t).order_by(t.c.id)
+        if image_name is not None and table != "images":
+            query = query.join(self.images, self.images.c.id == t.c.image_id).where(
+                self.images.c.name == image_name)
+        with self.engine.connect() as conn:
+            return pd.DataFrame(conn.execute(query).mappings().all())
+
+    def cone_search(self, ra, dec, radius_arcsec, table="crossmatches"):
+        """Rows within ``radius_arcsec`` of (ra, dec) deg, nearest first (Q3C when available)."""
+        import pandas as pd
+        sa = self.sa
+        t = getattr(self, table)
+        radius = radius_arcsec / 3600.0
+        if self.has_q3c:
+            query = sa.select(t).where(sa.func.q3c_radial_query(t.c.ra, t.c.dec, ra, dec, radius))
+        else:
+            query = sa.select(t).where(t.c.dec.between(dec - radius, dec + radius))
+        with self.engine.connect() as conn:
+            rows = pd.DataFrame(conn.execute(query).mappings().all())
+        if rows.empty:
+            return rows
+        sep = _separation_deg(rows["ra"], rows["dec"], ra, dec) * 3600.0
+        rows["separation"] = sep
+        return rows[sep <= radius_arcsec * (1 + 1e-9)].sort_values(["separation", "id"]).reset_index(drop=True)
+
+
+def _one_row(mapping):
+    import pandas as pd
+    return pd.DataFrame([mapping])
+
+
+def database_url(opts, outdir):
+    """SQLAlchemy URL from the [DATABASE] options (password never logged)."""
+    import sqlalchemy as sa
+    if opts["db_url"]:
+        return opts["db_url"]
+    if opts["db_engine"] == "sqlite":
+        return "sqlite:///%s" % (Path(outdir) / ("%s.sqlite" % opts["db_database"])).resolve()
+    return sa.engine.URL.create("postgresql+psycopg", username=opts["db_username"] or None,
+                                password=opts["db_password"] or os.environ.get("PGPASSWORD") or None,
+                                host=opts["db_host"], port=opts["db_port"], database=opts["db_database"])
+
+
+# ===========================================================================
+# Stages
+# ===========================================================================
+class Products:
+    """Named output files of one image: ``<outdir>/<stem><suffix>``; existence = done."""
+
+    def __init__(self, outdir, stem, overwrite=False):
+        self.outdir, self.stem, self.overwrite = Path(outdir), stem, overwrite
+        self.outdir.mkdir(parents=True, exist_ok=True)
+
+    def path(self, suffix):
+        return self.outdir / (self.stem + suffix)
+
+    def done(self, *paths):
+        """True (and logged) when every product exists and overwrite is off."""
+        if self.overwrite or not all(Path(p).exists() for p in paths):
+            return False
+        log.info("skipping: %s exist(s) (use clobber/--overwrite to redo)",
+                 ", ".join(Path(p).name for p in paths))
+        return True
+
+
+def _expand(path, stem):
+    return None if path is None else Path(str(path).replace("{stem}", stem))
+
+
+def _image_stem(path):
+    name = Path(path).name
+    return name[:-5] if name.lower().endswith(".fits") else Path(path).stem
+
+
+def output_directory(image_path, opts):
+    """``<image>_results[_<tag>]`` beside the image, or under ``output_dir``."""
+    stem = _image_stem(image_path)
+    name = stem + "_results" + ("_" + opts["output_tag"] if opts["output_tag"] else "")
+    parent = Path(opts["output_dir"]) if opts["output_dir"] else Path(image_path).resolve().parent
+    return parent / name
+
+
+def stage_prepare_image(image_path, opts, products):
+    """Weight crop and convolution; returns (analysis image path, non-convolved path or None)."""
+    stem = products.stem
+    working = Path(image_path)
+    if opts["weight_crop"]:
+        out = products.path(".weightcrop_%s.fits" % opts["weight_crop_value"])
+        if not products.done(out):
+            weight_crop(working, _expand(opts["weight_crop_image"], stem), opts["weight_crop_value"], out)
+            log.info("weight-cropped image: %s", out.name)
+        working = out
+    if not opts["convolve"]:
+        return working, None
+    given = _expand(opts["convolved_image"], stem)
+    if given is not None:
+        if not given.is_file():
+            raise InputError("convolved_image %s does not exist" % given)
+        return given, working
+    info = load_image(working, opts["frequency"], opts["boundary_value"])
+    survey = determine_catalogues(info.dec, opts["sumss_only"], opts["nvss_only"])[0]
+    out = products.path(".convolve2%s.fits" % survey)
+    if not products.done(out):
+        convolve_to_beam(working, survey_beam(survey, info.dec), out, opts["convolve_method"])
+        log.info("convolved to the %s beam: %s", survey.upper(), out.name)
+    return out, working
+
+
+def stage_rms_maps(image, opts, products):
+    """Background and rms maps ``<stem>_bkg.fits`` / ``<stem>_rms.fits``."""
+    from astropy.io import fits
+    bkg_path, rms_path = products.path("_bkg.fits"), products.path("_rms.fits")
+    if not products.done(bkg_path, rms_path):
+        bkg, rms = rms_map(image.data, box=opts["rms_box"])
+        write_fits_2d(bkg_path, bkg, image.header)
+        write_fits_2d(rms_path, rms, image.header)
+    rms = np.squeeze(fits.getdata(rms_path)).astype(np.float32)
+    return bkg_path, rms_path, rms
+
+
+def stage_source_finding(image, opts, products, bkg_path, rms_path, askap_csv=None, fmt="aegean"):
+    """ASKAP components: a supplied catalogue, or Aegean/PyBDSF -> ``<stem>_comp.csv``."""
+    if askap_csv is not None:
+        log.info("ASKAP catalogue supplied: %s (%s format)", askap_csv, fmt)
+        return read_askap_csv(askap_csv, fmt), 99.0, 99.0
+    out = products.path("_comp.csv")
+    finder = opts["sourcefinder"]
+    settings_file = opts["%s_settings_config" % finder]
+    if settings_file is not None:
+        import shutil
+        shutil.copyfile(settings_file, products.outdir / ("%s_settings_used.cfg" % finder))
+    if finder == "aegean":
+        settings, _ = read_aegean_settings(settings_file)
+        det, fill = float(settings["seedclip"]), float(settings["floodclip"])
+    else:
+        det, fill = 5.0, 3.0
+    if products.done(out):
+        return read_askap_csv(out, "aegean"), det, fill
+    start = time.perf_counter()
+    if finder == "aegean":
+        table = find_sources_aegean(image.path, rms_path, bkg_path, settings_file)
+    elif finder == "pybdsf":
+        table = find_sources_pybdsf(image.path, image.frequency, settings_file)
+    else:
+        raise InputError("sourcefinder = selavy needs an existing Selavy catalogue: set "
+                         "askap_csv = FILE and askap_csv_format = selavy")
+    log.info("%s found %d components in %.1f s", finder, len(table), time.perf_counter() - start)
+    write_table(table, out, formats=("csv",))
+    return table, det, fill
+
+
+def stage_catalogues(image, opts, products):
+    """Trimmed SUMSS/NVSS catalogues ``<stem>_<survey>_comp.csv`` (first = base survey)."""
+    import pandas as pd
+    surveys = determine_catalogues(image.dec, opts["sumss_only"], opts["nvss_only"])
+    if not surveys:
+        raise InputError("no survey covers dec %.2f with sumss_only=%s nvss_only=%s (SUMSS covers "
+                         "dec < -30, NVSS dec > -40)" % (image.dec, opts["sumss_only"], opts["nvss_only"]))
+    catalogues = {}
+    for survey in surveys:
+        out = products.path("_%s_comp.csv" % survey)
+        if products.done(out):
+            catalogues[survey] = pd.read_csv(out, keep_default_na=False, na_values=["", "nan", "NaN"])
+            catalogues[survey]["mosaic"] = catalogues[survey]["mosaic"].astype(str)
+            continue
+        full = fetch_survey_catalogue(survey, image.ra, image.dec, image.radius * 1.05,
+                                      local=_expand(opts["%s_csv" % survey], products.stem),
+                                      cache_dir=opts["catalogue_cache_dir"], timeout=opts["vizier_timeout"])
+        trimmed = trim_to_footprint(full, image)
+        if trimmed.empty:
+            raise InputError("no %s source lies on %s (checked %d catalogue rows); is the right "
+                             "catalogue given?" % (survey.upper(), image.path.name, len(full)))
+        write_table(trimmed, out, formats=("csv",))
+        catalogues[survey] = trimmed
+        log.info("%s: %d of %d sources on the image", survey.upper(), len(trimmed), len(full))
+    return catalogues
+
+
+def stage_outputs(askap, catalogues, xms, image, opts, products):
+    """Diagnostic plots, overlays, kvis/DS9 annotations."""
+    written = make_diagnostic_plots(xms, askap, catalogues, image, products.path(""))
+    if opts["produce_overlays"]:
+        frames = [(askap.assign(major=askap["a"], minor=askap["b"]), "blue", "ASKAP")]
+        for survey, cat in catalogues.items():
+            frames.append((cat.assign(major=cat["maj"].fillna(cat["beam_maj"]),
+                                      minor=cat["min"].fillna(cat["beam_min"])),
+                           "red" if survey == "sumss" else "green", survey.upper()))
+        for frame in frames:
+            out = products.path("_%s_source_overlay.png" % frame[2].lower())
+            written.append(make_overlay(image, [frame], out))
+    if opts["write_ann"]:
+        written.append(write_ann(products.path("_askap.ann"), askap["ra"], askap["dec"], askap["a"],
+                                 askap["b"], askap["pa"], "BLUE"))
+        written.append(write_ds9_region(products.path("_askap.reg"), askap["ra"], askap["dec"], askap["a"],
+                                        askap["b"], askap["pa"], "blue", askap["name"]))
+        for survey, cat in catalogues.items():
+            major, minor = cat["maj"].fillna(cat["beam_maj"]), cat["min"].fillna(cat["beam_min"])
+            written.append(write_ann(products.path("_%s.ann" % survey), cat["ra"], cat["dec"], major,
+                                     minor, cat["pa"], "RED"))
+            written.append(write_ds9_region(products.path("_%s.reg" % survey), cat["ra"], cat["dec"],
+                                            major, minor, cat["pa"], "red", cat["name"]))
+    return written
+
+
+_TRANSIENT_FILES = {"transients_master.csv": None,
+                    "transients_sources_no_askap_match.csv": "noaskapmatch",
+                    "transients_askap_sources_no_match_should_be_seen.csv": "nocatalogmatch",
+                    "transients_good_matches.csv": "match"}
+
+
+def stage_transients(askap, catalogues, image, opts, products, bkg_path, rms_path, non_conv=None):
+    """Transient search -> ``transients/`` (master, per type, candidates; CSV+FITS+VOTable)."""
+    import pandas as pd
+    tdir = products.outdir / "transients"
+    master_csv = tdir / "transients_master.csv"
+    if products.done(master_csv):
+        return pd.read_csv(master_csv, keep_default_na=False, na_values=["", "nan", "NaN"])
+
+    def forced(ra, dec):
+        return forced_photometry(image.path, ra, dec, image.beam, rms_path, bkg_path)
+    master = transient_search(askap, catalogues, image, opts,
+                              forced=forced if opts["forced_photometry"] else None, non_conv=non_conv)
+    for name, kind in _TRANSIENT_FILES.items():
+        if kind is not None:
+            write_table(master[master["transient_type"] == kind], tdir / name)
+    write_table(master[master["candidate"]], tdir / "transients_candidates.csv")
+    write_table(master, master_csv)   # last: its existence marks the stage done
+    return master
+
+
+def _database_stage(opts, outdir, image_row, askap, master):
+    db = RacsDatabase(database_url(opts, outdir))
+    image_id = db.inject(image_row, askap, master)
+    log.info("database %r: image id %d (tag %r)", db, image_id, opts["db_tag"])
+    return image_id
+
+
+def process_image(image_path, config, overwrite=False, askap_csv=None):
+    """Run every stage on one image; returns the run summary (also ``<stem>_summary.json``).
+
+    Parameters
+    ----------
+    image_path : path
+        ASKAP FITS image (beam in the header).
+    config : Config
+        From :func:`load_config` with ``CONFIG_SCHEMA``.
+    overwrite : bool
+        Redo stages whose products exist (also set by ``clobber``).
+    """
+    start = time.perf_counter()
+    opts = flat_options(config)
+    image_path = Path(image_path)
+    stem = _image_stem(image_path)
+    overwrite = overwrite or opts["clobber"]
+    outdir = output_directory(image_path, opts)
+    products = Products(outdir, stem, overwrite)
+    handler = logging.FileHandler(outdir / ("racs_pipeline_%s.log" % time.strftime("%Y%m%d-%H%M%S")))
+    handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
+    handler.setLevel(logging.DEBUG)
+    log.addHandler(handler)
+    try:
+        return _process_image(image_path, config, opts, stem, outdir, products, askap_csv, start)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _process_image(image_path, config, opts, stem, outdir, products, askap_csv, start):
+    import getpass
+    import shutil
+    import uuid
+    log.info("processing %s -> %s (racs_pipeline %s)", image_path.name, outdir, __version__)
+    analysis_path, non_conv_path = stage_prepare_image(image_path, opts, products)
+    image = load_image(analysis_path, opts["frequency"], opts["boundary_value"])
+    log.info("%r, rms %.3g mJy/beam", image, image.rms * 1e3)
+    bkg_path, rms_path, rms = stage_rms_maps(image, opts, products)
+    askap_csv = askap_csv if askap_csv is not None else _expand(opts["askap_csv"], stem)
+    table, det_sigma, fill_sigma = stage_source_finding(image, opts, products, bkg_path, rms_path,
+                                                        askap_csv, opts["askap_csv_format"])
+    askap = prepare_askap_catalogue(table, image, opts)
+    islands_csv = _expand(opts["askap_islands_csv"], stem)
+    if islands_csv is not None:
+        askap["island_size"] = island_sizes(askap, islands_csv)
+    if non_conv_path is not None:
+        askap, non_conv = _link_non_convolved(askap, non_conv_path, opts, products)
+    else:
+        non_conv = None
+    write_table(askap, products.path("_askap_catalogue.csv"))
+    catalogues = {s: prepare_survey_catalogue(c, s, image, opts, rms)
+                  for s, c in stage_catalogues(image, opts, products).items()}
+    xms = {}
+    for survey, cat in catalogues.items():
+        xms[survey] = diagnostic_crossmatch(askap, cat, survey, image, opts)
+        write_table(xms[survey], products.path("_%s_askap_crossmatch_diagnostic.csv" % survey))
+    plots = stage_outputs(askap, catalogues, xms, image, opts, products)
+    master = None
+    if opts["transients"]:
+        master = stage_transients(askap, catalogues, image, opts, products, bkg_path, rms_path, non_conv)
+        if opts["postage_stamps"]:
+            selection = master if opts["postage_stamp_selection"] == "all" else master[master["candidate"]]
+            make_postage_stamps(selection, image.path, {"sumss": opts["sumss_mosaic_dir"],
+                                                        "nvss": opts["nvss_mosaic_dir"]},
+                                outdir / "postage-stamps", opts["postage_stamp_radius"],
+                                opts["postage_stamp_zscale_contrast"],
+                                opts["postage_stamp_ncores"] or max(1, (os.cpu_count() or 2) // 2),
+                                image.beam)
+            master = master.copy()
+            stamped = master["master_name"].isin(selection["master_name"])
+            master["ploturl"] = np.where(stamped, "postage-stamps/source_" + master["master_name"].astype(str)
+                                         + "_postagestamps.jpg", "N/A")
+    elif opts["postage_stamps"]:
+        log.warning("postage_stamps needs transients = true (the stamps show the transient table)")
+    summary = {
+        "image": str(image_path), "analysis_image": str(image.path), "output_dir": str(outdir),
+        "version": __version__, "frequency_hz": image.frequency, "ra": image.ra, "dec": image.dec,
+        "beam_arcsec": [image.beam[0] * 3600, image.beam[1] * 3600, image.beam[2]],
+        "rms_jy": image.rms, "surveys": list(catalogues), "matched_to": matched_to_label(list(catalogues)),
+        "aegean_det_sigma": det_sigma, "aegean_fill_sigma": fill_sigma,
+        "n_askap": len(askap), **{"n_%s" % s: len(c) for s, c in catalogues.items()},
+        "n_good_matches": {s: int(x["good"].sum()) for s, x in xms.items()},
+        "median_flux_ratio": {s: float(np.nanmedian(x.loc[x["good"], "flux_ratio"])) if x["good"].any()
+                              else None for s, x in xms.items()},
+        "plots": [str(p.name) for p in plots],
+    }
+    if master is not None:
+        summary["n_master"] = len(master)
+        summary["transient_types"] = master["transient_type"].value_counts().to_dict()
+        summary["n_candidates"] = int(master["candidate"].sum())
+        summary["candidates"] = master.loc[master["candidate"], "transient_class"].value_counts().to_dict()
+    if opts["db_inject"]:
+        image_row = {"unique_tag": str(uuid.uuid4()), "name": image_path.name, "description": opts["db_tag"],
+                     "ra": image.ra, "dec": image.dec, "runtime": time.strftime("%Y-%m-%d %H:%M:%S"),
+                     "url": str(image_path), "url_2": str(non_conv_path) if non_conv_path else "N/A",
+                     "runby": getpass.getuser(), "number_askap_sources": len(askap),
+                     "number_sumss_sources": len(catalogues.get("sumss", ())),
+                     "number_nvss_sources": len(catalogues.get("nvss", ())), "rms": image.rms,
+                     "frequency": image.frequency,
+                     "transients_master_total": 0 if master is None else len(master),
+                     "number_candidates": summary.get("n_candidates", 0),
+                     "matched_to": summary["matched_to"], "claimed_by": "Unclaimed",
+                     "number_candidates_checked": 0, "output_dir": str(outdir),
+                     "settings": json.dumps(config.as_dict(), default=str)}
+        if master is not None:
+            master = master.assign(usertag="N/A", userreason="N/A", checkedby="N/A")
+        summary["db_image_id"] = _database_stage(opts, outdir, image_row, askap, master)
+    if opts["website_media_dir"]:
+        media = Path(opts["website_media_dir"]) / str(summary.get("db_image_id", stem))
+        media.mkdir(parents=True, exist_ok=True)
+        for png in outdir.glob("*.png"):
+            shutil.copy2(png, media)
+        if (outdir / "postage-stamps").is_dir():
+            shutil.copytree(outdir / "postage-stamps", media / "stamps", dirs_exist_ok=True)
+    summary["runtime_s"] = round(time.perf_counter() - start, 2)
+    with atomic_output(products.path("_summary.json"), overwrite=True) as stream:
+        json.dump(summary, stream, indent=2, default=str)
+    with atomic_output(outdir / "config_used.in", overwrite=True) as stream:
+        stream.write("# racs_pipeline %s: %s\n" % (__version__, " ".join(sys.argv)))
+        stream.write(_config_as_ini(config))
+    log.info("%s done in %.1f s: %s", image_path.name, summary["runtime_s"],
+             {k: summary[k] for k in ("n_askap", "n_candidates") if k in summary})
+    return summary
+
+
+def _link_non_convolved(askap, non_conv_path, opts, products):
+    """Convolved mode: nearest non-convolved component of every convolved one (non_conv_*)."""
+    info = load_image(non_conv_path, opts["frequency"], opts["boundary_value"])
+    sub = Products(products.outdir, products.stem + ".nonconv", products.overwrite)
+    bkg, rms, _ = stage_rms_maps(info, opts, sub)
+    given = _expand(opts["convolved_non_conv_askap_csv"], products.stem)
+    table, _, _ = stage_source_finding(info, opts, sub, bkg, rms, given, opts["askap_csv_format"])
+    non = prepare_askap_catalogue(table, info, opts)
+    islands = _expand(opts["convolved_non_conv_askap_islands_csv"], products.stem)
+    if islands is not None:
+        non["island_size"] = island_sizes(non, islands)
+    idx, sep = crossmatch_nearest(askap["ra"], askap["dec"], non["ra"], non["dec"])
+    askap = askap.copy()
+    for column in ("name", "int_flux", "err_int_flux", "peak_flux", "local_rms"):
+        askap["non_conv_" + column] = np.where(idx >= 0, non[column].to_numpy()[np.maximum(idx, 0)], np.nan) \
+            if len(non) else np.nan
+    askap["non_conv_d2d"] = sep
+    # original "inflated_convolved_flux": fluxes differ by > 25 % although the non-convolved
+    # counterpart lies within 2 beams (convolution merged or boosted a source)
+    beam = info.beam[0] * 3600.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        differ = np.abs(askap["int_flux"] / askap["non_conv_int_flux"] - 1.0) > 0.25
+    askap["inflated_convolved_flux"] = differ & (sep <= 2 * beam)
+    askap["non_conv_beam"] = beam
+    return askap, non
+
+
+def _config_as_ini(config):
+    lines = []
+    for section, values in config.as_dict().items():
+        lines.append("[%s]" % section)
+        for key, value in values.items():
+            text = "" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
+            lines.append(("%s = %s" % (key, text)).rstrip())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def process_images(images, config, overwrite=False, askap_csvs=None):
+    """Process several images; a failing image is logged and the others continue.
+
+    Returns ``(summaries, failures)`` with failures ``[(image, message)]``.
+    """
+    summaries, failures = [], []
+    for k, image in enumerate(images):
+        try:
+            summaries.append(process_image(image, config, overwrite,
+                                           None if askap_csvs is None else askap_csvs[k]))
+        except ToolError as exc:
+            if len(images) == 1:
+                raise
+            log.error("%s failed: %s", image, exc)
+            failures.append((str(image), str(exc)))
+    return summaries, failures
 
 
 # ===========================================================================
 # Command line
 # ===========================================================================
-def _no_arguments(parser):
-    """Subcommands without arguments of their own (the common options only)."""
+class _SetOption(argparse.Action):
+    """``--some-key VALUE`` -> ``--set SECTION.some_key=VALUE`` (same precedence)."""
+
+    def __init__(self, option_strings, dest, entry=None, **kwargs):
+        self.entry = entry
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, "set", None) or [])
+        items.append("%s.%s=%s" % (self.entry.section, self.entry.key, values))
+        namespace.set = items
+
+
+def _process_arguments(parser):
+    parser.add_argument("images", nargs="*", metavar="IMAGE", help="ASKAP FITS images")
+    parser.add_argument("--cite", action="store_true", help="print what to cite and exit")
+    group = parser.add_argument_group("parset keys (each overrides the parset)")
+    for entry in CONFIG_SCHEMA:
+        flag = "--" + entry.key.replace("_", "-")
+        extra = {"metavar": "BOOL" if entry.type == "bool" else entry.key.upper()}
+        group.add_argument(flag, action=_SetOption, entry=entry, dest="_flag_" + entry.key,
+                           default=argparse.SUPPRESS,
+                           help=("[%s] %s (%s)" % (entry.section, entry.help, entry.describe_allowed())
+                                 ).replace("%", "%%"), **extra)
+
+
+def _apply_general(opts, args):
+    if args.verbose == 0 and not args.quiet:
+        level = getattr(logging, opts["log_level"])
+        for handler in log.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(level)
+    target = opts["nice"]
+    try:
+        current = os.nice(0)
+        if target > current:
+            os.nice(target - current)
+    except OSError:
+        pass
+
+
+def _process_command(args, config):
+    if args.cite:
+        print(CITATION)
+        return EXIT_OK
+    if not args.images:
+        raise InputError("no image given: python racs_pipeline.py process -c parset.in IMAGE.fits [...]")
+    opts = flat_options(config)
+    _apply_general(opts, args)
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        raise InputError("image(s) not found: %s" % ", ".join(missing))
+    log.info("racs_pipeline %s; configuration %r", __version__, config)
+    summaries, failures = process_images([Path(p) for p in args.images], config, args.overwrite)
+    if failures:
+        log.error("%d of %d images failed", len(failures), len(args.images))
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 SUBCOMMANDS = {
-    "process": ('process ASKAP images: find sources, crossmatch, search for transients',
-            not_yet_implemented(7), _no_arguments),
+    "process": ("process ASKAP images: find sources, crossmatch, search for transients",
+                _process_command, _process_arguments),
 }
 
 
@@ -587,7 +3004,27 @@ def main(argv=None):
         Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
     """
     parser = build_cli(__doc__.strip().splitlines()[0], SUBCOMMANDS, __version__, CONFIG_SCHEMA)
-    return run_cli(parser, argv)
+    argv = _bare_booleans(list(sys.argv[1:] if argv is None else argv))
+    return run_cli(parser, argv, validators=(_cross_key_checks,))
+
+
+def _bare_booleans(argv):
+    """``--transients`` alone means ``--transients true``.
+
+    A boolean flag takes the next word as its value unless that word is another option
+    or an image (ends in .fits or names an existing file); so ``--clobber maybe`` is
+    still reported as an invalid boolean rather than taken as an image.
+    """
+    flags = {"--" + k.key.replace("_", "-") for k in CONFIG_SCHEMA if k.type == "bool"}
+    out = []
+    for k, word in enumerate(argv):
+        out.append(word)
+        if word in flags:
+            nxt = argv[k + 1] if k + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("-") or nxt.lower().endswith((".fits", ".fit")) \
+                    or Path(nxt).is_file():
+                out.append("true")
+    return out
 
 
 if invoked_as_script(globals()):
