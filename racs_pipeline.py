@@ -2146,6 +2146,7 @@ def make_diagnostic_plots(xm_by_survey, askap, catalogues, image, prefix):
             ax.axhline(1.0, color="k", lw=0.8, label="unity")
             if xcol == "askap_int_flux":
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labels overlap otherwise
             ax.set_xlabel(label)
             ax.set_ylabel("scaled ASKAP / %s flux" % survey.upper())
             ax.legend()

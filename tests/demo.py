@@ -109,7 +109,8 @@ DEMOS = {
     "clover": ("Gaussian and NH3 cubes -> class and velocity maps", None, 5),
     "autospec": ("MUSE-like cube with a blended pair -> extracted spectra",
                  "simulate_autospec:run_demo", 6),
-    "racs_pipeline": ("ASKAP-like field -> crossmatch and transients", None, 7),
+    "racs_pipeline": ("ASKAP-like field with injected transients -> crossmatch, candidates",
+                      "simulate_racs:run_demo", 7),
     "ir_blobs": ("WFC3/IR difference image -> blob tiles", None, None),
 }
 
