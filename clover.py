@@ -1,27 +1,86 @@
 """CLOVER: ConvNet classification of spectra (noise / one / two components) and kinematics.
 
-Re-creation of CLOVER (Keown et al. 2019; jakeown/astroclover) on TensorFlow/Keras with
-compact, self-trained models shipped in ``models/clover/``: an ensemble classifier of
-every pixel's spectrum into noise, one- or two-component emission, and regressors of
-the components' centroid velocity, velocity dispersion and peak intensity, for Gaussian
-lines (500 channels) and NH3 (1,1) hyperfine spectra (1000 channels).
+Re-creation of CLOVER (ConvNet Line-fitting Of Velocities in Emission-line Regions;
+Keown et al. 2019, ApJ 884, 4, arXiv:1909.08727; github.com/jakeown/astroclover) on
+TensorFlow/Keras, with compact self-trained models shipped in ``models/clover/``:
 
-Status: skeleton with the shared command-line conventions; the models, training and
-prediction are issue #5.
+1. *Classification* of every pixel's spectrum into one-component (code 0), noise
+   (code 1) or two-component (code 2) emission by an ensemble of ``ensemble_size``
+   (default 6) independently trained 1-D ConvNets whose softmax vectors are summed
+   (the original's combination rule).
+2. *Regression* of the centroid velocity, velocity dispersion and peak intensity of
+   each component (component 1 = lower centroid) for two-component pixels, and - new
+   here - of the single component of one-component pixels.  Each regressor predicts a
+   mean and a variance per parameter (heteroscedastic Gaussian likelihood, Nix &
+   Weigend 1994; Kendall & Gal 2017), written as ``*_err`` uncertainty maps (1 sigma).
+
+Two line types: Gaussian lines (e.g. CO; 500-channel spectra) and NH3 (1,1) with its
+18 hyperfine components (1000-channel spectra, ``nh3=True``).
+
+Inputs of the networks (Keown et al. 2019, Sect. 2): for every pixel, the central
+spectrum divided by its maximum and the mean of the 3x3 neighbourhood divided by its
+maximum, stacked as two channels of one 1-D signal, velocity increasing with index.
+
+Training sets (``simulate_gaussian``, ``simulate_nh3``; seeded numpy Generators)
+-------------------------------------------------------------------------------
+Gaussian lines, 500 channels of 0.07237 km/s (the NH3 template axis of the original,
+channels 250:-250, i.e. 5.72 kHz at 23.6944955 GHz; R = astroclover gauss_testcubes.py):
+
+==========================  ==================================  =======================
+quantity                    range used here                     source
+==========================  ==================================  =======================
+class                       thirds: noise / one / two           R (balanced thirds)
+centroid V1                 U(-10, 10) km/s (central 276 ch.)   R; seed README (~275 ch.)
+dispersion sigma1, sigma2   U(0.15, 0.8) km/s (2.1-11 channels) R
+separation V2 - V1          +-max(sigma1, sigma2) x U(1.5, 5)   R; issue #5
+peak of the brighter comp.  1 (spectra are scaled to it)        R
+peak of the other comp.     U(3 x noise, 1)                     R has U(2 x noise, 1);
+                                                                raised as R's
+                                                                ``remove_low_snr``
+peak S/N (brighter comp.)   log-uniform in [4, 30]              R: noise U(0.05, 0.25)
+                                                                = S/N 4-20; issue: ~4-20+
+3x3 gradients (per comp.)   T, sigma: x(1 + g dx + g' dy),      R (scale 0.05); each
+                            V: + g dx + g' dy km/s, g ~ N(0,    component its own
+                            0.05)                               gradient (R: defect)
+noise                       white Gaussian, same rms in 3x3     R
+==========================  ==================================  =======================
+
+NH3 (1,1), 1000 channels of 5.72 kHz around 23.6944955 GHz (R: nh3_testcubes_GAS.py,
+the GAS survey set-up; pyspeckit ``cold_ammonia`` model, Friesen et al. 2017):
+
+==========================  ==================================  =======================
+quantity                    range used here                     source
+==========================  ==================================  =======================
+kinetic temperature         U(8, 25) K + 5 K, floor 2.74 K      R
+T_rot                       Swift et al. 2005 eq. A6 from Tkin  pyspeckit cold_ammonia
+T_ex                        = T_rot (LTE), ortho fraction 0     pyspeckit defaults, R
+log10 N(NH3) / cm^-2        U(13, 14.5)                         R
+velocity offset V1          U(-2.5, 2.5) km/s                   R
+V2                          V1 + U(-2.5, 2.5) km/s, moved       R (remove_low_sep=True)
+                            apart by max(width) when closer
+width (sigma)               sqrt(0.1 exp(1.5 N(0,1)) + 0.08^2)  R
+                            km/s, capped at 2 km/s here
+3x3 gradients T, w, V, logN N(0, 0.2), N(0, 0.1), N(0, 0.1),    R
+                            N(0, 0.01)
+noise rms                   0.1 K                               R
+==========================  ==================================  =======================
 
 Use
 ---
 As a module::
 
     import clover
-    clover.main(["predict", "cube.fits"])
+    maps = clover.predict("cube.fits", nh3=False, nproc=2, outdir="out")
+    clover.main(["predict", "cube.fits", "--outdir", "out"])
 
 From the shell::
 
-    python clover.py SUBCOMMAND --help
+    python clover.py predict cube.fits [--nh3] [--nproc N] [--outdir DIR] [--overwrite]
+    python clover.py train [--quick] [--lines gauss,nh3] [--parts class,reg] [--overwrite]
 
 Inside a CASA 6 session: ``execfile("clover.py")`` defines the functions and runs nothing.
-TensorFlow is imported only by the functions that need it.
+TensorFlow, astropy, scipy and pyspeckit are imported only by the functions that need
+them.
 
 Configuration
 -------------
@@ -30,13 +89,18 @@ template) with the sections ``[Predict]`` and ``[Train]``.
 """
 import argparse
 import configparser
+import json
 import logging
 import os
 import sys
 import tempfile
+import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 __all__ = [
     "main",
@@ -49,8 +113,33 @@ __all__ = [
     "Config",
     "load_config",
     "setup_logging",
+    "CloverWarning",
+    "CentroidRangeWarning",
+    "ChannelWidthWarning",
+    "LINE_TYPES",
+    "OUTPUT_MAPS",
+    "simulate_gaussian",
+    "simulate_nh3",
+    "nh3_spectra",
+    "nh3_spectra_fast",
+    "build_network",
+    "gaussian_nll",
+    "recentre_kernel",
+    "evaluate",
+    "simulate_cube",
+    "interior_pixels",
+    "cube_hdu",
+    "make_features",
+    "recentre",
+    "fit_length",
+    "CloverModels",
+    "predict_spectra",
+    "read_cube",
+    "predict",
+    "train",
+    "run_demo",
 ]
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 
 log = logging.getLogger("clover")
 
@@ -62,7 +151,20 @@ MODEL_DIR = HERE / "models" / "clover"
 GAUSSIAN_NCHAN = 500   # spectral length the Gaussian-line models take (seed: Usage)
 NH3_NCHAN = 1000       # spectral length the NH3 (1,1) models take (seed: Usage)
 CLASS_CODES = {"one": 0, "noise": 1, "two": 2}  # output codes of the original
+C_KMS = 299792.458
+NH3_11_REST_HZ = 23.6944955e9   # NH3 (1,1) rest frequency (pyspeckit freq_dict['oneone'])
+NH3_CHANNEL_HZ = 5.72e3         # GAS / original training channel spacing
+TEMPLATE_DV_KMS = NH3_CHANNEL_HZ / NH3_11_REST_HZ * C_KMS   # 0.07237 km/s per channel
 
+GAUSS_RANGES = {
+    "v_kms": (-10.0, 10.0), "sigma_kms": (0.15, 0.8), "sep_factor": (1.5, 5.0),
+    "peak2_min_snr": 3.0, "snr": (4.0, 30.0), "gradient": 0.05,
+}
+NH3_RANGES = {
+    "tkin_k": (8.0, 25.0), "tkin_offset_k": 5.0, "tkin_floor_k": 2.74,
+    "logn": (13.0, 14.5), "v_kms": (-2.5, 2.5), "dv2_kms": (-2.5, 2.5),
+    "width_cap_kms": 2.0, "gradient": (0.2, 0.1, 0.1, 0.01), "noise_k": 0.1,
+}
 # ---------------------------------------------------------------------------
 # >>> shared conventions >>>
 # This block is identical in all five modules of the toolkit (each module must stay
@@ -507,31 +609,1714 @@ def invoked_as_script(namespace):
 # <<< shared conventions <<<
 
 # ===========================================================================
+# Warnings about the user's data (filter them with warnings.simplefilter)
+# ===========================================================================
+class CloverWarning(UserWarning):
+    """Base class of clover's warnings about the input data."""
+
+
+class CentroidRangeWarning(CloverWarning):
+    """Emission lies outside the centroid range the networks were trained on."""
+
+
+class ChannelWidthWarning(CloverWarning):
+    """An NH3 cube's channel width differs from the trained one (hyperfine spacing)."""
+
+
+# ===========================================================================
 # Configuration schema (the only keys accepted; see --write-config)
 # ===========================================================================
 CONFIG_SCHEMA = (
     ConfigKey("Predict", "nh3", "bool", False, help="the cube is NH3 (1,1) rather than a Gaussian line"),
-    ConfigKey("Predict", "nproc", "int", 1, (1, None), "parallel processes for the classifier ensemble", bounds=True),
+    ConfigKey("Predict", "nproc", "int", 1, (1, None), "CPU threads for TensorFlow (all ensemble members run in one graph)", bounds=True),
     ConfigKey("Predict", "batch_size", "int", 2048, (1, None), "spectra per inference batch", bounds=True),
     ConfigKey("Predict", "model_dir", "path", None, help="directory of trained models (default: shipped models/clover)"),
     ConfigKey("Predict", "outdir", "path", None, help="output directory (default: next to the cube)"),
+    ConfigKey("Predict", "seed", "int", 0, help="seed of the noise used to pad short spectral axes"),
+    ConfigKey("Predict", "rest_frequency", "float", None, (0.0, None), "rest frequency in Hz when the header has none (NH3 mode defaults to 23.6944955 GHz)", bounds=True),
+    ConfigKey("Predict", "block_pixels", "int", 20000, (100, None), "pixels per processing block (memory and progress-bar granularity)", bounds=True),
+    ConfigKey("Predict", "progress", "bool", True, help="show a tqdm progress bar for cubes of more than one block"),
     ConfigKey("Train", "seed", "int", 20191119, help="seed of the training-set generator and of the weights"),
     ConfigKey("Train", "ensemble_size", "int", 6, (1, None), "members of the classifier ensemble", bounds=True),
+    ConfigKey("Train", "lines", "list", ["gauss", "nh3"], help="line types to train (gauss, nh3)"),
+    ConfigKey("Train", "model_dir", "path", None, help="where to write the models (default: models/clover)"),
+    ConfigKey("Train", "n_class", "int", 54000, (300, None), "training spectra per Gaussian classifier member (thirds per class)", bounds=True),
+    ConfigKey("Train", "n_reg", "int", 54000, (300, None), "training spectra per Gaussian regressor", bounds=True),
+    ConfigKey("Train", "nh3_fraction", "float", 0.75, (0.01, 1.0), "NH3 set sizes as a fraction of the Gaussian ones", bounds=True),
+    ConfigKey("Train", "n_val", "int", 6000, (300, None), "validation spectra per model (early stopping)", bounds=True),
+    ConfigKey("Train", "n_test", "int", 9000, (300, None), "test spectra for the accuracy table written to the metadata", bounds=True),
+    ConfigKey("Train", "epochs", "int", 14, (1, None), "maximum epochs per model", bounds=True),
+    ConfigKey("Train", "patience", "int", 4, (1, None), "early-stopping patience on the validation loss (epochs)", bounds=True),
+    ConfigKey("Train", "batch_size", "int", 128, (8, None), "training batch size", bounds=True),
+    ConfigKey("Train", "learning_rate", "float", 1.5e-3, (1e-6, 1.0), "Adam learning rate", bounds=True),
+    ConfigKey("Train", "threads", "int", 2, (1, None), "CPU threads for TensorFlow while training", bounds=True),
 )
+
+
+def _validate_config(config):
+    """Cross-key checks (second pass of load_config)."""
+    bad = [v for v in config["Train"]["lines"] if v not in LINE_TYPES]
+    if bad:
+        return ["[Train] lines = %r: unknown line type(s) %s; use a subset of %s"
+                % (config["Train"]["lines"], bad, ", ".join(LINE_TYPES))]
+    return []
+
+
+# ===========================================================================
+# Science: simulated spectra (training sets, tests, demo)
+# ===========================================================================
+def _centre_channel(nchan):
+    """Channel index of zero velocity on a training axis (0.5-channel convention)."""
+    return (nchan - 1) / 2.0
+
+
+def gaussian_profiles(vel, amp, centre, sigma):
+    r"""Sum of Gaussian components on a velocity axis, vectorised over spectra.
+
+    Parameters
+    ----------
+    vel : ndarray, shape (nchan,)
+        Velocity axis (km/s).
+    amp, centre, sigma : ndarray, shape (m, k)
+        Peak, centroid (km/s) and dispersion (km/s) of ``k`` components of ``m`` spectra.
+
+    Returns
+    -------
+    ndarray, shape (m, nchan), float32
+
+    Notes
+    -----
+    :math:`T(v) = \sum_k A_k \exp[-(v - v_k)^2 / 2\sigma_k^2]`.
+    """
+    out = np.zeros((amp.shape[0], vel.size), np.float32)
+    for k in range(amp.shape[1]):
+        arg = (vel[None, :] - centre[:, k, None]) / sigma[:, k, None]
+        out += (amp[:, k, None] * np.exp(-0.5 * arg * arg)).astype(np.float32)
+    return out
+
+
+_NH3_CONSTANTS = {}
+
+
+def _nh3_constants():
+    """NH3 (1,1) hyperfine offsets, weights and rate constants from pyspeckit (cached)."""
+    if not _NH3_CONSTANTS:
+        try:
+            from pyspeckit.spectrum.models import ammonia_constants as c
+        except ImportError as exc:  # pragma: no cover - pyspeckit is in the lock file
+            raise ToolError("NH3 simulation needs pyspeckit (pip install pyspeckit): %s" % exc)
+        wts = np.asarray(c.tau_wts_dict["oneone"], float)
+        _NH3_CONSTANTS.update(
+            voff=np.asarray(c.voff_lines_dict["oneone"], float), wts=wts / wts.sum(),
+            freq=c.freq_dict["oneone"], aval=c.aval_dict["oneone"], h=c.h, kb=c.kb,
+            ckms=c.ckms, ccms=c.ccms, brot=c.Brot, crot=c.Crot, jpara=np.asarray(c.Jpara),
+            index=c.line_name_indices["oneone"], tcmb=c.TCMB)
+    return _NH3_CONSTANTS
+
+
+def nh3_rotational_temperature(tkin):
+    r"""Rotational temperature of the (1,1)-(2,2) ladder from the kinetic temperature.
+
+    Notes
+    -----
+    :math:`T_{rot} = T_K / [1 + (T_K/41.18)\ln(1 + 0.6 e^{-15.7/T_K})]` (Swift et al.
+    2005, eq. A6), as pyspeckit's ``cold_ammonia``.
+    """
+    tkin = np.asarray(tkin, float)
+    return tkin / (1 + (tkin / 41.18) * np.log(1 + 0.6 * np.exp(-15.7 / tkin)))
+
+
+def nh3_spectra(freq_hz, tkin, logn, width, voff):
+    r"""NH3 (1,1) brightness temperature spectra, vectorised (pyspeckit ``cold_ammonia``).
+
+    Parameters
+    ----------
+    freq_hz : ndarray, shape (nchan,)
+        Frequency axis (Hz).
+    tkin, logn, width, voff : ndarray, shape (m,)
+        Kinetic temperature (K), log10 column density (cm^-2), velocity dispersion and
+        centroid offset (km/s).
+
+    Returns
+    -------
+    ndarray, shape (m, nchan), float32
+        Brightness temperature (K), with T_ex = T_rot and an ortho fraction of 0.
+
+    Notes
+    -----
+    Same equations as pyspeckit 1.0.4 ``ammonia`` (Rosolowsky et al. 2008; Friesen et
+    al. 2017): the (1,1) optical depth
+    :math:`\tau = N_{(1,1)} \frac{c^2 A}{8\pi\nu^2}\tanh(h\nu/2kT_{ex})\frac{c}{\sigma_v\nu\sqrt{2\pi}}`
+    is spread over the 18 hyperfine components with their relative strengths, and
+    :math:`T_B = [J(T_{ex}) - J(T_{bg})](1 - e^{-\tau(\nu)})`.  The test suite checks it
+    against pyspeckit itself.
+    """
+    c = _nh3_constants()
+    tkin, logn, width, voff = (np.atleast_1d(np.asarray(a, float)) for a in (tkin, logn, width, voff))
+    trot = nh3_rotational_temperature(tkin)
+    jp = c["jpara"]
+    zpara = (2 * jp + 1) * np.exp(-c["h"] * (c["brot"] * jp * (jp + 1) + (c["crot"] - c["brot"]) * jp ** 2)
+                                  / (c["kb"] * trot[:, None]))
+    population = 10.0 ** logn * zpara[:, c["index"]] / zpara.sum(axis=1)
+    frq = c["freq"]
+    expterm = np.tanh(c["h"] * frq / (2 * c["kb"] * trot))
+    tau = (population * (c["ccms"] ** 2 * c["aval"] / (8 * np.pi * frq ** 2)) * expterm
+           * c["ckms"] / (width * frq * np.sqrt(2 * np.pi)))
+    f_ghz = np.asarray(freq_hz, float) / 1e9
+    lines = (1 - c["voff"] / c["ckms"]) * frq / 1e9
+    tauprof = np.zeros((tkin.size, f_ghz.size))
+    for kk, line in enumerate(lines):
+        nuwidth = np.abs(width / c["ckms"] * line)
+        nuoff = voff / c["ckms"] * line
+        arg = (f_ghz[None, :] + nuoff[:, None] - line) / nuwidth[:, None]
+        tauprof += (tau * c["wts"][kk])[:, None] * np.exp(-0.5 * arg * arg)
+    t0 = c["h"] * f_ghz * 1e9 / c["kb"]
+    jnu = t0[None, :] / np.expm1(t0[None, :] / trot[:, None]) - (t0 / np.expm1(t0 / c["tcmb"]))[None, :]
+    return (jnu * -np.expm1(-tauprof)).astype(np.float32)
+
+
+def _nh3_profile_table(sigma_ch, x_step=0.1, x_max=700.0):
+    """Tabulated hyperfine optical-depth profile on a channel grid (cached per grid)."""
+    key = ("table", float(sigma_ch[0]), float(sigma_ch[-1]), len(sigma_ch))
+    if key not in _NH3_CONSTANTS:
+        c = _nh3_constants()
+        centres = -c["voff"] / c["ckms"] * c["freq"] / NH3_CHANNEL_HZ     # channels from f0
+        x = np.arange(-x_max, x_max + x_step / 2, x_step)
+        table = np.zeros((len(sigma_ch), x.size), np.float32)
+        for w, mu in zip(c["wts"], centres):
+            table += (w * np.exp(-0.5 * ((x[None, :] - mu) / sigma_ch[:, None]) ** 2)).astype(np.float32)
+        _NH3_CONSTANTS[key] = (x, table)
+    return _NH3_CONSTANTS[key]
+
+
+def nh3_spectra_fast(freq_hz, tkin, logn, width, voff):
+    """As :func:`nh3_spectra` from a tabulated profile (~5x faster; used for training sets).
+
+    Notes
+    -----
+    All 18 hyperfine components share the main line's frequency width and shift
+    (relative differences < 2e-4); the profile is interpolated linearly in channel offset
+    (0.1-channel grid) and in log dispersion (200 values from 0.5 to 40 channels).
+    Agrees with :func:`nh3_spectra` to < 1e-3 of the peak (tested).
+    """
+    c = _nh3_constants()
+    tkin, logn, width, voff = (np.atleast_1d(np.asarray(a, float)) for a in (tkin, logn, width, voff))
+    sig_grid = np.exp(np.linspace(np.log(0.5), np.log(40.0), 200))
+    xg, table = _nh3_profile_table(sig_grid)
+    trot = nh3_rotational_temperature(tkin)
+    jp = c["jpara"]
+    zpara = (2 * jp + 1) * np.exp(-c["h"] * (c["brot"] * jp * (jp + 1) + (c["crot"] - c["brot"]) * jp ** 2)
+                                  / (c["kb"] * trot[:, None]))
+    frq = c["freq"]
+    tau = (10.0 ** logn * zpara[:, c["index"]] / zpara.sum(axis=1)
+           * (c["ccms"] ** 2 * c["aval"] / (8 * np.pi * frq ** 2)) * np.tanh(c["h"] * frq / (2 * c["kb"] * trot))
+           * c["ckms"] / (width * frq * np.sqrt(2 * np.pi)))
+    sig_ch = np.clip(width / c["ckms"] * frq / NH3_CHANNEL_HZ, sig_grid[0], sig_grid[-1])
+    pos = np.interp(np.log(sig_ch), np.log(sig_grid), np.arange(sig_grid.size))
+    i0 = np.minimum(pos.astype(int), sig_grid.size - 2)
+    fs = (pos - i0).astype(np.float32)[:, None]
+    x = ((np.asarray(freq_hz, float) - frq)[None, :] + (voff / c["ckms"] * frq)[:, None]) / NH3_CHANNEL_HZ
+    xi = (x - xg[0]) / (xg[1] - xg[0])
+    j0 = np.clip(xi.astype(int), 0, xg.size - 2)
+    fx = (xi - j0).astype(np.float32)
+    prof = ((1 - fs) * ((1 - fx) * table[i0[:, None], j0] + fx * table[i0[:, None], j0 + 1])
+            + fs * ((1 - fx) * table[i0[:, None] + 1, j0] + fx * table[i0[:, None] + 1, j0 + 1]))
+    tauprof = tau.astype(np.float32)[:, None] * prof
+    f = np.asarray(freq_hz, float)
+    t0 = c["h"] * f / c["kb"]
+    jnu = t0[None, :] / np.expm1(t0[None, :] / trot[:, None]) - (t0 / np.expm1(t0 / c["tcmb"]))[None, :]
+    return (jnu.astype(np.float32) * -np.expm1(-tauprof)).astype(np.float32)
+
+
+def nh3_template_axis():
+    """The NH3 training axis: frequency (Hz, decreasing) and velocity (km/s, increasing).
+
+    1000 channels of 5.72 kHz around the (1,1) rest frequency (the original's
+    ``linspace(-500, 499, 1000) * 5.72 kHz``), ordered so that the radio velocity
+    increases with index.
+    """
+    freq = NH3_11_REST_HZ + np.arange(499, -501, -1) * NH3_CHANNEL_HZ
+    return freq, C_KMS * (1 - freq / NH3_11_REST_HZ)
+
+
+def gaussian_template_axis():
+    """The Gaussian training axis: 500 channels of 0.07237 km/s centred on 0 km/s."""
+    return (np.arange(GAUSSIAN_NCHAN) - _centre_channel(GAUSSIAN_NCHAN)) * TEMPLATE_DV_KMS
+
+
+def _class_codes(n, rng, classes):
+    """Class code per spectrum: balanced thirds (shuffled), one fixed code, or given."""
+    if classes is None:
+        codes = np.arange(n) % 3
+        rng.shuffle(codes)
+        return codes
+    codes = np.asarray(classes, int)
+    return np.full(n, int(codes)) if codes.ndim == 0 else codes
+
+
+def _ncomp(codes):
+    """Number of components for class codes (0 = one, 1 = noise, 2 = two)."""
+    return np.choose(codes, [1, 0, 2])
+
+
+def _neighbourhood_offsets():
+    dy, dx = np.mgrid[-1:2, -1:2]
+    return dx.ravel().astype(float), dy.ravel().astype(float)   # index 4 = centre
+
+
+def _features_from_windows(windows):
+    """(m, 9, nchan) windows -> (m, nchan, 2) inputs and the central maxima."""
+    local = windows[:, 4]
+    mean = windows.mean(axis=1)
+    lmax = _safe_max(local)
+    x = np.stack([local / lmax[:, None], mean / _safe_max(mean)[:, None]], axis=-1)
+    return x.astype(np.float32), lmax
+
+
+def _safe_max(spectra):
+    """Per-spectrum maximum used for normalisation (|max| fallback; never 0)."""
+    peak = spectra.max(axis=-1)
+    alt = np.abs(spectra).max(axis=-1)
+    peak = np.where(peak > 0, peak, alt)
+    return np.where(peak > 0, peak, 1.0).astype(np.float32)
+
+
+def _sorted_targets(centre, sigma, peak, nchan, dv):
+    """Regression targets in channel units, components sorted by centroid.
+
+    Returns (m, 6): normalised centroids in [-1, 1] (channel (N-1)/2 -> 0), dispersions
+    in channels, peaks relative to the central spectrum's maximum.
+    """
+    order = np.argsort(centre, axis=1)
+    c = np.take_along_axis(centre, order, 1)
+    s = np.take_along_axis(sigma, order, 1)
+    p = np.take_along_axis(peak, order, 1)
+    half = _centre_channel(nchan)
+    return np.concatenate([c / dv / half, s / dv, p], axis=1)
+
+
+def simulate_gaussian(n, rng, classes=None, chunk=4000):
+    """Simulate CLOVER training spectra of Gaussian lines (500 channels).
+
+    Parameters
+    ----------
+    n : int
+        Number of spectra (each with its 3x3 neighbourhood).
+    rng : numpy.random.Generator
+        Source of every random number (seed it for reproducible sets).
+    classes : None, int or array of int
+        ``None`` = balanced thirds of noise / one / two components; an int = all of
+        that class code (0 one, 1 noise, 2 two); an array = the code per spectrum.
+    chunk : int
+        Spectra generated at a time (memory bound: chunk x 9 x 500 floats).
+
+    Returns
+    -------
+    dict
+        ``x`` (n, 500, 2) float32 network inputs; ``label`` (n,) class codes;
+        ``reg2`` (n, 6) and ``reg1`` (n, 3) targets (normalised centroid, dispersion
+        in channels, peak / central maximum; components sorted by centroid);
+        ``snr`` (n,) peak S/N of the brightest component and ``snr_min`` (n,) of the
+        weakest (0 for noise); ``v``, ``sigma``, ``peak`` (n, 2) truth in km/s and
+        brightness units (NaN for absent components); ``tmax`` (n,).
+
+    Notes
+    -----
+    Ranges in the module docstring (GAUSS_RANGES); after Keown et al. (2019) and the
+    original's ``gauss_testcubes.py``.
+
+    Examples
+    --------
+    >>> sim = simulate_gaussian(30, np.random.default_rng(1))
+    >>> sim["x"].shape
+    (30, 500, 2)
+    """
+    codes = _class_codes(n, rng, classes)
+    parts = [_simulate_gaussian_chunk(codes[i:i + chunk], rng)
+             for i in range(0, n, chunk)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _simulate_gaussian_chunk(codes, rng):
+    r = GAUSS_RANGES
+    m = codes.size
+    ncomp = _ncomp(codes)
+    vel = gaussian_template_axis()
+    v1 = rng.uniform(*r["v_kms"], m)
+    sig = rng.uniform(*r["sigma_kms"], (m, 2))
+    sep = sig.max(1) * rng.uniform(*r["sep_factor"], m) * rng.choice([-1.0, 1.0], m)
+    centre = np.column_stack([v1, v1 + sep])
+    snr = np.exp(rng.uniform(*np.log(r["snr"]), m))
+    noise = 1.0 / snr
+    peak = np.column_stack([np.ones(m), rng.uniform(np.minimum(r["peak2_min_snr"] * noise, 1.0), 1.0)])
+    present = np.arange(2)[None, :] < ncomp[:, None]
+    peak = np.where(present, peak, 0.0)
+    dx, dy = _neighbourhood_offsets()
+    g = rng.normal(0, r["gradient"], (m, 2, 3, 2))   # comp, (T, sigma, V), (x, y)
+    amp9 = peak[:, None, :] * (1 + g[:, None, :, 0, 0] * dx[None, :, None] + g[:, None, :, 0, 1] * dy[None, :, None])
+    sig9 = sig[:, None, :] * (1 + g[:, None, :, 1, 0] * dx[None, :, None] + g[:, None, :, 1, 1] * dy[None, :, None])
+    cen9 = centre[:, None, :] + g[:, None, :, 2, 0] * dx[None, :, None] + g[:, None, :, 2, 1] * dy[None, :, None]
+    spec = gaussian_profiles(vel, amp9.reshape(-1, 2), cen9.reshape(-1, 2), np.abs(sig9).reshape(-1, 2))
+    spec = spec.reshape(m, 9, -1) + (rng.standard_normal((m, 9, vel.size)) * noise[:, None, None]).astype(np.float32)
+    x, tmax = _features_from_windows(spec)
+    return _pack_truth(x, codes, centre, sig, peak, present, noise, tmax, GAUSSIAN_NCHAN, TEMPLATE_DV_KMS)
+
+
+def _pack_truth(x, codes, centre, sig, peak, present, noise, tmax, nchan, dv):
+    """Common dictionary of inputs, targets and truth of the simulators."""
+    nan = np.where(present, 1.0, np.nan)
+    c2, s2, p2 = centre * nan, sig * nan, peak * nan
+    fill = lambda a: np.where(present, a, np.where(present[:, :1], a[:, :1], 0.0))  # noqa: E731
+    reg2 = _sorted_targets(fill(centre), fill(sig), fill(peak) / tmax[:, None], nchan, dv)
+    reg1 = _sorted_targets(centre[:, :1], sig[:, :1], peak[:, :1] / tmax[:, None], nchan, dv)
+    p0 = np.where(present, peak, np.inf)
+    snr = np.where(present, peak, 0.0).max(axis=1) / noise
+    snr_min = np.where(present.any(axis=1), p0.min(axis=1), 0.0) / noise
+    return {"x": x, "label": codes.astype(np.int8), "reg2": reg2.astype(np.float32),
+            "reg1": reg1.astype(np.float32), "snr": snr, "snr_min": snr_min,
+            "v": c2, "sigma": s2, "peak": p2, "tmax": tmax, "noise": noise}
+
+
+def simulate_nh3(n, rng, classes=None, chunk=1500):
+    """Simulate CLOVER training spectra of NH3 (1,1) (1000 channels, 18 hyperfines).
+
+    Parameters
+    ----------
+    n, rng, classes, chunk
+        As :func:`simulate_gaussian`.
+
+    Returns
+    -------
+    dict
+        As :func:`simulate_gaussian` with ``x`` of shape (n, 1000, 2); ``peak`` is the
+        component's peak brightness (K) in the central pixel, ``sigma`` its width.
+
+    Notes
+    -----
+    Ranges in the module docstring (NH3_RANGES), after the original's
+    ``nh3_testcubes_GAS.py`` (GAS survey, Friesen et al. 2017).  Two components add
+    their brightness (as the original; no radiative transfer between them).
+
+    Examples
+    --------
+    >>> sim = simulate_nh3(6, np.random.default_rng(1))
+    >>> sim["x"].shape
+    (6, 1000, 2)
+    """
+    codes = _class_codes(n, rng, classes)
+    parts = [_simulate_nh3_chunk(codes[i:i + chunk], rng) for i in range(0, n, chunk)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _nh3_parameters(m, rng):
+    """Per-component (m, 2) Tkin, logN, width, centroid of the NH3 training set."""
+    r = NH3_RANGES
+    tkin = rng.uniform(*r["tkin_k"], (m, 2))
+    logn = rng.uniform(*r["logn"], (m, 2))
+    width = np.sqrt(0.1 * np.exp(1.5 * rng.standard_normal((m, 2))) + 0.08 ** 2)
+    width = np.minimum(width, r["width_cap_kms"])
+    v1 = rng.uniform(*r["v_kms"], m)
+    v2 = v1 + rng.uniform(*r["dv2_kms"], m)
+    wmax = width.max(1)
+    close = np.abs(v1 - v2) < wmax        # the original's remove_low_sep
+    lo, hi = np.minimum(v1, v2), np.maximum(v1, v2)
+    v1 = np.where(close, lo - wmax / 2, v1)
+    v2 = np.where(close, hi + wmax / 2, v2)
+    return tkin, logn, width, np.column_stack([v1, v2])
+
+
+def _simulate_nh3_chunk(codes, rng):
+    r = NH3_RANGES
+    m = codes.size
+    ncomp = _ncomp(codes)
+    present = np.arange(2)[None, :] < ncomp[:, None]
+    tkin, logn, width, centre = _nh3_parameters(m, rng)
+    dx, dy = _neighbourhood_offsets()
+    g = rng.standard_normal((m, 2, 4, 2)) * np.asarray(r["gradient"])[None, None, :, None]
+    lin = lambda q: g[:, None, :, q, 0] * dx[None, :, None] + g[:, None, :, q, 1] * dy[None, :, None]  # noqa: E731
+    t9 = np.maximum(tkin[:, None, :] * (1 + lin(0)) + r["tkin_offset_k"], r["tkin_floor_k"])
+    w9 = np.abs(width[:, None, :] * (1 + lin(1)))
+    v9 = centre[:, None, :] + lin(2)
+    n9 = logn[:, None, :] * (1 + lin(3))
+    freq, _ = nh3_template_axis()
+    spec = np.zeros((m, 9, freq.size), np.float32)
+    peak = np.zeros((m, 2))
+    for k in range(2):
+        rows = np.flatnonzero(present[:, k])
+        if rows.size:
+            s = nh3_spectra_fast(freq, t9[rows, :, k].ravel(), n9[rows, :, k].ravel(),
+                            w9[rows, :, k].ravel(), v9[rows, :, k].ravel())
+            s = s.reshape(rows.size, 9, -1)
+            spec[rows] += s
+            peak[rows, k] = s[:, 4].max(axis=1)
+    noise = np.full(m, r["noise_k"])
+    spec += (rng.standard_normal(spec.shape) * r["noise_k"]).astype(np.float32)
+    x, tmax = _features_from_windows(spec)
+    # centroids are offsets from the channel of 0 km/s (index 499 of 0..999), converted
+    # to the 0.5-channel convention of the targets: centre channel = 499.5
+    shift = (499 - _centre_channel(NH3_NCHAN)) * TEMPLATE_DV_KMS
+    out = _pack_truth(x, codes, centre + shift, width, peak, present, noise, tmax, NH3_NCHAN, TEMPLATE_DV_KMS)
+    out["v"] = out["v"] - shift
+    return out
+
+
+# ===========================================================================
+# Registries: line types and output maps
+# ===========================================================================
+# line type -> spectral length, training channel width, simulator, trained centroid
+# range (channels from the band centre; seed README: ~275 / ~140 central channels)
+LINE_TYPES = {
+    "gauss": {"nchan": GAUSSIAN_NCHAN, "dv_kms": TEMPLATE_DV_KMS, "simulate": simulate_gaussian,
+              "centroid_halfwidth_kms": 10.0 + 5 * 0.8, "rest_hz": None,
+              "what": "Gaussian line (e.g. CO)"},
+    "nh3": {"nchan": NH3_NCHAN, "dv_kms": TEMPLATE_DV_KMS, "simulate": simulate_nh3,
+            "centroid_halfwidth_kms": 5.0 + 1.0, "rest_hz": NH3_11_REST_HZ,
+            "what": "NH3 (1,1) with hyperfine structure"},
+}
+
+# output suffix -> (source array, column, kind of unit, description).  kind: 'class'
+# (dimensionless code), 'prob', 'vel' (km/s), 'width' (km/s), 'peak' (cube BUNIT).
+OUTPUT_MAPS = {
+    "class": ("class", None, "class", "class: 0 one component, 1 noise, 2 two components"),
+    "vlsr1": ("reg2", 0, "vel", "centroid velocity of the lower-velocity component"),
+    "vlsr2": ("reg2", 1, "vel", "centroid velocity of the higher-velocity component"),
+    "sig1": ("reg2", 2, "width", "velocity dispersion of component 1"),
+    "sig2": ("reg2", 3, "width", "velocity dispersion of component 2"),
+    "tpeak1": ("reg2", 4, "peak", "peak intensity of component 1"),
+    "tpeak2": ("reg2", 5, "peak", "peak intensity of component 2"),
+    "prob": ("prob", None, "prob", "ensemble mean probability of the chosen class"),
+    "vlsr": ("reg1", 0, "vel", "centroid velocity of one-component pixels"),
+    "sig": ("reg1", 1, "width", "velocity dispersion of one-component pixels"),
+    "tpeak": ("reg1", 2, "peak", "peak intensity of one-component pixels"),
+}
+for _name, (_src, _col, _kind, _text) in list(OUTPUT_MAPS.items()):
+    if _src in ("reg1", "reg2"):
+        OUTPUT_MAPS[_name + "_err"] = (_src + "_err", _col, _kind, "1-sigma uncertainty of " + _name)
+REG_TARGETS = {"reg2": ("vlsr1", "vlsr2", "sig1", "sig2", "tpeak1", "tpeak2"),
+               "reg1": ("vlsr", "sig", "tpeak")}
+META_FILE = "clover_models.json"
+
+
+# ===========================================================================
+# Science: networks
+# ===========================================================================
+def _import_keras(threads=None):
+    """Import keras (TensorFlow backend) lazily; set the CPU thread pools once."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    import tensorflow as tf
+    import keras
+    tf.get_logger().setLevel("ERROR")
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(int(threads))
+        except RuntimeError:  # already initialised in this process: keep its pools
+            log.debug("TensorFlow thread pools already set; nproc=%s ignored", threads)
+    return keras
+
+
+def build_network(nchan, n_out, head="class", dense=32):
+    """Compact 1-D ConvNet on (nchan, 2) inputs (local and 3x3-mean spectra).
+
+    Parameters
+    ----------
+    nchan : int
+        Spectral length (500 Gaussian, 1000 NH3).
+    n_out : int
+        Outputs: 3 class probabilities, or 2k (mean and log-variance of k parameters).
+    head : {'class', 'reg'}
+        Softmax classifier or linear regression head.
+    dense : int
+        Units of the hidden dense layer.
+
+    Returns
+    -------
+    keras.Model
+
+    Notes
+    -----
+    Conv1D(8, 7) - pool - Conv1D(16, 5) - pool - Conv1D(16, 5) - pool [- Conv1D(16, 5) -
+    pool for 1000 channels] - flatten (62 x 16) - Dense(dense) - output.  The two input
+    spectra are two channels of one signal, so every filter sees local and neighbourhood
+    emission at the same velocity (the original used two separate branches with
+    Conv1D(16, 3) x 2 and two dense layers of 3000 units, ~3e7 weights; this one has
+    ~3.5e4 for the classifier).
+    """
+    keras = _import_keras()
+    layers = keras.layers
+    inputs = keras.Input((nchan, 2), name="spectra")
+    x = inputs
+    stages = [(8, 7), (16, 5), (16, 5)] + ([(16, 5)] if nchan > 600 else [])
+    for filters, width in stages:
+        x = layers.Conv1D(filters, width, padding="same", activation="relu")(x)
+        x = layers.MaxPooling1D(2)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(dense, activation="relu")(x)
+    outputs = layers.Dense(n_out, activation="softmax" if head == "class" else None)(x)
+    return keras.Model(inputs, outputs)
+
+
+def gaussian_nll(y_true, y_pred):
+    r"""Heteroscedastic Gaussian negative log-likelihood (per-parameter variances).
+
+    Notes
+    -----
+    With outputs :math:`(\mu_k, s_k = \ln\sigma_k^2)`:
+    :math:`L = \frac{1}{K}\sum_k [\tfrac12 e^{-s_k}(y_k-\mu_k)^2 + \tfrac12 s_k]`
+    (Nix & Weigend 1994; Kendall & Gal 2017).
+    """
+    from keras import ops
+    k = ops.shape(y_true)[-1]
+    mu, s = y_pred[..., :k], ops.clip(y_pred[..., k:], -12.0, 8.0)
+    return ops.mean(0.5 * ops.exp(-s) * ops.square(y_true - mu) + 0.5 * s, axis=-1)
+
+
+class CloverModels:
+    """The shipped (or given) networks of one line type, loaded for inference.
+
+    Parameters
+    ----------
+    line : {'gauss', 'nh3'}
+        Line type (key of LINE_TYPES).
+    model_dir : str or Path, optional
+        Directory with ``clover_models.json`` and the weight files (default models/clover).
+    nproc : int
+        CPU threads for TensorFlow (all ensemble members run in one graph).
+
+    Raises
+    ------
+    InputError
+        When the directory, the metadata or a weight file is missing (run
+        ``python clover.py train``).
+    """
+
+    def __init__(self, line="gauss", model_dir=None, nproc=1):
+        if line not in LINE_TYPES:
+            raise InputError("unknown line type %r; use one of %s" % (line, ", ".join(LINE_TYPES)))
+        self.line, self.nproc = line, int(nproc)
+        self.model_dir = Path(model_dir) if model_dir else MODEL_DIR
+        self.meta = _read_meta(self.model_dir, line)
+        self.nchan = int(self.meta["nchan"])
+        keras = _import_keras(self.nproc)
+        members = [self._load(entry) for entry in self.meta["classifier"]["members"]]
+        if len(members) == 1:
+            self.classifier = members[0]
+        else:  # one graph: the members run side by side on the thread pool
+            inputs = keras.Input((self.nchan, 2))
+            self.classifier = keras.Model(inputs, keras.layers.Average()([m(inputs) for m in members]))
+        self.n_members = len(members)
+        self.regressors = {kind: self._load(self.meta[kind]) for kind in REG_TARGETS}
+
+    def _load(self, entry):
+        path = self.model_dir / entry["file"]
+        if not path.is_file():
+            raise InputError("model weights %s are missing; run 'python clover.py train' "
+                             "or give model_dir=" % path)
+        model = build_network(self.nchan, entry["n_out"], entry["head"], entry["dense"])
+        model.load_weights(path)
+        return model
+
+    def __repr__(self):
+        return ("CloverModels(line=%r, model_dir=%r, members=%d, nchan=%d, nproc=%d)"
+                % (self.line, str(self.model_dir), self.n_members, self.nchan, self.nproc))
+
+    def classify(self, x, batch_size=2048):
+        """Ensemble mean class probabilities, shape (n, 3) (columns: one, noise, two)."""
+        return _batched(self.classifier, x, batch_size, 3)
+
+    def regress(self, kind, x, batch_size=2048):
+        """Regression of ``kind`` ('reg1' or 'reg2') in training units: (mean, sigma)."""
+        entry = self.meta[kind]
+        k = len(REG_TARGETS[kind])
+        xr, shift = recentre(x, self.meta.get("recentre"))
+        out = _batched(self.regressors[kind], xr, batch_size, 2 * k)
+        mean, sd = np.asarray(entry["mean"]), np.asarray(entry["std"])
+        mu = out[:, :k] * sd + mean
+        mu[:, :k // 3] += (shift / _centre_channel(self.nchan))[:, None]
+        err = np.exp(0.5 * np.clip(out[:, k:], -12, 8)) * sd
+        return mu, err
+
+
+def _batched(model, x, batch_size, n_out):
+    """Run ``model`` over ``x`` in batches; short batches are padded to a power of two so
+    that TensorFlow traces only a few input shapes."""
+    out = np.empty((len(x), n_out), np.float32)
+    for start in range(0, len(x), batch_size):
+        chunk = x[start:start + batch_size]
+        size = min(batch_size, max(64, 1 << int(np.ceil(np.log2(len(chunk))))))
+        if size > len(chunk):
+            chunk = np.concatenate([chunk, np.zeros((size - len(chunk),) + chunk.shape[1:], chunk.dtype)])
+        out[start:start + batch_size] = np.asarray(model.predict_on_batch(chunk))[:min(batch_size, len(x) - start)]
+    return out
+
+
+def recentre(x, kernel=None, smooth=5):
+    """Roll each spectrum so its emission peak sits at channel N//2.
+
+    Parameters
+    ----------
+    x : ndarray, shape (n, nchan, 2)
+    kernel : dict, optional
+        Matched filter ``{'offsets_ch': [...], 'weights': [...], 'sigma_ch': s}``: the
+        peak of the 3x3-mean input's cross-correlation with this comb of Gaussians is
+        used (NH3: the 18 hyperfine components, so that a bright satellite group does
+        not pass for the main one).  Without it, the peak of a ``smooth``-channel boxcar.
+    smooth : int
+        Boxcar width (channels).
+
+    Returns
+    -------
+    rolled : ndarray, shape (n, nchan, 2)
+    shift : ndarray of int, shape (n,)
+        Channels moved: new channel ``j`` holds old channel ``j + shift`` (mod nchan).
+
+    Notes
+    -----
+    Makes the regressors' task translation-free: they predict centroids relative to
+    the emission peak, which a small dense head does far better than absolute
+    positions (the wrapped-around edge channels hold noise).  Cross-correlation by FFT:
+    :math:`c(s) = \\sum_j m(j) k(j - s) = \\mathcal{F}^{-1}[M \\bar K](s)`.
+    """
+    n, nchan, _ = x.shape
+    if kernel:
+        j = np.arange(nchan)
+        j = np.where(j > nchan // 2, j - nchan, j)          # wrapped lags
+        comb = sum(w * np.exp(-0.5 * ((j - o) / kernel["sigma_ch"]) ** 2)
+                   for o, w in zip(kernel["offsets_ch"], kernel["weights"]))
+        corr = np.fft.irfft(np.fft.rfft(x[:, :, 1], axis=1) * np.conj(np.fft.rfft(comb))[None, :], nchan, axis=1)
+        peak = np.argmax(corr, axis=1)
+    else:
+        c = np.cumsum(np.pad(x[:, :, 1], ((0, 0), (smooth // 2 + 1, smooth // 2))), axis=1)
+        peak = np.argmax(c[:, smooth:] - c[:, :-smooth], axis=1)
+    shift = (peak - nchan // 2).astype(int)
+    idx = (np.arange(nchan)[None, :] + shift[:, None]) % nchan
+    return np.take_along_axis(x, idx[:, :, None], axis=1), shift
+
+
+def recentre_kernel(line):
+    """Matched filter used by :func:`recentre` for a line type (None = boxcar peak)."""
+    if line != "nh3":
+        return None
+    c = _nh3_constants()
+    return {"offsets_ch": (c["voff"] / TEMPLATE_DV_KMS).tolist(), "weights": c["wts"].tolist(),
+            "sigma_ch": 3.0}
+
+
+def _shift_targets(y, shift, kind, nchan):
+    """Centroid targets relative to the recentred axis (normalised units)."""
+    y = np.array(y, np.float32, copy=True)
+    ncomp = len(REG_TARGETS[kind]) // 3
+    y[:, :ncomp] -= (shift / _centre_channel(nchan))[:, None]
+    return y
+
+
+def _read_meta(model_dir, line):
+    path = Path(model_dir) / META_FILE
+    if not path.is_file():
+        raise InputError("no trained models in %s (%s missing); run 'python clover.py train'"
+                         % (model_dir, META_FILE))
+    meta = json.loads(path.read_text())
+    if line not in meta.get("lines", {}):
+        raise InputError("%s has no %r models (trained: %s); run 'python clover.py train "
+                         "--lines %s'" % (path, line, ", ".join(meta.get("lines", {})) or "none", line))
+    return meta["lines"][line]
+
+
+def predict_spectra(x, models, batch_size=2048):
+    """Classify spectra and regress their components (training units).
+
+    Parameters
+    ----------
+    x : ndarray, shape (n, nchan, 2)
+        Network inputs (see :func:`make_features`).
+    models : CloverModels
+    batch_size : int
+
+    Returns
+    -------
+    dict
+        ``probs`` (n, 3); ``class`` (n,) codes (argmax of the summed member softmax
+        vectors, as the original); ``prob`` (n,) probability of that class; ``reg2``,
+        ``reg2_err`` (n, 6) for class-2 rows and ``reg1``, ``reg1_err`` (n, 3) for class-0
+        rows (NaN elsewhere): normalised centroid, dispersion (channels), peak / maximum.
+    """
+    probs = models.classify(x, batch_size)
+    code = probs.argmax(axis=1)
+    result = {"probs": probs, "class": code, "prob": probs.max(axis=1)}
+    for kind, cls in (("reg2", CLASS_CODES["two"]), ("reg1", CLASS_CODES["one"])):
+        k = len(REG_TARGETS[kind])
+        mu = np.full((len(x), k), np.nan, np.float32)
+        err = np.full((len(x), k), np.nan, np.float32)
+        rows = np.flatnonzero(code == cls)
+        if rows.size:
+            mu[rows], err[rows] = models.regress(kind, x[rows], batch_size)
+        result[kind], result[kind + "_err"] = mu, err
+    return result
+
+
+# ===========================================================================
+# Science: cube features and spectral-axis length
+# ===========================================================================
+def make_features(cube):
+    """Network inputs for every pixel of a cube (velocity increasing along axis 0).
+
+    Parameters
+    ----------
+    cube : ndarray, shape (nchan, ny, nx)
+
+    Returns
+    -------
+    x : ndarray, shape (nvalid, nchan, 2), float32
+        Central spectrum / its maximum and 3x3-mean spectrum / its maximum.
+    tmax : ndarray, shape (nvalid,)
+        Maximum of each central spectrum (rescales the predicted peaks).
+    valid : ndarray of bool, shape (ny, nx)
+        Pixels whose spectrum is finite in every channel.
+
+    Notes
+    -----
+    The neighbourhood mean uses the finite spectra of the 3x3 window, so border pixels
+    and neighbours of blanked pixels get predictions too (the original left them NaN).
+    """
+    cube = np.asarray(cube, np.float32)
+    valid = np.isfinite(cube).all(axis=0)
+    filled = np.where(valid[None], cube, 0.0).astype(np.float32)
+    pad = np.pad(filled, ((0, 0), (1, 1), (1, 1)))
+    cnt = np.pad(valid.astype(np.float32), 1)
+    ny, nx = valid.shape
+    total = np.zeros_like(filled)
+    count = np.zeros(valid.shape, np.float32)
+    for dy in range(3):
+        for dx in range(3):
+            total += pad[:, dy:dy + ny, dx:dx + nx]
+            count += cnt[dy:dy + ny, dx:dx + nx]
+    local = filled[:, valid].T
+    mean = (total[:, valid] / np.maximum(count[valid], 1)).T
+    tmax = _safe_max(local)
+    x = np.stack([local / tmax[:, None], mean / _safe_max(mean)[:, None]], axis=-1)
+    return x.astype(np.float32), tmax, valid
+
+
+def robust_noise(spectra, edge=50):
+    """Per-spectrum noise from the edge channels: 1.4826 x MAD of the first and last ``edge``.
+
+    Parameters
+    ----------
+    spectra : ndarray, shape (nchan, ...)
+    edge : int
+        Channels taken at each end (the original: std of the first and last 50).
+    """
+    n = spectra.shape[0]
+    edge = max(1, min(edge, n // 4 or 1))
+    ends = np.concatenate([spectra[:edge], spectra[n - edge:]], axis=0)
+    med = np.median(ends, axis=0)
+    return 1.4826 * np.median(np.abs(ends - med), axis=0)
+
+
+def fit_length(cube, nchan, rng):
+    """Pad with noise or clip the spectral axis (axis 0) to ``nchan`` channels.
+
+    Parameters
+    ----------
+    cube : ndarray, shape (n, ny, nx)
+    nchan : int
+        Required length (500 Gaussian, 1000 NH3).
+    rng : numpy.random.Generator
+        Source of the padding noise.
+
+    Returns
+    -------
+    cube : ndarray, shape (nchan, ny, nx)
+    first : int
+        Index in the new axis of the old channel 0 (positive = padded, negative = clipped):
+        the FITS reference pixel moves by the same amount.
+
+    Notes
+    -----
+    Shorter: floor(d/2) noise channels before and the rest after, with each pixel's
+    noise from :func:`robust_noise`; NaN pixels stay NaN.  Longer: floor(d/2) channels
+    clipped from the start and the rest from the end (the original's slice was empty
+    for an excess of 1).
+    """
+    n = cube.shape[0]
+    if n == nchan:
+        return cube, 0
+    if n > nchan:
+        start = (n - nchan) // 2
+        return cube[start:start + nchan], -start
+    before = (nchan - n) // 2
+    after = nchan - n - before
+    sigma = robust_noise(cube)
+    blank = ~np.isfinite(cube).all(axis=0)
+    pads = [(rng.standard_normal((k,) + cube.shape[1:]) * sigma).astype(cube.dtype)
+            for k in (before, after)]
+    out = np.concatenate([pads[0], cube, pads[1]], axis=0)
+    out[:, blank] = np.nan
+    return out, before
+
+
+# ===========================================================================
+# I/O: cubes in, maps out
+# ===========================================================================
+@dataclass
+class Cube:
+    """A spectral cube read by :func:`read_cube` (spectral axis first)."""
+
+    data: np.ndarray          # (nchan, ny, nx), file order of the spectral axis
+    velocity: np.ndarray      # (nchan,) radio velocity, km/s
+    header: object            # the original astropy Header (3-D after dropping axes)
+    spatial_header: object    # 2-D celestial WCS header for the maps
+    bunit: str
+    spec_fits_axis: int       # FITS axis number (1-based) of the spectral axis
+    path: Path
+
+
+_SPECTRAL_KINDS = {"FREQ": "freq", "VRAD": "radio", "VELO": "radio", "VOPT": "optical",
+                   "FELO": "optical", "WAVE": "wave", "AWAV": "wave"}
+
+
+def _velocity_axis(values, ctype, unit, rest_hz):
+    """Radio-convention velocity (km/s) from spectral-axis values in their unit."""
+    from astropy import units as u
+    kind = _SPECTRAL_KINDS.get(ctype[:4].upper())
+    if kind is None:
+        raise InputError("spectral axis type %r is not supported; use FREQ, VRAD, VELO, VOPT, "
+                         "FELO, WAVE or AWAV" % ctype)
+    try:
+        unit = u.Unit(unit or ("Hz" if kind == "freq" else "m/s" if kind != "wave" else "m"),
+                      parse_strict="raise")
+    except ValueError:
+        raise InputError("spectral unit %r is not a unit astropy knows; write CUNIT as e.g. "
+                         "Hz, GHz, m/s or km/s" % unit) from None
+    q = values * unit
+    needs_rest = kind in ("freq", "optical", "wave")
+    if needs_rest and not rest_hz:
+        raise InputError("a %s axis needs the rest frequency to give velocities; set RESTFRQ "
+                         "in the header or rest_frequency= (in Hz)" % ctype)
+    try:
+        if kind == "radio":
+            return q.to_value(u.km / u.s)
+        if kind == "freq":
+            f = q.to_value(u.Hz)
+        elif kind == "wave":
+            f = (q.to(u.Hz, equivalencies=u.spectral())).value
+        else:
+            f = rest_hz / (1 + q.to_value(u.km / u.s) / C_KMS)
+    except u.UnitConversionError:
+        raise InputError("spectral unit %r does not fit a %s axis; use a frequency unit for "
+                         "FREQ, a velocity unit for VRAD/VELO/VOPT" % (str(unit), ctype)) from None
+    return C_KMS * (1 - f / rest_hz)
+
+
+def read_cube(path, rest_frequency=None, nh3=False):
+    """Read a FITS cube; return the data (spectral axis first) and radio velocities.
+
+    Parameters
+    ----------
+    path : str or Path
+    rest_frequency : float, optional
+        Hz, when the header has no RESTFRQ/RESTFREQ (NH3 mode defaults to (1,1)).
+    nh3 : bool
+        NH3 mode (default rest frequency).
+
+    Returns
+    -------
+    Cube
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, fewer than 3 axes, no spectral axis, a non-degenerate
+        extra axis, an unknown spectral unit, a missing rest frequency, or no finite value.
+    """
+    from astropy.io import fits
+    from astropy.wcs import WCS, FITSFixedWarning
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("cube %s does not exist; give the path of a FITS cube" % path)
+    try:
+        with fits.open(path) as hdul:
+            hdu = next((h for h in hdul if h.data is not None and h.data.ndim > 0), None)
+            if hdu is None:
+                raise InputError("%s has no image data in any HDU" % path)
+            data, header = np.asarray(hdu.data, np.float32), hdu.header.copy()
+    except OSError as exc:
+        raise InputError("cannot read %s as FITS: %s" % (path, exc)) from None
+    if data.ndim < 3:
+        raise InputError("%s is a %d-D image; clover needs a cube with a spectral axis "
+                         "(axes x, y, spectrum)" % (path, data.ndim))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        try:
+            wcs = WCS(header)
+        except Exception as exc:  # astropy raises several types for bad WCS keywords
+            raise InputError("%s: the WCS cannot be read (%s); check CTYPE/CUNIT" % (path, exc)) from None
+    spec = _spectral_axis_index(header, data.ndim)
+    if spec is None:
+        raise InputError("%s has no spectral axis (no CTYPEn of FREQ/VRAD/VELO/VOPT/FELO/WAVE); "
+                         "clover needs a spectral cube" % path)
+    data, wcs2d = _squeeze_to_cube(data, wcs, spec, path)
+    if not np.isfinite(data).any():
+        raise InputError("%s contains no finite value (all NaN); nothing to predict" % path)
+    n = data.shape[0]
+    key = str(spec + 1)
+    crval, crpix = header.get("CRVAL" + key, 0.0), header.get("CRPIX" + key, 1.0)
+    if "CD%s_%s" % (key, key) in header:
+        cdelt = header["CD%s_%s" % (key, key)]
+    else:
+        cdelt = header.get("CDELT" + key, 1.0) * header.get("PC%s_%s" % (key, key), 1.0)
+    values = crval + (np.arange(n) + 1 - crpix) * cdelt
+    rest = header.get("RESTFRQ", header.get("RESTFREQ")) or rest_frequency or (NH3_11_REST_HZ if nh3 else None)
+    velocity = _velocity_axis(values, header.get("CTYPE" + key, ""), header.get("CUNIT" + key, ""), rest)
+    spatial = wcs2d.to_header()
+    for k in ("BMAJ", "BMIN", "BPA", "OBJECT", "TELESCOP", "DATE-OBS"):
+        if k in header:
+            spatial[k] = header[k]
+    return Cube(data, velocity, header, spatial, str(header.get("BUNIT", "")).strip(), spec + 1, path)
+
+
+def _spectral_axis_index(header, naxis):
+    for i in range(naxis):
+        if str(header.get("CTYPE%d" % (i + 1), ""))[:4].upper() in _SPECTRAL_KINDS:
+            return i
+    return None
+
+
+def _squeeze_to_cube(data, wcs, spec, path):
+    """Move the spectral axis first, drop degenerate axes; return data and the 2-D WCS."""
+    np_spec = data.ndim - 1 - spec
+    extra = [i for i in range(wcs.naxis) if i != spec and i not in (wcs.wcs.lng, wcs.wcs.lat)]
+    if wcs.wcs.lng < 0 or wcs.wcs.lat < 0:   # linear spatial axes: keep the first two others
+        extra = [i for i in range(wcs.naxis) if i != spec][2:]
+    for i in extra:
+        if data.shape[data.ndim - 1 - i] != 1:
+            raise InputError("%s: axis %d (%s) has %d planes; clover needs one spectral and two "
+                             "spatial axes (select one plane first)"
+                             % (path, i + 1, wcs.wcs.ctype[i], data.shape[data.ndim - 1 - i]))
+    keep = [i for i in range(wcs.naxis) if i != spec and i not in extra]
+    cube = np.moveaxis(data, np_spec, 0)
+    cube = cube.reshape((cube.shape[0],) + tuple(data.shape[data.ndim - 1 - i] for i in sorted(keep, reverse=True)))
+    return cube, wcs.sub([i + 1 for i in sorted(keep)])
+
+
+def write_map(path, image, header, bunit, overwrite=False, comment=""):
+    """Write a 2-D FITS map atomically (temporary file + rename)."""
+    from astropy.io import fits
+    hdr = header.copy()
+    hdr["BUNIT"] = bunit
+    hdr["ORIGIN"] = "clover %s" % __version__
+    if comment:
+        hdr["COMMENT"] = comment
+    with atomic_output(path, overwrite=overwrite, mode="wb") as stream:
+        fits.PrimaryHDU(np.asarray(image, np.float32), hdr).writeto(stream)
+
+
+def write_fitted_cube(path, cube, first, overwrite=False):
+    """Write the padded/clipped cube as ``<name>_clover.fits`` with a corrected axis."""
+    from astropy.io import fits
+    hdr = cube.header.copy()
+    key = "CRPIX%d" % cube.spec_fits_axis
+    hdr[key] = hdr.get(key, 1.0) + first       # the original kept the old reference pixel
+    data = cube.data                            # (spec, y, x): FITS axes x, y, spectrum
+    hdr["HISTORY"] = "clover %s: spectral axis %s from %d to %d channels" % (
+        __version__, "padded with noise" if first > 0 else "clipped", hdr.get("NAXIS%d" % cube.spec_fits_axis, 0),
+        data.shape[0])
+    extra = hdr.get("NAXIS", 3) - 3
+    data = data.reshape((1,) * extra + data.shape) if extra > 0 else data
+    with atomic_output(path, overwrite=overwrite, mode="wb") as stream:
+        fits.PrimaryHDU(data, hdr).writeto(stream)
+
+
+# ===========================================================================
+# Stage: predict
+# ===========================================================================
+def _output_paths(stem, outdir):
+    return {name: Path(outdir) / ("%s_%s.fits" % (stem, name)) for name in OUTPUT_MAPS}
+
+
+def _check_outputs_free(paths, overwrite):
+    existing = [str(p) for p in paths if Path(p).exists()]
+    if existing and not overwrite:
+        raise OutputExistsError("%d output(s) exist already (%s%s); use --overwrite / overwrite=True "
+                                "or another outdir" % (len(existing), existing[0],
+                                                       ", ..." if len(existing) > 1 else ""))
+
+
+def _to_physical(result, tmax, velocity, nchan):
+    """Training units -> km/s and brightness: centroid channel -> velocity by interpolation."""
+    half = _centre_channel(nchan)
+    chan = np.arange(nchan)
+    dv = abs(velocity[-1] - velocity[0]) / (nchan - 1)     # mean width, not channels 23/24
+    out = {}
+    for kind, names in REG_TARGETS.items():
+        mu, err = result[kind], result[kind + "_err"]
+        ncomp = len(names) // 3
+        for j, name in enumerate(names):
+            col = mu[:, j]
+            if j < ncomp:                      # centroid
+                out[name] = np.interp(col * half + half, chan, velocity, left=np.nan, right=np.nan)
+                out[name + "_err"] = err[:, j] * half * dv
+            elif j < 2 * ncomp:                # dispersion
+                out[name], out[name + "_err"] = col * dv, err[:, j] * dv
+            else:                              # peak
+                out[name], out[name + "_err"] = col * tmax, err[:, j] * tmax
+    out["class"] = result["class"].astype(np.float32)
+    out["prob"] = result["prob"]
+    return out
+
+
+def _warn_centroid_range(maps, velocity, line):
+    """CentroidRangeWarning when predicted centroids leave the trained range."""
+    centre = 0.5 * (velocity[0] + velocity[-1])
+    limit = LINE_TYPES[line]["centroid_halfwidth_kms"]
+    cents = np.concatenate([maps[k][np.isfinite(maps[k])] for k in ("vlsr", "vlsr1", "vlsr2")])
+    outside = np.abs(cents - centre) > limit
+    if cents.size and outside.mean() > 0.01:
+        warnings.warn("%d of %d predicted centroids lie more than %.1f km/s from the band "
+                      "centre (%.2f km/s), outside the trained range; re-centre the spectral "
+                      "axis or split the cube into sub-cubes with smaller velocity gradients"
+                      % (outside.sum(), cents.size, limit, centre), CentroidRangeWarning, stacklevel=3)
+
+
+def _warn_emission_outside(data, velocity, line, max_pixels=20000, min_snr=6.0):
+    """CentroidRangeWarning when bright emission peaks outside the trained band (Gaussian).
+
+    The peak channel of every spectrum with peak S/N > ``min_snr`` (noise = 1.4826 MAD
+    of the spectrum) is compared with the trained centroid range; NH3 is left to the
+    check on the predicted centroids, as its brightest channel may be a satellite.
+    """
+    if line != "gauss":
+        return
+    flat = data.reshape(data.shape[0], -1)
+    cols = np.flatnonzero(np.isfinite(flat).all(axis=0))
+    if cols.size > max_pixels:
+        cols = cols[np.linspace(0, cols.size - 1, max_pixels).astype(int)]
+    spec = flat[:, cols]
+    if not spec.size:
+        return
+    noise = 1.4826 * np.median(np.abs(spec - np.median(spec, axis=0)), axis=0)
+    bright = spec.max(axis=0) > min_snr * np.maximum(noise, 1e-30)
+    vpeak = velocity[np.argmax(spec[:, bright], axis=0)]
+    centre = 0.5 * (velocity[0] + velocity[-1])
+    outside = np.abs(vpeak - centre) > LINE_TYPES[line]["centroid_halfwidth_kms"]
+    if bright.sum() and outside.mean() > 0.01:
+        warnings.warn("%d of %d bright spectra peak outside the trained range (%.1f km/s around "
+                      "the band centre %.2f km/s); re-centre the spectral axis or split the cube "
+                      "into sub-cubes with smaller velocity gradients"
+                      % (outside.sum(), bright.sum(), LINE_TYPES[line]["centroid_halfwidth_kms"], centre),
+                      CentroidRangeWarning, stacklevel=3)
+
+
+def _predict_blocks(cube, models, batch_size, block_pixels, progress):
+    """Run the networks over row blocks of a (nchan, ny, nx) cube; return flat maps."""
+    nchan, ny, nx = cube.shape
+    rows = max(1, block_pixels // max(nx, 1))
+    starts = list(range(0, ny, rows))
+    bar = None
+    if progress and len(starts) > 1:
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=ny * nx, unit="spec", desc="clover predict", leave=False)
+        except ImportError:
+            bar = None
+    flat = {}
+    for r0 in starts:
+        r1 = min(ny, r0 + rows)
+        h0, h1 = max(0, r0 - 1), min(ny, r1 + 1)        # one-row halo for the 3x3 mean
+        x, tmax, valid = make_features(cube[:, h0:h1])
+        inner = np.zeros_like(valid)
+        inner[r0 - h0:r1 - h0] = True
+        keep = inner[valid]
+        res = predict_spectra(x[keep], models, batch_size)
+        for key, arr in res.items():
+            flat.setdefault(key, []).append(arr)
+        flat.setdefault("tmax", []).append(tmax[keep])
+        flat.setdefault("valid", []).append(valid[r0 - h0:r1 - h0])
+        if bar is not None:
+            bar.update((r1 - r0) * nx)
+    if bar is not None:
+        bar.close()
+    out = {k: np.concatenate(v) for k, v in flat.items() if k != "valid"}
+    return out, np.concatenate(flat["valid"], axis=0)
+
+
+def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
+            batch_size=2048, seed=0, rest_frequency=None, block_pixels=20000,
+            progress=True, write=True, models=None):
+    """Classify every pixel of a cube and predict its components' kinematics.
+
+    Parameters
+    ----------
+    f : str or Path
+        FITS cube (spectral axis of frequency, velocity or wavelength, any unit).
+    nh3 : bool
+        NH3 (1,1) mode (1000-channel models) instead of a Gaussian line (500 channels).
+    nproc : int
+        CPU threads for TensorFlow.
+    outdir : str or Path, optional
+        Output directory (default: the cube's directory).
+    overwrite : bool
+        Replace existing outputs (otherwise OutputExistsError before anything is written).
+    model_dir : str or Path, optional
+        Trained models (default models/clover).
+    batch_size, block_pixels : int
+        Spectra per network call; pixels per processing block.
+    seed : int
+        Seed of the padding noise.
+    rest_frequency : float, optional
+        Hz, when the header has none.
+    progress : bool
+        tqdm progress bar when the cube spans several blocks.
+    write : bool
+        Write the FITS outputs (False: only return the maps).
+    models : CloverModels, optional
+        Already loaded networks (saves the loading time in loops).
+
+    Returns
+    -------
+    dict
+        ``maps`` {name: (ny, nx) array} for every OUTPUT_MAPS entry; ``paths``
+        {name: Path} of the written files (with ``cube`` when the spectral axis was
+        changed); ``seconds``; ``n_pixels``; ``velocity`` (km/s axis used).
+
+    Raises
+    ------
+    InputError, OutputExistsError
+
+    Warns
+    -----
+    CentroidRangeWarning, ChannelWidthWarning
+
+    Notes
+    -----
+    The output names are ``<name>_<map>.fits`` with ``<name>`` the cube's name, or
+    ``<name>_clover`` when the spectral axis had to be padded or clipped (then the
+    changed cube is written as ``<name>_clover.fits``, as in the original).
+    """
+    start = time.perf_counter()
+    line = "nh3" if nh3 else "gauss"
+    nchan = LINE_TYPES[line]["nchan"]
+    cube = read_cube(f, rest_frequency=rest_frequency, nh3=nh3)
+    outdir = Path(outdir) if outdir else cube.path.parent
+    stem = cube.path.name[:-5] if cube.path.name.lower().endswith(".fits") else cube.path.stem
+    data, first = fit_length(cube.data, nchan, np.random.default_rng(seed))
+    changed = cube.data.shape[0] != nchan
+    velocity = _fitted_velocity(cube.velocity, first, nchan)
+    paths = {}
+    if changed:
+        stem += "_clover"
+        paths["cube"] = outdir / (stem + ".fits")
+    paths.update(_output_paths(stem, outdir))
+    if write:
+        _check_outputs_free(paths.values(), overwrite)
+    _check_channel_width(velocity, line)
+    fitted = data                             # file channel order, for <name>_clover.fits
+    if velocity[-1] < velocity[0]:            # the networks saw velocity increasing with index
+        data, velocity = data[::-1], velocity[::-1]
+    _warn_emission_outside(data, velocity, line)
+    models = models or CloverModels(line, model_dir, nproc)
+    if models.line != line:
+        raise InputError("the given models are for %r spectra but nh3=%s; load CloverModels(%r)"
+                         % (models.line, nh3, line))
+    log.info("Segmenting and predicting kinematics of %d pixels (%s, %d members)",
+             data.shape[1] * data.shape[2], line, models.n_members)
+    flat, valid = _predict_blocks(data, models, batch_size, block_pixels, progress)
+    phys = _to_physical(flat, flat["tmax"], velocity, nchan)
+    maps = {}
+    for name in OUTPUT_MAPS:
+        image = np.full(valid.shape, np.nan, np.float32)
+        image[valid] = phys[name]
+        maps[name] = image
+    _warn_centroid_range(maps, velocity, line)
+    if write:
+        if changed:
+            cube.data = fitted
+            write_fitted_cube(paths["cube"], cube, first, overwrite)
+        units = {"class": "", "prob": "", "vel": "km/s", "width": "km/s", "peak": cube.bunit}
+        for name, (_, _, kind, text) in OUTPUT_MAPS.items():
+            write_map(paths[name], maps[name], cube.spatial_header, units[kind], overwrite, text)
+    seconds = time.perf_counter() - start
+    log.info("predicted %d pixels in %.1f s", int(valid.sum()), seconds)
+    return {"maps": maps, "paths": paths if write else {}, "seconds": seconds,
+            "n_pixels": int(valid.sum()), "velocity": velocity}
+
+
+def _fitted_velocity(velocity, first, nchan):
+    """Velocity axis after padding (first > 0) or clipping (first < 0), same channel width."""
+    step = (velocity[-1] - velocity[0]) / (len(velocity) - 1) if len(velocity) > 1 else TEMPLATE_DV_KMS
+    return velocity[0] + (np.arange(nchan) - first) * step
+
+
+def _check_channel_width(velocity, line):
+    if line != "nh3":
+        return
+    dv = abs(velocity[-1] - velocity[0]) / (len(velocity) - 1)
+    if abs(dv / TEMPLATE_DV_KMS - 1) > 0.1:
+        warnings.warn("the NH3 cube's channel width %.4f km/s differs from the trained %.4f km/s; "
+                      "the hyperfine pattern spans a different number of channels, so results "
+                      "are unreliable: regrid the cube to 5.72 kHz channels" % (dv, TEMPLATE_DV_KMS),
+                      ChannelWidthWarning, stacklevel=3)
+
+
+# ===========================================================================
+# Stage: train and evaluate
+# ===========================================================================
+SNR_BINS = (0.0, 4.0, 8.0, 16.0, np.inf)
+
+
+def evaluate(line, models, n=9000, seed=1, batch_size=2048):
+    """Accuracy table of a line type's models on a fresh simulated test set.
+
+    Parameters
+    ----------
+    line : {'gauss', 'nh3'}
+    models : CloverModels
+    n : int
+        Test spectra for the classifier (thirds); a third of it for the regressor.
+    seed : int
+        Test-set seed (use one different from the training seed).
+
+    Returns
+    -------
+    dict
+        ``class_accuracy`` {class: {'all', 'snr>=4'}}, ``snr_bins`` {class: {bin: [acc,
+        count]}} (two-component spectra binned by their weaker component's S/N),
+        ``confusion`` (3x3, rows truth), and ``regression`` (median absolute errors of
+        vlsr and sigma in km/s at S/N >= 8, with the mean linewidth).
+    """
+    rng = np.random.default_rng(seed)
+    simulate = LINE_TYPES[line]["simulate"]
+    sim = simulate(n, rng)
+    pred = predict_spectra(sim["x"], models, batch_size)["class"]
+    truth = sim["label"].astype(int)
+    snr = np.where(truth == CLASS_CODES["two"], sim["snr_min"], sim["snr"])
+    table = {"n": n, "seed": seed, "class_accuracy": {}, "snr_bins": {},
+             "confusion": np.bincount(truth * 3 + pred, minlength=9).reshape(3, 3).tolist()}
+    for name, code in CLASS_CODES.items():
+        rows = truth == code
+        ok = pred[rows] == code
+        high = (snr[rows] >= 4) | (code == CLASS_CODES["noise"])
+        table["class_accuracy"][name] = {"all": float(ok.mean()), "snr>=4": float(ok[high].mean())}
+        bins = {}
+        for lo, hi in zip(SNR_BINS[:-1], SNR_BINS[1:]):
+            sel = (snr[rows] >= lo) & (snr[rows] < hi)
+            if sel.any() and code != CLASS_CODES["noise"]:
+                bins["%g-%g" % (lo, hi)] = [float(ok[sel].mean()), int(sel.sum())]
+        table["snr_bins"][name] = bins
+    table["regression"] = _evaluate_regression(line, models, max(300, n // 3), rng, batch_size)
+    return table
+
+
+def _evaluate_regression(line, models, n, rng, batch_size):
+    """Median absolute errors (km/s) of the two-component regressor at S/N >= 8."""
+    sim = LINE_TYPES[line]["simulate"](n, rng, classes=CLASS_CODES["two"])
+    nchan = LINE_TYPES[line]["nchan"]
+    mu, err = models.regress("reg2", sim["x"], batch_size)
+    truth = sim["reg2"]
+    half, dv = _centre_channel(nchan), TEMPLATE_DV_KMS
+    good = sim["snr_min"] >= 8
+    dvel = np.abs(mu[:, :2] - truth[:, :2])[good] * half * dv
+    dsig = np.abs(mu[:, 2:4] - truth[:, 2:4])[good] * dv
+    dpeak = np.abs(mu[:, 4:] - truth[:, 4:])[good]
+    pull = ((mu - truth) / err)[good]
+    return {"n": int(good.sum()), "mean_linewidth_kms": float(np.nanmean(sim["sigma"][good])),
+            "mae_vlsr_kms": float(np.median(dvel)), "mae_sigma_kms": float(np.median(dsig)),
+            "mae_tpeak_rel": float(np.median(dpeak)),
+            "pull_std": [float(v) for v in np.std(pull, axis=0)]}
+
+
+def _member_seed(seed, line, role, index=0):
+    """Deterministic integer seed per (line, model role, member)."""
+    words = [seed, list(LINE_TYPES).index(line), ["class", "reg2", "reg1", "val", "test"].index(role), index]
+    return int(np.random.SeedSequence(words).generate_state(1)[0])
+
+
+def _fit(model, x, y, xv, yv, settings, label):
+    """Train one network with Adam and early stopping; return its record."""
+    keras = _import_keras()
+    start = time.perf_counter()
+    cb = [keras.callbacks.EarlyStopping("val_loss", patience=settings["patience"],
+                                        restore_best_weights=True),
+          keras.callbacks.ReduceLROnPlateau("val_loss", factor=0.3, min_lr=1e-5,
+                                            patience=max(1, settings["patience"] - 2))]
+    hist = model.fit(x, y, batch_size=settings["batch_size"], epochs=settings["epochs"],
+                     validation_data=(xv, yv), callbacks=cb, shuffle=True, verbose=0)
+    record = {"epochs_run": len(hist.history["loss"]), "seconds": round(time.perf_counter() - start, 1),
+              "val_loss": float(min(hist.history["val_loss"])), "n_train": int(len(x)),
+              "params": int(model.count_params())}
+    if "val_accuracy" in hist.history:
+        record["val_accuracy"] = float(max(hist.history["val_accuracy"]))
+    log.info("trained %s: %s", label, record)
+    return record
+
+
+def _save_weights(model, path):
+    tmp = path.with_name(path.name.replace(".weights.h5", ".part.weights.h5"))
+    model.save_weights(tmp)
+    os.replace(tmp, path)
+
+
+def _train_line(line, model_dir, settings, previous=None):
+    """Train the classifier members and both regressors of one line type.
+
+    With ``settings['parts'] == ['reg']`` the classifier entry of ``previous`` (the
+    metadata already in ``model_dir``) is kept and only the regressors are trained;
+    training is deterministic, so this equals a full run with the same settings.
+    """
+    keras = _import_keras()
+    spec = LINE_TYPES[line]
+    simulate, nchan = spec["simulate"], spec["nchan"]
+    frac = settings["nh3_fraction"] if line == "nh3" else 1.0
+    size = lambda n: max(300, int(round(n * frac)) // 3 * 3)  # noqa: E731
+    seed = settings["seed"]
+    t0 = time.perf_counter()
+    if "class" in settings["parts"]:
+        val = simulate(size(settings["n_val"]), np.random.default_rng(_member_seed(seed, line, "val")))
+        data = simulate(size(settings["n_class"]), np.random.default_rng(_member_seed(seed, line, "class")))
+        log.info("%s: simulated %d + %d spectra in %.1f s", line, len(data["x"]), len(val["x"]),
+                 time.perf_counter() - t0)
+    else:
+        data = None
+    entry = {"nchan": nchan, "dv_kms": spec["dv_kms"], "classifier": {"members": []}}
+    if "class" not in settings["parts"]:
+        entry["classifier"] = previous["classifier"]
+    for i in range(settings["ensemble_size"] if "class" in settings["parts"] else 0):
+        keras.utils.set_random_seed(_member_seed(seed, line, "class", i))
+        model = build_network(nchan, 3, "class")
+        model.compile(keras.optimizers.Adam(settings["learning_rate"]), "sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        # bagging: each member sees its own bootstrap-free random 90 % of the set
+        rows = np.random.default_rng(_member_seed(seed, line, "class", 100 + i)).permutation(len(data["x"]))
+        rows = rows[: int(0.9 * len(rows))]
+        rec = _fit(model, data["x"][rows], data["label"][rows], val["x"], val["label"], settings,
+                   "%s classifier %d" % (line, i))
+        name = "%s_class%d.weights.h5" % (line, i)
+        _save_weights(model, model_dir / name)
+        entry["classifier"]["members"].append(dict(rec, file=name, n_out=3, head="class", dense=32))
+    del data
+    kernel = recentre_kernel(line)
+    entry["recentre"] = kernel
+    for kind, code, factor in (("reg2", CLASS_CODES["two"], 1.0), ("reg1", CLASS_CODES["one"], 0.5)):
+        sim = simulate(size(settings["n_reg"] * factor), np.random.default_rng(_member_seed(seed, line, kind)),
+                       classes=code)
+        vsim = simulate(size(settings["n_val"] / 3), np.random.default_rng(_member_seed(seed, line, "val", 1 + code)),
+                        classes=code)
+        sim["x"], shift = recentre(sim["x"], kernel)
+        vsim["x"], vshift = recentre(vsim["x"], kernel)
+        y, yv = _shift_targets(sim[kind], shift, kind, nchan), _shift_targets(vsim[kind], vshift, kind, nchan)
+        mean, std = y.mean(axis=0), y.std(axis=0) + 1e-6
+        k = y.shape[1]
+        keras.utils.set_random_seed(_member_seed(seed, line, kind))
+        model = build_network(nchan, 2 * k, "reg", 64)
+        model.compile(keras.optimizers.Adam(settings["learning_rate"]), gaussian_nll)
+        rec = _fit(model, sim["x"], (y - mean) / std, vsim["x"], (yv - mean) / std, settings,
+                   "%s regressor %s" % (line, kind))
+        name = "%s_%s.weights.h5" % (line, kind)
+        _save_weights(model, model_dir / name)
+        entry[kind] = dict(rec, file=name, n_out=2 * k, head="reg", dense=64, targets=REG_TARGETS[kind],
+                           mean=mean.tolist(), std=std.tolist())
+    entry["train_seconds"] = round(time.perf_counter() - t0, 1)
+    return entry
+
+
+def train(model_dir=None, seed=20191119, lines=("gauss", "nh3"), ensemble_size=6, n_class=54000,
+          n_reg=54000, nh3_fraction=0.75, n_val=6000, n_test=9000, epochs=14, patience=4,
+          batch_size=128, learning_rate=1.5e-3, threads=2, overwrite=False, parts=("class", "reg")):
+    """Simulate the training sets and train every model of the given line types.
+
+    Parameters
+    ----------
+    model_dir : str or Path, optional
+        Output directory (default models/clover); ``clover_models.json`` records the
+        seed, set sizes, versions, timings and the accuracy table of each line type.
+    seed : int
+        Seed of the simulated sets and of the weight initialisation.
+    lines : sequence of {'gauss', 'nh3'}
+    ensemble_size : int
+        Classifier members (default 6, as the original).
+    n_class, n_reg, n_val, n_test : int
+        Spectra per classifier member set, regressor set, validation set, test set
+        (NH3 sets are ``nh3_fraction`` of these).
+    epochs, patience, batch_size, learning_rate : training settings (Adam, early
+        stopping on the validation loss, best weights kept).
+    threads : int
+        CPU threads for TensorFlow.
+    overwrite : bool
+        Replace the models of these line types in ``model_dir``.
+    parts : sequence of {'class', 'reg'}
+        Train the classifier ensemble, the regressors, or both; with only 'reg' the
+        classifiers already in ``model_dir`` are kept.
+
+    Returns
+    -------
+    dict
+        The metadata written to ``clover_models.json``.
+
+    Notes
+    -----
+    Reproducible: numpy Generators and keras/TF seeds derive from ``seed`` and TF op
+    determinism is enabled; results can still differ in the last bits across CPUs or
+    thread counts (floating-point reduction order in oneDNN kernels).
+    """
+    model_dir = Path(model_dir) if model_dir else MODEL_DIR
+    meta_path = model_dir / META_FILE
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {"lines": {}}
+    clash = [l for l in lines if l in meta["lines"]]
+    if clash and not overwrite:
+        raise OutputExistsError("%s already holds %s models; use --overwrite to retrain them"
+                                % (model_dir, ", ".join(clash)))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    keras = _import_keras(threads)
+    import tensorflow as tf
+    tf.config.experimental.enable_op_determinism()
+    settings = dict(seed=seed, ensemble_size=ensemble_size, n_class=n_class, n_reg=n_reg,
+                    nh3_fraction=nh3_fraction, n_val=n_val, epochs=epochs, patience=patience,
+                    batch_size=batch_size, learning_rate=learning_rate, parts=list(parts))
+    for line in lines:
+        previous = meta["lines"].get(line)
+        if "class" not in parts and not previous:
+            raise InputError("no %s classifiers in %s to keep; train with parts=('class', 'reg')"
+                             % (line, model_dir))
+        entry = _train_line(line, model_dir, settings, previous)
+        meta["lines"][line] = entry
+        _write_meta(meta_path, meta, settings, keras, tf)
+        models = CloverModels(line, model_dir, threads)
+        entry["accuracy"] = evaluate(line, models, int(n_test * (nh3_fraction if line == "nh3" else 1)),
+                                     seed=seed + 1)
+        log.info("%s accuracy: %s", line, json.dumps(entry["accuracy"]["class_accuracy"]))
+        _write_meta(meta_path, meta, settings, keras, tf)
+    return meta
+
+
+def _write_meta(path, meta, settings, keras, tf):
+    meta.update(clover_version=__version__, seed=settings["seed"], settings=settings,
+                versions={"tensorflow": tf.__version__, "keras": keras.__version__,
+                          "numpy": np.__version__, "python": sys.version.split()[0]},
+                written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    with atomic_output(path, overwrite=True) as out:
+        json.dump(meta, out, indent=1)
+    os.chmod(path, 0o644)
+
+
+# ===========================================================================
+# Simulated cubes (tests, benchmark, demo)
+# ===========================================================================
+def simulate_cube(line="gauss", ny=24, nx=24, rng=None, snr=10.0, nchan=None):
+    """A small cube with noise / one-component / two-component regions (left to right).
+
+    Parameters
+    ----------
+    line : {'gauss', 'nh3'}
+    ny, nx : int
+        Spatial size; columns [0, nx/3) are noise, [nx/3, 2nx/3) one component, the rest
+        two components; centroids follow a gentle gradient along y.
+    rng : numpy.random.Generator
+    snr : float
+        Peak S/N of the brighter component (Gaussian); NH3 noise is 0.1 K.
+    nchan : int, optional
+        Channels (default the model length); the template channel width is kept.
+
+    Returns
+    -------
+    cube : ndarray, shape (nchan, ny, nx), float32 (velocity increasing with index)
+    velocity : ndarray, shape (nchan,), km/s
+    truth : dict of (ny, nx) maps: class, vlsr1, vlsr2, sig1, sig2, tpeak1, tpeak2
+    """
+    rng = rng or np.random.default_rng(0)
+    full = LINE_TYPES[line]["nchan"]
+    nchan = nchan or full
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    code = np.where(xx < nx // 3, 1, np.where(xx < 2 * nx // 3, 0, 2))
+    grad = (yy / max(ny - 1, 1) - 0.5)
+    if line == "gauss":
+        v1, sep, s1, s2, p1, p2, noise = -1.0 + 2.0 * grad, 2.0, 0.35, 0.45, 1.0, 0.7, 1.0 / snr
+    else:
+        v1, sep, s1, s2, noise = -0.5 + 1.0 * grad, 1.6, 0.2, 0.3, NH3_RANGES["noise_k"]
+    v2 = v1 + sep
+    present2 = code == 2
+    first = (full - nchan) // 2
+    if line == "gauss":
+        vel = gaussian_template_axis()[first:first + nchan] if nchan <= full else \
+            (np.arange(nchan) - _centre_channel(nchan)) * TEMPLATE_DV_KMS
+        amp = np.column_stack([np.where(code != 1, p1, 0.0).ravel(), np.where(present2, p2, 0.0).ravel()])
+        cen = np.column_stack([v1.ravel(), v2.ravel()])
+        sig = np.column_stack([np.full(v1.size, s1), np.full(v1.size, s2)])
+        spec = gaussian_profiles(vel, amp, cen, sig)
+        t1, t2 = amp[:, 0].reshape(ny, nx), amp[:, 1].reshape(ny, nx)
+    else:
+        idx = np.arange(first, first + nchan)
+        freq = NH3_11_REST_HZ * (1 - ((idx - 499) * TEMPLATE_DV_KMS) / C_KMS)
+        vel = (idx - 499) * TEMPLATE_DV_KMS
+        m = v1.size
+        a = nh3_spectra(freq, np.full(m, 15.0), np.full(m, 14.2), np.full(m, s1), v1.ravel())
+        b = nh3_spectra(freq, np.full(m, 12.0), np.full(m, 14.0), np.full(m, s2), v2.ravel())
+        a[(code == 1).ravel()] = 0
+        b[~present2.ravel()] = 0
+        spec = a + b
+        t1, t2 = a.max(1).reshape(ny, nx), b.max(1).reshape(ny, nx)
+    cube = spec.T.reshape(nchan, ny, nx) + rng.standard_normal((nchan, ny, nx)).astype(np.float32) * noise
+    nan = lambda a, keep: np.where(keep, a, np.nan)  # noqa: E731
+    truth = {"class": code.astype(float), "vlsr1": nan(v1, present2), "vlsr2": nan(v2, present2),
+             "sig1": nan(np.full_like(v1, s1), present2), "sig2": nan(np.full_like(v1, s2), present2),
+             "tpeak1": nan(t1, present2), "tpeak2": nan(t2, present2),
+             "vlsr": nan(v1, code == 0), "sig": nan(np.full_like(v1, s1), code == 0)}
+    return cube.astype(np.float32), vel, truth
+
+
+def interior_pixels(labels):
+    """Pixels whose whole 3x3 neighbourhood has their own label (region interiors).
+
+    The networks see the 3x3 mean spectrum, so a pixel next to a sharp region boundary
+    (an unphysical step in a simulated cube) can take its neighbours' class.
+    """
+    pad = np.pad(labels, 1, mode="edge")
+    ny, nx = labels.shape
+    same = np.ones(labels.shape, bool)
+    for dy in range(3):
+        for dx in range(3):
+            same &= pad[dy:dy + ny, dx:dx + nx] == labels
+    return same
+
+
+def cube_hdu(cube, velocity, axis="vrad", bunit="K", rest_hz=None, vel_unit="km/s"):
+    """FITS HDU of a (nchan, ny, nx) cube with an RA/Dec grid and a linear spectral axis.
+
+    ``axis='vrad'`` writes radio velocity in ``vel_unit``; ``axis='freq'`` writes Hz
+    (needs ``rest_hz``; the frequency axis then decreases as velocity increases).
+    """
+    from astropy import units as u
+    from astropy.io import fits
+    hdu = fits.PrimaryHDU(np.asarray(cube, np.float32))
+    h = hdu.header
+    h.update(CTYPE1="RA---TAN", CTYPE2="DEC--TAN", CUNIT1="deg", CUNIT2="deg", CRPIX1=1.0,
+             CRPIX2=1.0, CRVAL1=246.5, CRVAL2=-24.4, CDELT1=-2.0 / 3600, CDELT2=2.0 / 3600,
+             CRPIX3=1.0, BUNIT=bunit, SPECSYS="LSRK")
+    dv = (velocity[-1] - velocity[0]) / (len(velocity) - 1)
+    if axis == "vrad":
+        scale = (1 * u.km / u.s).to_value(u.Unit(vel_unit))
+        h.update(CTYPE3="VRAD", CUNIT3=vel_unit, CRVAL3=velocity[0] * scale, CDELT3=dv * scale)
+    else:
+        h.update(CTYPE3="FREQ", CUNIT3="Hz", CRVAL3=rest_hz * (1 - velocity[0] / C_KMS),
+                 CDELT3=-rest_hz * dv / C_KMS)
+    if rest_hz:
+        h["RESTFRQ"] = rest_hz
+    return hdu
+
+
+def run_demo(outdir, seed=2024, ny=24, nx=24):
+    """Simulate a Gaussian and an NH3 cube, run predict, plot maps next to the truth.
+
+    Parameters
+    ----------
+    outdir : str or Path
+        Where the cubes, the output maps and ``clover_demo.png`` go.
+    seed : int
+    ny, nx : int
+        Cube size.
+
+    Returns
+    -------
+    dict
+        Per line type: class accuracy (all pixels, and pixels away from the sharp
+        region boundaries), median |vlsr1 error| (km/s), pixels/s; the figure's path.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    summary, panels = {}, []
+    for line in LINE_TYPES:
+        cube, vel, truth = simulate_cube(line, ny, nx, rng)
+        path = outdir / ("demo_%s.fits" % line)
+        cube_hdu(cube, vel, rest_hz=NH3_11_REST_HZ if line == "nh3" else 115.2712018e9).writeto(path, overwrite=True)
+        res = predict(path, nh3=(line == "nh3"), outdir=outdir, overwrite=True, progress=False)
+        maps = res["maps"]
+        two = truth["class"] == 2
+        inner = interior_pixels(truth["class"])
+        summary[line] = {
+            "class_accuracy": round(float((maps["class"] == truth["class"]).mean()), 3),
+            "class_accuracy_interior": round(float((maps["class"] == truth["class"])[inner].mean()), 3),
+            "median_abs_vlsr1_err_kms": round(float(np.nanmedian(np.abs(maps["vlsr1"] - truth["vlsr1"])[two])), 3),
+            "pixels_per_s": round(res["n_pixels"] / res["seconds"], 1)}
+        panels.append((line, truth, maps))
+    fig, axes = plt.subplots(2 * len(panels), 3, figsize=(9, 6 * len(panels)))
+    for row, (line, truth, maps) in enumerate(panels):
+        for col, (key, cmap) in enumerate((("class", "viridis"), ("vlsr1", "RdBu_r"), ("vlsr2", "RdBu_r"))):
+            lim = (0, 2) if key == "class" else (np.nanmin(truth[key]) - 0.3, np.nanmax(truth[key]) + 0.3)
+            for k, (what, img) in enumerate((("truth", truth[key]), ("clover", maps[key]))):
+                ax = axes[2 * row + k, col]
+                im = ax.imshow(img, origin="lower", cmap=cmap, vmin=lim[0], vmax=lim[1])
+                ax.set_title("%s %s: %s" % (line, key, what), fontsize=9)
+                fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    png = outdir / "clover_demo.png"
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    summary["figure"] = str(png)
+    return summary
 
 
 # ===========================================================================
 # Command line
 # ===========================================================================
-def _no_arguments(parser):
-    """Subcommands without arguments of their own (the common options only)."""
+def _train_arguments(parser):
+    parser.add_argument("--lines", help="comma-separated line types to train (gauss,nh3)")
+    parser.add_argument("--model-dir", help="where to write the models (default models/clover)")
+    parser.add_argument("--parts", help="comma-separated: class, reg (default both; 'reg' keeps "
+                        "the classifiers already in the model directory)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sets and 2 epochs: a smoke test of the training path")
+
+
+def _predict_arguments(parser):
+    parser.add_argument("cube", nargs="?", help="FITS cube (any spectral unit)")
+    parser.add_argument("--nh3", action="store_true", default=None, help="NH3 (1,1) mode")
+    parser.add_argument("--nproc", type=int, help="CPU threads for TensorFlow")
+    parser.add_argument("--outdir", help="output directory (default: next to the cube)")
+    parser.add_argument("--model-dir", help="trained models (default models/clover)")
+
+
+def _cli_train(args, config):
+    t = dict(config["Train"])
+    if args.lines:
+        t["lines"] = [v.strip() for v in args.lines.split(",") if v.strip()]
+    if args.model_dir:
+        t["model_dir"] = Path(args.model_dir)
+    if args.parts:
+        t["parts"] = [v.strip() for v in args.parts.split(",") if v.strip()]
+        if not set(t["parts"]) <= {"class", "reg"}:
+            raise ConfigError("--parts %r: use class, reg or class,reg" % args.parts)
+    if args.quick:
+        t.update(n_class=900, n_reg=600, n_val=300, n_test=300, epochs=2, ensemble_size=2)
+    bad = [v for v in t["lines"] if v not in LINE_TYPES]
+    if bad:
+        raise ConfigError("unknown line type(s) %s; use a subset of %s" % (bad, ", ".join(LINE_TYPES)))
+    start = time.perf_counter()
+    train(model_dir=t.pop("model_dir"), overwrite=args.overwrite, **t)
+    log.info("training finished in %.1f min", (time.perf_counter() - start) / 60)
+    return EXIT_OK
+
+
+def _cli_predict(args, config):
+    if not args.cube:
+        raise InputError("no cube given; usage: clover predict CUBE.fits [--nh3] [--outdir DIR]")
+    p = dict(config["Predict"])
+    for key in ("nh3", "nproc", "outdir", "model_dir"):
+        value = getattr(args, key, None)
+        if value is not None:
+            p[key] = value
+    res = predict(args.cube, overwrite=args.overwrite, **p)
+    log.info("wrote %d files to %s", len(res["paths"]), Path(next(iter(res["paths"].values()))).parent)
+    return EXIT_OK
 
 
 SUBCOMMANDS = {
-    "train": ('simulate training sets and train all models',
-            not_yet_implemented(5), _no_arguments),
-    "predict": ('classify every spectrum of a cube and predict the component parameters',
-            not_yet_implemented(5), _no_arguments),
+    "train": ("simulate training sets and train all models", _cli_train, _train_arguments),
+    "predict": ("classify every spectrum of a cube and predict the component parameters",
+                _cli_predict, _predict_arguments),
 }
 
 
@@ -544,7 +2329,7 @@ def main(argv=None):
         Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
     """
     parser = build_cli(__doc__.strip().splitlines()[0], SUBCOMMANDS, __version__, CONFIG_SCHEMA)
-    return run_cli(parser, argv)
+    return run_cli(parser, argv, validators=(_validate_config,))
 
 
 if invoked_as_script(globals()):

@@ -106,7 +106,8 @@ def demo_casa_smoke(outdir):
 DEMOS = {
     "faust_imaging": ("CASA smoke run: simulated ALMA line MS -> tclean cube",
                       "demo:demo_casa_smoke", 3),
-    "clover": ("Gaussian and NH3 cubes -> class and velocity maps", None, 5),
+    "clover": ("Gaussian and NH3 cubes with 0/1/2-component regions -> class and velocity maps",
+               "clover:run_demo", 5),
     "autospec": ("MUSE-like cube with a blended pair -> extracted spectra",
                  "simulate_autospec:run_demo", 6),
     "racs_pipeline": ("ASKAP-like field with injected transients -> crossmatch, candidates",
