@@ -4,42 +4,73 @@ Re-creation of the FAUST archival imaging pipeline (autocorr/faust_line_imaging)
 real CASA 6 tools: dirty cube and noise estimate, an unmasked multiscale clean, a seed
 mask, the final masked clean (seed + auto-multithresh), primary-beam correction,
 smoothing to a common beam, FITS export, moment maps and QA plots, with cubes imaged
-in parallel chunks for large spectral windows.
-
-Status: skeleton with the shared command-line conventions; the pipeline itself is
-issue #4.
+in frequency chunks (serially, or in parallel processes through ``pipe_scripts/``).
 
 Use
 ---
 As a module::
 
-    import faust_imaging
-    faust_imaging.main(["list", "--config", "faust_imaging.cfg"])
+    import faust_imaging as fi
+    config = fi.ImageConfig.from_name("CB68", "244.936GHz_CS", kind="joint",
+                                      weighting=0.5, config="faust_imaging.cfg")
+    config.run_pipeline(ext="clean")
+    fi.make_all_moment_maps("CB68", ext="clean", config="faust_imaging.cfg")
+    fi.make_all_qa_plots("CB68", ext="clean", overwrite=False, config="faust_imaging.cfg")
 
 From the shell::
 
-    python faust_imaging.py SUBCOMMAND --help
+    python faust_imaging.py list -c faust_imaging.cfg
+    python faust_imaging.py run CB68 244.936GHz_CS --kind joint --weighting 0.5 --chunked
+    python faust_imaging.py moments CB68 --ext clean
+    python faust_imaging.py qa CB68 --ext clean
+    python faust_imaging.py jobs CB68 244.936GHz_CS --nchunks 8 -o cs_jobs.txt
+    python faust_imaging.py clean-up CB68 244.936GHz_CS --yes
 
 Inside a CASA 6 session (nothing runs on load; the functions land in the session)::
 
     execfile("faust_imaging.py")
+    config = ImageConfig.from_name("CB68", "244.936GHz_CS")
 
 Configuration
 -------------
 An INI file (``configs/faust_imaging.cfg``; write a commented template with
-``--write-config FILE``) with the sections ``[Paths]``, ``[Imaging]``,
-``[AutoMultithresh]`` and ``[Thresholds]``.  CASA runs offline from the
-repository's ``configs/casasiteconfig.py`` (see :func:`import_casa`).
+``--write-config FILE``) with the sections ``[Paths]``, ``[Catalog]``, ``[Imaging]``,
+``[AutoMultithresh]``, ``[AutoMultithresh7m]``, ``[Thresholds]``, ``[Moments]`` and
+``[QA]``.  The FAUST targets, setups and spectral windows are data files
+(``configs/faust_targets.csv``, ``faust_setups.csv``, ``faust_spws.csv``); add your
+own with the ``[Catalog]`` keys.  All paths are absolute, so the pipeline runs from
+any working directory; tclean's stray ``*.last`` files land in the image directory.
+CASA runs offline from the repository's ``configs/casasiteconfig.py`` (see
+:func:`import_casa`).
+
+Products
+--------
+``<IMAGE_DIR>/<FIELD>/<FIELD>_<LABEL>_<KIND>_<WEIGHT>_<EXT>.<CASA extension>`` with
+``IMAGE_DIR = PROD_DIR/images`` by default (names built only by
+:meth:`ImageConfig.get_imagebase`); the final cube is
+``..._<EXT>.image.pbcor.common.fits``, with ``..._<EXT>.qa.json`` beside it.
+Moment maps go to ``MOMENT_DIR`` (``PROD_DIR/moments``), QA plots to ``PLOT_DIR``
+(``PROD_DIR/plots``).
 """
 import argparse
 import configparser
+import copy
+import csv
+import json
 import logging
+import math
 import os
+import re
+import shutil
 import sys
 import tempfile
+import time
+import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field, replace as dataclass_replace
 from pathlib import Path
+
+import numpy as np
 
 __all__ = [
     "main",
@@ -48,13 +79,82 @@ __all__ = [
     "ConfigError",
     "InputError",
     "OutputExistsError",
+    "FaustWarning",
+    "UncleanedEmissionWarning",
+    "RunawayMaskWarning",
     "ConfigKey",
     "Config",
     "load_config",
     "setup_logging",
     "import_casa",
+    # catalogue
+    "Target",
+    "Setup",
+    "Spw",
+    "Catalog",
+    "load_catalog",
+    "ALL_TARGETS",
+    "ALL_FIELD_NAMES",
+    "ALL_SPWS",
+    "ALL_SPW_LABELS",
+    "SPWS_BY_SETUP",
+    "DataSet",
+    "ms_contains_diameter",
+    "parse_spw_info_from_ms",
+    "write_all_spw_info",
+    "calc_res",
+    "optimum_imsize",
+    # imaging
+    "ImageManager",
+    "ImageConfig",
+    "ChunkConfig",
+    "ChunkedConfigSet",
+    "MASK_METHODS",
+    "robust_rms",
+    "calc_rms_from_image",
+    "calc_common_coverage_range",
+    "calc_chunk_freqs",
+    "get_freq_axis_from_image",
+    "make_multiscale_joint_mask",
+    "smooth_cube_to_resolution",
+    "check_max_residual",
+    "primary_beam_correct",
+    "smooth_cube_to_common_beam",
+    "hanning_smooth_image",
+    "export_fits",
+    "concat_images",
+    "format_cube_robust",
+    "get_chunk_rms",
+    "run_pipeline",
+    # moments and QA
+    "MomentMapper",
+    "MOMENTS",
+    "make_moments_from_image",
+    "make_all_moment_maps",
+    "CubeSet",
+    "make_qa_plots_from_image",
+    "make_all_qa_plots",
+    "make_qa_summary",
+    # batch
+    "write_chunk_jobfile",
+    "write_setup_jobfile",
+    "SUBCOMMANDS",
+    # helpers
+    "get_config",
+    "product_dirs",
+    "parse_weighting",
+    "default_weighting",
+    "weighting_label",
+    "split_channels",
+    "hanning_smooth",
+    "delete_all_extensions",
+    "effective_beamwidth_from_image",
+    "create_mask_from_threshold",
+    "copy_pb_mask",
+    "common_beam_of_image",
+    "run_phase",
 ]
-__version__ = "0.1.0"
+__version__ = "1.0.0"
 
 log = logging.getLogger("faust_imaging")
 
@@ -64,7 +164,30 @@ log = logging.getLogger("faust_imaging")
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 SITECONFIG = HERE / "configs" / "casasiteconfig.py"
 MAD_TO_RMS = 1.482602218505602  # 1 / (sqrt(2) * erfinv(1/2)): Gaussian sigma from the MAD
-
+SPEED_OF_LIGHT_KMS = 299792.458
+TARGETS_FILE = HERE / "configs" / "faust_targets.csv"
+SETUPS_FILE = HERE / "configs" / "faust_setups.csv"
+SPWS_FILE = HERE / "configs" / "faust_spws.csv"
+KINDS = ("joint", "12m", "7m")
+#: Dish diameters (m) that select the measurement sets of a single-array kind.
+KIND_DIAMETERS = {"12m": 12.0, "7m": 7.0}
+DIRTY_EXT = "dirty"
+NOMASK_EXT = "nomask"
+TINYIMG_EXT = "tinyimg"
+CONT_MOLECULE = "cont"
+#: Intent of the science scans, used to pick the spectral windows of an MS.
+SCIENCE_INTENT = "OBSERVE_TARGET#ON_SOURCE"
+#: CASA image products tclean and the post-processing write for one image base.
+CASA_EXTS = ("image", "mask", "model", "pb", "psf", "residual", "sumwt", "weight",
+             "image.pbcor", "image.common", "image.pbcor.common", "image.common.hanning",
+             "summask", "workdirectory", "image.tt0", "model.tt0", "psf.tt0",
+             "residual.tt0", "image.pbcor.tt0", "weight.tt0", "sumwt.tt0")
+#: Image extensions concatenated from the chunks into the full cube.
+CONCAT_EXTS = ("image", "mask", "model", "pb", "psf", "residual")
+#: FITS files exported for the final products.
+FITS_EXPORTS = ("image.pbcor.common", "mask", "pb")
+COMMON_BEAM_FUDGE = 1.0  # exact common beam: chunks are concatenated before smoothing
+HANNING_RMS_FACTOR = 1.305  # noise of a 3-point Hanning-smoothed channel is rms/sqrt(8/3)^0.5
 # ---------------------------------------------------------------------------
 # >>> shared conventions >>>
 # This block is identical in all five modules of the toolkit (each module must stay
@@ -359,25 +482,38 @@ def format_config_template(schema, title):
 
 
 @contextmanager
-def atomic_output(path, overwrite=False, mode="w"):
-    """Write a file through a temporary sibling that is renamed into place on success.
+def atomic_path(path, overwrite=False, suffix=".part"):
+    """Yield a temporary sibling path for ``path``; rename it into place on success.
 
-    Raises OutputExistsError when ``path`` exists and ``overwrite`` is false; on any
-    error the temporary file is removed, so no half-written output is ever left.
+    For writers that take a file name (``fits.writeto``, ``Table.write``,
+    ``savefig``).  Raises OutputExistsError when ``path`` exists and ``overwrite`` is
+    false; on any error the temporary file is removed, so no half-written output is
+    ever left.  ``suffix`` ends the temporary name (e.g. ``.fits`` for writers that
+    infer the format from it).
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError("%s exists already; use --overwrite to replace it" % path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
-        with os.fdopen(fd, mode) as stream:
-            yield stream
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+@contextmanager
+def atomic_output(path, overwrite=False, mode="w"):
+    """Open a file for writing through :func:`atomic_path` (same guarantees)."""
+    with atomic_path(path, overwrite) as tmp:
+        with open(tmp, mode) as stream:
+            yield stream
 
 
 def setup_logging(verbose=0, quiet=False, logfile=None):
@@ -509,30 +645,509 @@ def invoked_as_script(namespace):
 # <<< shared conventions <<<
 
 # ===========================================================================
+# Exceptions and warnings (the base errors are in the shared block above)
+# ===========================================================================
+class FaustWarning(UserWarning):
+    """A problem in the data or products that the pipeline can continue past."""
+
+
+class UncleanedEmissionWarning(FaustWarning):
+    """The residual cube still holds a peak above ``max_residual_sigma`` x rms."""
+
+
+class RunawayMaskWarning(FaustWarning):
+    """A channel's clean mask covers more of the field than ``runaway_mask_fraction``."""
+
+
+# ===========================================================================
 # Configuration schema (the only keys accepted; see --write-config)
 # ===========================================================================
+FAUST_MS_PATTERN = ("{field}-Setup{setup}/"
+                    "uid___*_target_lines_self_calibrated_continuum_subtracted_aligned.ms")
+_AUTOM_HELP = "auto-multithresh %s (tclean)"
 CONFIG_SCHEMA = (
     ConfigKey("Paths", "DATA_DIR", "path", Path("."), help="directory holding the calibrated measurement sets"),
     ConfigKey("Paths", "PROD_DIR", "path", Path("."), help="directory for images, moments and plots"),
     ConfigKey("Paths", "PLOT_DIR", "path", None, help="directory for QA plots (default: PROD_DIR/plots)"),
-    ConfigKey("Imaging", "weighting", "float", 0.5, (-2.0, 2.0), "Briggs robust parameter", bounds=True),
+    ConfigKey("Paths", "IMAGE_DIR", "path", None, help="directory for image cubes, one folder per field (default: PROD_DIR/images)"),
+    ConfigKey("Paths", "MOMENT_DIR", "path", None, help="directory for moment maps (default: PROD_DIR/moments)"),
+    ConfigKey("Paths", "ms_pattern", "str", FAUST_MS_PATTERN, help="glob of a field's measurement sets below DATA_DIR; {field} and {setup} are filled in"),
+    ConfigKey("Catalog", "targets_file", "path", None, help="extra targets CSV (name,res_arcsec,vsys_kms), added to configs/faust_targets.csv"),
+    ConfigKey("Catalog", "setups_file", "path", None, help="extra setups CSV (columns of configs/faust_setups.csv)"),
+    ConfigKey("Catalog", "spws_file", "path", None, help="extra spectral windows CSV (columns of configs/faust_spws.csv)"),
+    ConfigKey("Catalog", "extra_targets", "list", [], help="extra targets as NAME:RES_ARCSEC:VSYS_KMS items"),
+    ConfigKey("Imaging", "weighting", "float", 0.5, (-2.0, 2.0), "Briggs robust parameter (used when weighting_name is briggs)", bounds=True),
+    ConfigKey("Imaging", "weighting_name", "str", "briggs", ("briggs", "natural", "uniform"), "tclean weighting"),
+    ConfigKey("Imaging", "kind", "str", "joint", KINDS, "array combination: joint (all MSs), 12m or 7m"),
     ConfigKey("Imaging", "pblimit_joint", "float", 0.2, (-1.0, 1.0), "pblimit for joint 12m+7m imaging", bounds=True),
     ConfigKey("Imaging", "pblimit_single", "float", -0.01, (-1.0, 1.0), "pblimit for single-array imaging", bounds=True),
-    ConfigKey("Imaging", "oversample", "int", 10, (3, None), "pixels per synthesized-beam FWHM", bounds=True),
+    ConfigKey("Imaging", "oversample", "float", 10.0, (2.0, None), "pixels per synthesized-beam FWHM (cell = res / oversample)", bounds=True),
+    ConfigKey("Imaging", "imsize_pb_factor", "float", 2.0, (0.1, None), "image width in units of the primary-beam FWHM 1.13 lambda/D at the setup's lowest frequency", bounds=True),
     ConfigKey("Imaging", "nitermax", "int", 10000000, (0, None), "maximum number of clean iterations", bounds=True),
+    ConfigKey("Imaging", "scales", "floatlist", [0.0, 15.0, 45.0, 135.0], (0.0, None), "multiscale clean scales (pixels)", bounds=True),
+    ConfigKey("Imaging", "scale_upper_limit", "float", 60.0, (0.0, None), "unmasked clean uses only scales below this (pixels); none = all", bounds=True),
     ConfigKey("Imaging", "mask_ang_scales", "floatlist", [0.0, 1.0, 3.0], (0.0, None), "smoothing scales of the seed mask (arcsec)", bounds=True),
-    ConfigKey("AutoMultithresh", "noisethreshold", "float", 5.0, (0.0, None), "auto-multithresh noisethreshold", bounds=True),
-    ConfigKey("AutoMultithresh", "sidelobethreshold", "float", 2.0, (0.0, None), "auto-multithresh sidelobethreshold", bounds=True),
-    ConfigKey("AutoMultithresh", "lownoisethreshold", "float", 1.5, (0.0, None), "auto-multithresh lownoisethreshold", bounds=True),
-    ConfigKey("AutoMultithresh", "minbeamfrac", "float", 0.001, (0.0, None), "auto-multithresh minbeamfrac", bounds=True),
-    ConfigKey("AutoMultithresh", "negativethreshold", "float", 7.0, (0.0, None), "auto-multithresh negativethreshold", bounds=True),
-    ConfigKey("AutoMultithresh", "growiterations", "int", 1000, (0, None), "auto-multithresh growiterations", bounds=True),
+    ConfigKey("Imaging", "smallscalebias", "float", -1.0, (-1.0, 1.0), "multiscale small-scale bias", bounds=True),
+    ConfigKey("Imaging", "gain", "float", 0.05, (0.001, 1.0), "clean loop gain", bounds=True),
+    ConfigKey("Imaging", "cyclefactor", "float", 2.0, (0.0, None), "clean cycle factor", bounds=True),
+    ConfigKey("Imaging", "uvtaper", "list", [], help="uv taper, e.g. 1100klambda (empty = none)"),
+    ConfigKey("Imaging", "line_vwin", "str", "20km/s", help="full velocity width of a windowed (fullcube=false) cube"),
+    ConfigKey("Imaging", "perchanweightdensity", "bool", False, help="tclean perchanweightdensity"),
+    ConfigKey("Imaging", "mask_method", "str", "seed+multithresh", ("seed+multithresh", "auto-multithresh", "fixed", "existing", "taper"), "masking of the final clean"),
+    ConfigKey("Imaging", "use_chunking", "bool", True, help="run_pipeline images full cubes in frequency chunks"),
+    ConfigKey("Imaging", "nchunks", "int", None, (1, None), "number of chunks (default: the setup's nchunks_line/nchunks_cont)", bounds=True),
+    ConfigKey("Imaging", "common_coverage_fraction", "float", 0.95, (0.0, 1.0), "channels with sumwt above this fraction of the median are imaged", bounds=True),
+    ConfigKey("Imaging", "preserve_all_intermediate_products", "bool", False, help="keep every intermediate CASA product"),
+    ConfigKey("Imaging", "parallel", "bool", False, help="tclean parallel=True (needs mpicasa)"),
+    ConfigKey("AutoMultithresh", "noisethreshold", "float", 5.0, (0.0, None), _AUTOM_HELP % "noisethreshold", bounds=True),
+    ConfigKey("AutoMultithresh", "sidelobethreshold", "float", 2.0, (0.0, None), _AUTOM_HELP % "sidelobethreshold", bounds=True),
+    ConfigKey("AutoMultithresh", "lownoisethreshold", "float", 1.5, (0.0, None), _AUTOM_HELP % "lownoisethreshold", bounds=True),
+    ConfigKey("AutoMultithresh", "minbeamfrac", "float", 0.001, (0.0, None), _AUTOM_HELP % "minbeamfrac", bounds=True),
+    ConfigKey("AutoMultithresh", "negativethreshold", "float", 7.0, (0.0, None), _AUTOM_HELP % "negativethreshold", bounds=True),
+    ConfigKey("AutoMultithresh", "growiterations", "int", 1000, (0, None), _AUTOM_HELP % "growiterations", bounds=True),
+    ConfigKey("AutoMultithresh", "dogrowprune", "bool", False, help=_AUTOM_HELP % "dogrowprune"),
+    ConfigKey("AutoMultithresh", "fastnoise", "bool", False, help=_AUTOM_HELP % "fastnoise"),
+    ConfigKey("AutoMultithresh", "verbose", "bool", True, help=_AUTOM_HELP % "verbose"),
+    ConfigKey("AutoMultithresh7m", "noisethreshold", "float", 5.0, (0.0, None), _AUTOM_HELP % "noisethreshold for 7m-only cubes", bounds=True),
+    ConfigKey("AutoMultithresh7m", "sidelobethreshold", "float", 1.25, (0.0, None), _AUTOM_HELP % "sidelobethreshold for 7m-only cubes", bounds=True),
+    ConfigKey("AutoMultithresh7m", "lownoisethreshold", "float", 2.0, (0.0, None), _AUTOM_HELP % "lownoisethreshold for 7m-only cubes", bounds=True),
+    ConfigKey("AutoMultithresh7m", "minbeamfrac", "float", 0.1, (0.0, None), _AUTOM_HELP % "minbeamfrac for 7m-only cubes", bounds=True),
+    ConfigKey("AutoMultithresh7m", "negativethreshold", "float", 10.0, (0.0, None), _AUTOM_HELP % "negativethreshold for 7m-only cubes", bounds=True),
+    ConfigKey("AutoMultithresh7m", "growiterations", "int", 1000, (0, None), _AUTOM_HELP % "growiterations for 7m-only cubes", bounds=True),
     ConfigKey("Thresholds", "nomask_sigma", "float", 4.5, (0.0, None), "threshold of the unmasked clean (sigma)", bounds=True),
-    ConfigKey("Thresholds", "seed_mask_sigma", "float", 5.0, (0.0, None), "seed-mask threshold on the unmasked image (sigma)", bounds=True),
+    ConfigKey("Thresholds", "seed_mask_sigma", "floatlist", [5.0], (0.0, None), "seed-mask threshold on the unmasked image (sigma; one value, or one per mask scale)", bounds=True),
     ConfigKey("Thresholds", "clean_sigma", "float", 3.0, (0.0, None), "threshold of the final masked clean (sigma)", bounds=True),
     ConfigKey("Thresholds", "max_residual_sigma", "float", 5.5, (0.0, None), "residual peak that flags a cube as under-cleaned (sigma)", bounds=True),
     ConfigKey("Thresholds", "qa_peak_sigma", "float", 6.0, (0.0, None), "channels whose peak exceeds this get QA channel maps (sigma)", bounds=True),
+    ConfigKey("Thresholds", "runaway_mask_fraction", "float", 0.5, (0.0, 1.0), "QA flag 'runaway mask' when a channel's mask covers more of the field than this", bounds=True),
+    ConfigKey("Moments", "vwin", "float", 5.0, (0.0, None), "velocity half-window around vsys for moments (km/s)", bounds=True),
+    ConfigKey("Moments", "vwin_overrides", "list", ["262.004GHz_CCH:1.25"], help="per-label half-windows as LABEL:KMS items"),
+    ConfigKey("Moments", "m1_sigma", "float", 4.0, (0.0, None), "mom1 needs the Hanning-smoothed cube above this x rms / 1.305", bounds=True),
+    ConfigKey("Moments", "m2_sigma", "float", 5.0, (0.0, None), "mom2 needs the Hanning-smoothed cube above this x rms / 1.305", bounds=True),
+    ConfigKey("QA", "pb_limit", "float", 0.2, (0.0, 1.0), "blank QA plot pixels where the primary beam is below this", bounds=True),
+    ConfigKey("QA", "ncols", "int", 5, (1, None), "channel-map panels per row", bounds=True),
+    ConfigKey("QA", "max_rows", "int", 14, (1, None), "rows per page (more channels -> _page<N> files)", bounds=True),
+    ConfigKey("QA", "dpi", "int", 300, (10, None), "resolution of PNG plots", bounds=True),
+    ConfigKey("QA", "plot_exts", "list", ["png", "pdf"], help="plot file formats"),
 )
+
+
+def _validate_config(config):
+    """Cross-key checks run after the per-key pass (messages name section and key)."""
+    errors = []
+    pattern = config["Paths"]["ms_pattern"]
+    if "{field}" not in pattern:
+        errors.append("[Paths] ms_pattern = %r must contain {field} (and usually {setup})" % pattern)
+    sigmas = config["Thresholds"]["seed_mask_sigma"]
+    scales = config["Imaging"]["mask_ang_scales"]
+    if len(sigmas) not in (1, len(scales)):
+        errors.append("[Thresholds] seed_mask_sigma = %r: give one value or one per "
+                      "[Imaging] mask_ang_scales entry (%d)" % (sigmas, len(scales)))
+    if not config["Imaging"]["scales"]:
+        errors.append("[Imaging] scales is empty: give at least one scale, e.g. 0")
+    for item in config["Moments"]["vwin_overrides"]:
+        if not re.fullmatch(r"[^:]+:[0-9.]+", item):
+            errors.append("[Moments] vwin_overrides item %r: expected LABEL:KMS" % item)
+    for item in config["Catalog"]["extra_targets"]:
+        if len(item.split(":")) != 3:
+            errors.append("[Catalog] extra_targets item %r: expected NAME:RES_ARCSEC:VSYS_KMS" % item)
+    for key in ("targets_file", "setups_file", "spws_file"):
+        path = config["Catalog"][key]
+        if path is not None and not Path(path).is_file():
+            errors.append("[Catalog] %s = %s does not exist" % (key, path))
+    return errors
+
+
+def get_config(config=None, **overrides):
+    """Return a validated :class:`Config` from a Config, a file path, or the defaults.
+
+    Parameters
+    ----------
+    config : Config, str, Path or None
+        An already loaded configuration, an INI file, or None for the defaults.
+    **overrides
+        ``section__key=value`` overrides (e.g. ``Imaging__weighting='natural'``).
+    """
+    if isinstance(config, Config) and not overrides:
+        return config
+    raw = {tuple(k.split("__", 1)): v for k, v in overrides.items()}
+    if isinstance(config, Config):
+        merged = {(s, k): v for s, keys in config.as_dict().items() for k, v in keys.items()
+                  if v is not None}
+        merged = {key: (", ".join(map(str, v)) if isinstance(v, list) else v)
+                  for key, v in merged.items()}
+        merged.update(raw)
+        return load_config(CONFIG_SCHEMA, None, merged, [_validate_config])
+    return load_config(CONFIG_SCHEMA, config, raw, [_validate_config])
+
+
+def product_dirs(config):
+    """``{'images', 'moments', 'plots'}`` absolute directories from ``[Paths]``."""
+    paths = config["Paths"]
+    prod = Path(paths["PROD_DIR"]).expanduser().resolve()
+    return {"images": Path(paths["IMAGE_DIR"] or prod / "images").expanduser().resolve(),
+            "moments": Path(paths["MOMENT_DIR"] or prod / "moments").expanduser().resolve(),
+            "plots": Path(paths["PLOT_DIR"] or prod / "plots").expanduser().resolve()}
+
+
+def default_weighting(config):
+    """The configured weighting: the robust number, or 'natural'/'uniform'."""
+    imaging = config["Imaging"]
+    return imaging["weighting"] if imaging["weighting_name"] == "briggs" else imaging["weighting_name"]
+
+
+def parse_weighting(value):
+    """Return a weighting as tclean wants it: a float (Briggs robust) or a name.
+
+    Raises
+    ------
+    ConfigError
+        For anything but a number in [-2, 2] or 'natural'/'uniform'.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        text = str(value).strip().lower()
+        if text in ("natural", "uniform"):
+            return text
+        try:
+            number = float(text)
+        except ValueError:
+            raise ConfigError("[Imaging] weighting = %r is invalid: give a Briggs robust "
+                              "number in [-2, 2], 'natural' or 'uniform'" % value) from None
+    if not -2.0 <= number <= 2.0:
+        raise ConfigError("[Imaging] weighting = %r is invalid: a Briggs robust value must "
+                          "lie in [-2, 2]" % value)
+    return number
+
+
+def format_cube_robust(weighting):
+    """``(robust, weighting_name)`` for tclean: ``(0.5, 'briggs')`` or ``(None, 'natural')``."""
+    weighting = parse_weighting(weighting)
+    if isinstance(weighting, float):
+        return weighting, "briggs"
+    return None, weighting
+
+
+def weighting_label(weighting):
+    """The weighting as it appears in file names: '0.5', '-1', 'natural'."""
+    weighting = parse_weighting(weighting)
+    if isinstance(weighting, float):
+        return ("%g" % weighting) if weighting != int(weighting) else "%.1f" % weighting
+    return weighting
+
+
+# ===========================================================================
+# Catalogue: targets, setups, spectral windows (data files under configs/)
+# ===========================================================================
+@dataclass(frozen=True)
+class Target:
+    """A target field: name, synthesized-beam resolution (arcsec), vsys (km/s, LSRK)."""
+
+    name: str
+    res: float
+    vsys: float
+
+    def vlsr_from_window(self, velo_width):
+        """Start velocity (CASA string) of a window of full width ``velo_width`` on vsys.
+
+        Parameters
+        ----------
+        velo_width : str
+            CASA quantity string, e.g. '10km/s'.
+        """
+        width = parse_velocity_kms(velo_width)
+        return "%rkm/s" % (self.vsys - width / 2.0)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """A spectral setup: frequency coverage (GHz), array kinds with data, chunk defaults."""
+
+    setup: int
+    band: int
+    low_ghz: float
+    high_ghz: float
+    kinds: tuple
+    joint_gridder: str = "mosaic"
+    nchunks_line: int = 4
+    nchunks_cont: int = 40
+
+
+@dataclass
+class Spw:
+    """A spectral window of a setup and the primary line it targets.
+
+    Parameters
+    ----------
+    setup : int
+    restfreq : str
+        Rest frequency of the primary line, e.g. '244.9355565GHz'.
+    mol_name : str
+        Molecule of the primary line (``'cont'`` for continuum windows).
+    name : str
+        Full transition name from the correlator set-up.
+    ms_restfreq : str
+        Rest frequency listed in the MS (often shifted to centre the band).
+    spw_id : int
+        Reference SPW id (the ids are resolved per MS through ``ot_name``).
+    ot_name : str
+        Ending of the OT SPW name, e.g. 'BB_1#SW-01#FULL_RES'.
+    nchan : int
+    chan_width : float
+        Channel width, kHz (TOPO).
+    tot_bw : float
+        Total bandwidth, MHz (TOPO).
+    """
+
+    setup: int
+    restfreq: str
+    mol_name: str
+    name: str
+    ms_restfreq: str
+    spw_id: int
+    ot_name: str
+    nchan: int
+    chan_width: float
+    tot_bw: float
+    chunk: object = None
+
+    @property
+    def restfreq_ghz(self):
+        """Rest frequency in GHz."""
+        return parse_frequency_hz(self.restfreq) / 1e9
+
+    @property
+    def short_restfreq(self):
+        """Rest frequency to three decimals, e.g. '244.936GHz'."""
+        return "%.3fGHz" % self.restfreq_ghz
+
+    @property
+    def label(self):
+        """Unique label, e.g. '244.936GHz_CS' ('..._CS_chunk2' for a chunk)."""
+        base = "%s_%s" % (self.short_restfreq, self.mol_name)
+        return base if self.chunk is None else "%s_chunk%d" % (base, self.chunk.index)
+
+    @property
+    def is_continuum(self):
+        return self.mol_name == CONT_MOLECULE
+
+    def nchan_from_window(self, velo_width):
+        """Channels needed to cover a full velocity width (CASA string, e.g. '10km/s')."""
+        width = parse_velocity_kms(velo_width)
+        chan_kms = self.chan_width * 1e3 / parse_frequency_hz(self.restfreq) * SPEED_OF_LIGHT_KMS
+        return int(math.ceil(width / chan_kms))
+
+    def copy(self):
+        """An independent copy (edit ``mol_name``/``restfreq`` to image another line)."""
+        return copy.deepcopy(self)
+
+    def with_chunk(self, chunk):
+        """A copy carrying ``chunk`` (a :class:`ChunkConfig` or None) in its label."""
+        spw = self.copy()
+        spw.chunk = chunk
+        return spw
+
+
+def parse_velocity_kms(text):
+    """'20km/s' / '500m/s' / 20 -> km/s as float."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(km/s|m/s)?\s*", str(text))
+    if not match:
+        raise InputError("velocity %r is invalid: give e.g. '20km/s'" % text)
+    value = float(match.group(1))
+    return value / 1e3 if match.group(2) == "m/s" else value
+
+
+def parse_frequency_hz(text):
+    """'244.9GHz' / '2.4e11Hz' / '500MHz' -> Hz as float."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(GHz|MHz|kHz|Hz)?\s*", str(text))
+    if not match:
+        raise InputError("frequency %r is invalid: give e.g. '244.9GHz'" % text)
+    scale = {"GHz": 1e9, "MHz": 1e6, "kHz": 1e3, "Hz": 1.0, None: 1.0}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def _read_csv_rows(path, required):
+    """Rows of a CSV file with '#' comment lines; InputError naming missing columns."""
+    path = Path(path)
+    try:
+        lines = [l for l in path.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    except OSError as exc:
+        raise InputError("cannot read catalogue file %s: %s" % (path, exc)) from None
+    rows = list(csv.DictReader(lines))
+    missing = [c for c in required if rows and c not in rows[0]]
+    if missing or not lines:
+        raise InputError("catalogue file %s lacks the columns %s (expected %s)"
+                         % (path, missing or "all", ", ".join(required)))
+    return rows
+
+
+def _rows_to_targets(rows, path):
+    targets = {}
+    for n, row in enumerate(rows, 2):
+        try:
+            targets[row["name"].strip()] = Target(row["name"].strip(), float(row["res_arcsec"]),
+                                                  float(row["vsys_kms"]))
+        except (TypeError, ValueError):
+            raise InputError("%s row %d: res_arcsec/vsys_kms must be numbers, got %r"
+                             % (path, n, row)) from None
+    return targets
+
+
+def _rows_to_setups(rows, path):
+    setups = {}
+    for n, row in enumerate(rows, 2):
+        try:
+            kinds = tuple(k.strip() for k in row["kinds"].split(";") if k.strip())
+            bad = [k for k in kinds if k not in KINDS]
+            if bad:
+                raise ValueError
+            setups[int(row["setup"])] = Setup(
+                int(row["setup"]), int(row["band"]), float(row["low_ghz"]),
+                float(row["high_ghz"]), kinds, row.get("joint_gridder") or "mosaic",
+                int(row.get("nchunks_line") or 4), int(row.get("nchunks_cont") or 40))
+        except (TypeError, ValueError):
+            raise InputError("%s row %d is invalid: %r (kinds are ';'-separated from %s)"
+                             % (path, n, row, ", ".join(KINDS))) from None
+    return setups
+
+
+def _rows_to_spws(rows, path):
+    spws = {}
+    for n, row in enumerate(rows, 2):
+        try:
+            spw = Spw(int(row["setup"]), "%sGHz" % row["restfreq_ghz"].strip(),
+                      row["mol_name"].strip(), row.get("name", "").strip(),
+                      row.get("ms_restfreq", "").strip(), int(row.get("spw_id") or -1),
+                      row["ot_name"].strip(), int(row["nchan"]), float(row["chan_width_khz"]),
+                      float(row.get("tot_bw_mhz") or 0.0))
+        except (TypeError, ValueError, AttributeError):
+            raise InputError("%s row %d is invalid: %r" % (path, n, row)) from None
+        spws[spw.label] = spw
+    return spws
+
+
+_TARGET_COLUMNS = ("name", "res_arcsec", "vsys_kms")
+_SETUP_COLUMNS = ("setup", "band", "low_ghz", "high_ghz", "kinds")
+_SPW_COLUMNS = ("setup", "restfreq_ghz", "mol_name", "ot_name", "nchan", "chan_width_khz")
+
+
+class Catalog:
+    """Targets, setups and spectral windows known to the pipeline.
+
+    Built from the data files under ``configs/`` plus the user's ``[Catalog]`` keys.
+
+    Attributes
+    ----------
+    targets : dict of str -> Target
+    setups : dict of int -> Setup
+    spws : dict of str -> Spw
+        Keyed by label, e.g. '244.936GHz_CS'.
+    """
+
+    def __init__(self, targets, setups, spws):
+        self.targets, self.setups, self.spws = dict(targets), dict(setups), dict(spws)
+
+    def __repr__(self):
+        return "Catalog(%d targets, %d setups, %d spws)" % (
+            len(self.targets), len(self.setups), len(self.spws))
+
+    @property
+    def field_names(self):
+        return list(self.targets)
+
+    @property
+    def spw_labels(self):
+        return list(self.spws)
+
+    def spws_by_setup(self):
+        """``{setup: {label: Spw}}``."""
+        out = {s: {} for s in self.setups}
+        for label, spw in self.spws.items():
+            out.setdefault(spw.setup, {})[label] = spw
+        return out
+
+    def target(self, name):
+        """The :class:`Target` called ``name``; InputError listing the known ones."""
+        try:
+            return self.targets[name]
+        except KeyError:
+            raise InputError("unknown field %r; known fields are %s (add your own with "
+                             "[Catalog] extra_targets or targets_file)"
+                             % (name, ", ".join(self.targets))) from None
+
+    def spw(self, label):
+        """The :class:`Spw` labelled ``label``; InputError listing the known labels."""
+        try:
+            return self.spws[label]
+        except KeyError:
+            raise InputError("unknown SPW label %r; known labels are %s (add your own with "
+                             "[Catalog] spws_file)" % (label, ", ".join(self.spws))) from None
+
+    def setup(self, number):
+        try:
+            return self.setups[int(number)]
+        except (KeyError, ValueError):
+            raise InputError("unknown setup %r; known setups are %s (add your own with "
+                             "[Catalog] setups_file)" % (number, ", ".join(map(str, self.setups)))) from None
+
+
+def load_catalog(config=None):
+    """Build the :class:`Catalog` from ``configs/faust_*.csv`` and the ``[Catalog]`` keys.
+
+    Parameters
+    ----------
+    config : Config, path or None
+
+    Returns
+    -------
+    Catalog
+
+    Raises
+    ------
+    InputError
+        When a catalogue file is missing a column or holds a bad value.
+    """
+    targets, setups, spws = {}, {}, {}
+    sources = [(TARGETS_FILE, SETUPS_FILE, SPWS_FILE)]
+    if config is not None:
+        cat = get_config(config)["Catalog"]
+        sources.append((cat["targets_file"], cat["setups_file"], cat["spws_file"]))
+    for tfile, sfile, wfile in sources:
+        if tfile is not None and Path(tfile).is_file():
+            targets.update(_rows_to_targets(_read_csv_rows(tfile, _TARGET_COLUMNS), tfile))
+        if sfile is not None and Path(sfile).is_file():
+            setups.update(_rows_to_setups(_read_csv_rows(sfile, _SETUP_COLUMNS), sfile))
+        if wfile is not None and Path(wfile).is_file():
+            spws.update(_rows_to_spws(_read_csv_rows(wfile, _SPW_COLUMNS), wfile))
+    if config is not None:
+        for item in get_config(config)["Catalog"]["extra_targets"]:
+            name, res, vsys = item.split(":")
+            try:
+                targets[name] = Target(name, float(res), float(vsys))
+            except ValueError:
+                raise ConfigError("[Catalog] extra_targets item %r: RES and VSYS must be "
+                                  "numbers" % item) from None
+    return Catalog(targets, setups, spws)
+
+
+def _module_catalog():
+    try:
+        return load_catalog()
+    except ToolError:  # data files missing or damaged: the API still loads
+        return Catalog({}, {}, {})
+
+
+_DEFAULT_CATALOG = _module_catalog()
+ALL_TARGETS = _DEFAULT_CATALOG.targets
+ALL_FIELD_NAMES = _DEFAULT_CATALOG.field_names
+ALL_SPWS = _DEFAULT_CATALOG.spws
+ALL_SPW_LABELS = _DEFAULT_CATALOG.spw_labels
+SPWS_BY_SETUP = _DEFAULT_CATALOG.spws_by_setup()
 
 
 # ===========================================================================
@@ -572,24 +1187,2486 @@ def import_casa():
     return casatools, casatasks
 
 
+class ImageManager:
+    """Open a CASA image in a context manager; the tool is closed even on errors.
+
+    Parameters
+    ----------
+    infile : str or Path
+        CASA image, including its extension (e.g. '.image').
+
+    Examples
+    --------
+    >>> with ImageManager("foo.image") as tool:      # doctest: +SKIP
+    ...     print(tool.shape())
+    """
+
+    def __init__(self, infile, cache=True):
+        self.infile = str(infile)
+        self.cache = cache
+        self.tool = None
+
+    def __enter__(self):
+        if not os.path.exists(self.infile):
+            raise InputError("CASA image %s does not exist" % self.infile)
+        casatools, _ = import_casa()
+        self.tool = casatools.image()
+        self.tool.open(self.infile, cache=self.cache)
+        return self.tool
+
+    def __exit__(self, *exc):
+        if self.tool is not None:
+            self.tool.close()
+            self.tool.done()
+        return False
+
+
+@contextmanager
+def _working_directory(path):
+    """Run CASA from ``path`` so its stray ``*.last``/log files land there."""
+    previous = Path.cwd()
+    Path(path).mkdir(parents=True, exist_ok=True)
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _remove_path(path, confine_to):
+    """Delete a file or CASA image directory, refusing anything outside ``confine_to``."""
+    path, root = Path(path).resolve(), Path(confine_to).resolve()
+    if root not in path.parents:
+        raise ToolError("refusing to delete %s: it lies outside the product directory %s"
+                        % (path, root))
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def delete_all_extensions(imagebase, keep_exts=None, confine_to=None):
+    """Remove ``<imagebase>.<ext>`` products (CASA images and FITS), keeping ``keep_exts``.
+
+    Only names starting exactly with ``imagebase + '.'`` inside ``confine_to`` (default:
+    the image's folder) are touched, so other runs and other weightings are safe.
+    """
+    imagebase = Path(imagebase)
+    confine_to = confine_to or imagebase.parent
+    keep = tuple(keep_exts or ())
+    prefix = imagebase.name + "."
+    if not imagebase.parent.is_dir():
+        return []
+    removed = []
+    for path in sorted(imagebase.parent.iterdir()):
+        if not path.name.startswith(prefix):
+            continue
+        ext = path.name[len(prefix):]
+        if ext in keep:
+            continue
+        _remove_path(path, confine_to)
+        removed.append(path)
+    return removed
+
+
+def _replace_image(tmp, final):
+    """Move a finished CASA image (directory) or file into place, replacing the old one."""
+    final = Path(final)
+    if final.is_dir():
+        shutil.rmtree(final)
+    elif final.exists():
+        final.unlink()
+    os.replace(tmp, final)
+
+
+def _tmp_name(final):
+    final = Path(final)
+    return str(final.parent / (".%s.tmp%d" % (final.name, os.getpid())))
+
+
+# ===========================================================================
+# Pure science helpers (numpy only)
+# ===========================================================================
+def robust_rms(values):
+    """Gaussian sigma from the median absolute deviation: ``1.4826 * MAD``.
+
+    Non-finite values and exact zeros (masked or blanked pixels) are ignored.
+
+    Parameters
+    ----------
+    values : array_like
+
+    Returns
+    -------
+    float
+        NaN when no usable values remain.
+    """
+    values = np.asarray(values, dtype=float).ravel()
+    values = values[np.isfinite(values) & (values != 0.0)]
+    if values.size == 0:
+        return float("nan")
+    return float(MAD_TO_RMS * np.median(np.abs(values - np.median(values))))
+
+
+def calc_res(freq_hz, diameter_m):
+    """Resolution ``lambda / D`` in arcsec (no 1.028 Airy factor, as in the original)."""
+    wavelength = SPEED_OF_LIGHT_KMS * 1e3 / float(freq_hz)
+    return math.degrees(wavelength / float(diameter_m)) * 3600.0
+
+
+def optimum_imsize(npix):
+    """Smallest even size >= npix whose prime factors are 2, 3, 5 (fast FFTs)."""
+    n = max(int(math.ceil(npix)), 8)
+    while True:
+        if n % 2 == 0:
+            m = n
+            for p in (2, 3, 5):
+                while m % p == 0:
+                    m //= p
+            if m == 1:
+                return n
+        n += 1
+
+
+def hanning_smooth(cube, axis=-1):
+    """3-point Hanning smoothing (0.25, 0.5, 0.25) along ``axis``; edges renormalised."""
+    cube = np.asarray(cube, dtype=float)
+    moved = np.moveaxis(cube, axis, -1)
+    padded = np.concatenate([moved[..., :1], moved, moved[..., -1:]], axis=-1)
+    out = 0.25 * padded[..., :-2] + 0.5 * padded[..., 1:-1] + 0.25 * padded[..., 2:]
+    return np.moveaxis(out, -1, axis)
+
+
+def split_channels(nchan_total, nchunks):
+    """Channels per chunk: equal shares, the remainder added to the last chunks."""
+    nchunks = int(nchunks)
+    if not 1 <= nchunks <= nchan_total:
+        raise InputError("nchunks = %d is invalid: it must lie in [1, %d] (the channels "
+                         "to image)" % (nchunks, nchan_total))
+    counts = np.full(nchunks, nchan_total // nchunks, dtype=int)
+    remainder = nchan_total % nchunks
+    if remainder:
+        counts[-remainder:] += 1
+    return counts.tolist()
+
+
+# ===========================================================================
+# CASA image I/O helpers
+# ===========================================================================
+def _spectral_axis(csys_record):
+    for key, value in csys_record.items():
+        if key.startswith("spectral"):
+            return value
+    raise InputError("image has no spectral axis")
+
+
+def get_freq_axis_from_image(imagename):
+    """Channel-centre frequencies (Hz) of a CASA image, in image channel order.
+
+    Notes
+    -----
+    ``f_i = crval + (i - crpix) * cdelt`` (the original added crpix).
+    """
+    with ImageManager(imagename) as ia:
+        csys = ia.coordsys()
+        try:
+            spec_index = csys.findaxisbyname("Frequency")
+            nchan = int(ia.shape()[spec_index])
+            f0 = csys.toworld([0] * len(ia.shape()), "n")["numeric"][spec_index]
+            increment = csys.increment(type="spectral")["numeric"][0]
+            unit = csys.units(type="spectral")[0]
+        finally:
+            csys.done()
+    scale = {"Hz": 1.0, "kHz": 1e3, "MHz": 1e6, "GHz": 1e9}[unit]
+    return (f0 + np.arange(nchan) * increment) * scale
+
+
+def _spectral_index(ia):
+    csys = ia.coordsys()
+    try:
+        return int(csys.findaxisbyname("Frequency"))
+    finally:
+        csys.done()
+
+
+def _read_cube(imagename):
+    """``(data[x, y, chan], mask[x, y, chan])`` of a CASA image (Stokes dropped)."""
+    with ImageManager(imagename) as ia:
+        data = ia.getchunk(dropdeg=False)
+        mask = ia.getchunk(getmask=True, dropdeg=False)
+        spec = _spectral_index(ia)
+    data = np.moveaxis(data, spec, -1)
+    mask = np.moveaxis(mask, spec, -1)
+    if data.ndim == 4:
+        data, mask = data[:, :, 0, :], mask[:, :, 0, :]
+    return data, mask.astype(bool)
+
+
+def _beams(imagename):
+    """Per-channel beams ``[(major, minor, pa)]`` in arcsec/deg (one entry if single)."""
+    with ImageManager(imagename) as ia:
+        info = ia.restoringbeam()
+    if "beams" in info:
+        beams = []
+        for key in sorted(info["beams"], key=lambda k: int(k.lstrip("*"))):
+            b = info["beams"][key]["*0"]
+            beams.append(_beam_tuple(b))
+        return beams
+    if "major" in info:
+        return [_beam_tuple(info)]
+    return []
+
+
+def _beam_tuple(b):
+    def arcsec(q):
+        return q["value"] * {"arcsec": 1.0, "deg": 3600.0, "rad": 206264.80624709636}[q["unit"]]
+    pa = b["positionangle"] if "positionangle" in b else b["pa"]
+    return (arcsec(b["major"]), arcsec(b["minor"]),
+            pa["value"] * (57.29577951308232 if pa["unit"] == "rad" else 1.0))
+
+
+def effective_beamwidth_from_image(imagename):
+    """Median geometric-mean beam width (arcsec) of an image's (per-plane) beams."""
+    beams = _beams(imagename)
+    if not beams:
+        raise InputError("%s has no restoring beam" % imagename)
+    return float(np.median([math.sqrt(b[0] * b[1]) for b in beams]))
+
+
+def calc_rms_from_image(imagename, chan_range=None):
+    """Noise of a cube: median over channels of the per-channel ``1.4826 * MAD``.
+
+    Parameters
+    ----------
+    imagename : str or Path
+        CASA image, e.g. '..._dirty.image'.
+    chan_range : (int, int), optional
+        Inclusive channel range; default all channels.
+
+    Returns
+    -------
+    float
+        Jy/beam.
+
+    Notes
+    -----
+    The MAD per channel is robust against line emission in a minority of pixels,
+    the median over channels against line-filled channels.  Masked pixels and
+    exact zeros (outside the primary-beam limit) are ignored.
+    """
+    data, mask = _read_cube(imagename)
+    if chan_range is not None:
+        data, mask = data[..., chan_range[0]:chan_range[1] + 1], mask[..., chan_range[0]:chan_range[1] + 1]
+    per_chan = [robust_rms(data[..., i][mask[..., i]]) for i in range(data.shape[-1])]
+    per_chan = np.array(per_chan)
+    if not np.isfinite(per_chan).any():
+        raise InputError("%s has no valid pixels to estimate the rms from" % imagename)
+    rms = float(np.nanmedian(per_chan))
+    log.info("rms of %s: %.4g Jy/beam", Path(imagename).name, rms)
+    return rms
+
+
+def calc_common_coverage_range(imagebase, fraction=0.95):
+    """Channels covered by all execution blocks, from a ``.sumwt`` image.
+
+    Parameters
+    ----------
+    imagebase : str or Path
+        Image name without the '.sumwt' extension.
+    fraction : float
+        Channels whose sum of weights exceeds ``fraction`` x the median are kept.
+
+    Returns
+    -------
+    dict
+        ``start`` (CASA frequency string of the first kept channel), ``nchan``,
+        ``width`` (signed channel increment, CASA string), ``first_index`` (index of
+        the first kept channel in the dirty cube).
+
+    Raises
+    ------
+    InputError
+        When the sumwt image is missing or all zeros.
+    """
+    sumwt_name = "%s.sumwt" % imagebase
+    if not os.path.exists(sumwt_name):
+        raise InputError("%s does not exist: run make_dirty_cube (or make_tiny_image_stamp) "
+                         "first" % sumwt_name)
+    with ImageManager(sumwt_name) as ia:
+        sumwt = np.asarray(ia.getchunk()).squeeze().reshape(-1)
+    if not np.any(sumwt > 0):
+        raise InputError("%s is all zeros: no data were gridded (check the field, SPW "
+                         "selection and flags)" % sumwt_name)
+    good = np.flatnonzero(sumwt > fraction * np.nanmedian(sumwt))
+    lo, hi = int(good.min()), int(good.max())
+    freqs = get_freq_axis_from_image(sumwt_name)
+    width = freqs[1] - freqs[0] if freqs.size > 1 else 0.0
+    return {"start": "%rHz" % float(freqs[lo]), "nchan": hi - lo + 1,
+            "width": "%rHz" % float(width), "first_index": lo,
+            "start_hz": float(freqs[lo]), "width_hz": float(width)}
+
+
+def calc_chunk_freqs(imagebase, nchunks=1, fraction=0.95):
+    """Split the common coverage of ``<imagebase>.sumwt`` into contiguous chunks.
+
+    Returns
+    -------
+    list of ChunkConfig
+        Channel-centre start frequency (LSRK), first channel in the full cube, nchan.
+    """
+    coverage = calc_common_coverage_range(imagebase, fraction)
+    counts = split_channels(coverage["nchan"], nchunks)
+    chunks, first = [], 0
+    for index, n in enumerate(counts):
+        start = coverage["start_hz"] + first * coverage["width_hz"]
+        chunks.append(ChunkConfig("%rHz" % start, first, n, index, width=coverage["width"]))
+        first += n
+    return chunks
+
+
+def create_mask_from_threshold(infile, outfile, thresh):
+    """Write a 1/0 image: 1 where ``infile`` exceeds ``thresh`` (Jy/beam)."""
+    _, casatasks = import_casa()
+    tmp = _tmp_name(outfile)
+    casatasks.immath(imagename=str(infile), mode="evalexpr", outfile=tmp,
+                     expr="iif(IM0>%r,1,0)" % float(thresh))
+    _replace_image(tmp, outfile)
+
+
+def copy_pb_mask(imagename, pbimage):
+    """Copy the primary-beam pixel mask back into an image (imsmooth drops it)."""
+    with ImageManager(pbimage) as ia:
+        has_mask = bool(ia.maskhandler("get"))
+    if not has_mask:
+        return False
+    with ImageManager(imagename, cache=False) as ia:
+        ia.calcmask("mask('%s')" % str(pbimage).replace("'", "\\'"), name="pbmask", asdefault=True)
+    return True
+
+
+def _cell_arcsec(imagename):
+    with ImageManager(imagename) as ia:
+        csys = ia.coordsys()
+        try:
+            return abs(float(csys.increment(type="direction", format="n")["numeric"][0])) * 206264.80624709636
+        finally:
+            csys.done()
+
+
+def _beam_covariance(beam):
+    """2x2 covariance (arcsec^2, axes x = west, y = north) of a (major, minor, pa) beam."""
+    bmaj, bmin, bpa = beam
+    to_var = 1.0 / (8.0 * math.log(2.0))
+    pa = math.radians(bpa)
+    major_axis = np.array([-math.sin(pa), math.cos(pa)])   # PA east of north; x = -RA
+    minor_axis = np.array([math.cos(pa), math.sin(pa)])
+    return to_var * (bmaj ** 2 * np.outer(major_axis, major_axis)
+                     + bmin ** 2 * np.outer(minor_axis, minor_axis))
+
+
+def _smoothing_kernel(beam, target, cell):
+    """Gaussian kernel (sum 1, pixels) taking a beam to a target beam.
+
+    ``target`` is a FWHM (circular, arcsec) or a (major, minor, pa) beam.  Covariances
+    subtract, ``C_kernel = C_target - C_beam``; a (near-)zero kernel is a delta.
+    """
+    if not isinstance(target, (tuple, list)):
+        target = (float(target), float(target), 0.0)
+    c_kernel = (_beam_covariance(target) - _beam_covariance(beam)) / cell ** 2
+    eigen = np.linalg.eigvalsh(c_kernel)
+    if eigen.min() < -1e-3 * max(abs(eigen).max(), 1e-12):
+        raise InputError("cannot smooth beam %r to the smaller target %r" % (beam, target))
+    c_kernel = c_kernel + np.eye(2) * max(0.0, 1e-4 - eigen.min())
+    half = int(math.ceil(3.0 * math.sqrt(max(np.linalg.eigvalsh(c_kernel).max(), 1e-6))))
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+    offsets = np.stack([xx, yy], axis=-1).astype(float)
+    inverse = np.linalg.inv(c_kernel)
+    kernel = np.exp(-0.5 * np.einsum("...i,ij,...j->...", offsets, inverse, offsets))
+    return kernel / kernel.sum()
+
+
+def smooth_cube_to_resolution(data, valid, beams, target_fwhm, cell):
+    """Convolve each plane (x, y, chan) to a circular ``target_fwhm`` beam, in Jy/beam.
+
+    The numpy equivalent of ``imsmooth(kernel='gauss', targetres=True)``: per-plane
+    kernels from the per-plane beams, and the Jy/beam scaling by the beam-area ratio
+    ``target^2 / (bmaj bmin)``.  Invalid pixels count as zero and stay invalid.
+    """
+    from scipy.signal import fftconvolve
+    out = np.zeros_like(data, dtype=float)
+    filled = np.where(valid, data, 0.0)
+    for ix in range(data.shape[-1]):
+        beam = beams[ix] if len(beams) > 1 else beams[0]
+        kernel = _smoothing_kernel(beam, target_fwhm, cell).T     # [x, y] like the data
+        plane = fftconvolve(filled[..., ix], kernel, mode="same")
+        if isinstance(target_fwhm, (tuple, list)):
+            area = target_fwhm[0] * target_fwhm[1]
+        else:
+            area = float(target_fwhm) ** 2
+        out[..., ix] = plane * area / (beam[0] * beam[1])
+    return np.where(valid, out, np.nan)
+
+
+def _write_cube_like(template, outfile, cube, beam=None, unit=False, valid=None):
+    """Write a (x, y, chan) array as a CASA image with ``template``'s coordinates.
+
+    ``beam`` (dict of CASA strings) sets one restoring beam; ``unit`` copies the
+    template's brightness unit; ``valid`` (bool, like ``cube``) becomes the pixel mask,
+    so pixels blanked in the input (e.g. beyond ``pblimit``) stay blanked and are
+    written as NaN by ``exportfits`` instead of turning into zeros.
+    """
+    casatools, _ = import_casa()
+    with ImageManager(template) as ia:
+        bunit = ia.brightnessunit()
+    with ImageManager(template) as ia:
+        shape = list(ia.shape())
+        spec = _spectral_index(ia)
+        csys = ia.coordsys()
+        record = csys.torecord()
+        csys.done()
+    full = np.moveaxis(np.asarray(cube, dtype=np.float32), -1, 2)     # x, y, chan
+    if len(shape) == 4:
+        full = full[:, :, None, :] if spec == 3 else full[:, :, :, None]
+    full = full.reshape(shape)
+    tmp = _tmp_name(outfile)
+    ia = casatools.image()
+    try:
+        ia.fromarray(outfile=tmp, pixels=full, csys=record, overwrite=True)
+        if unit:
+            ia.setbrightnessunit(bunit)
+        if beam is not None:
+            ia.setrestoringbeam(major=beam["major"], minor=beam["minor"], pa=beam["pa"])
+        if valid is not None and not np.all(valid):
+            pixelmask = np.moveaxis(np.asarray(valid, dtype=bool), -1, 2)
+            if len(shape) == 4:
+                pixelmask = pixelmask[:, :, None, :] if spec == 3 else pixelmask[:, :, :, None]
+            ia.putregion(pixelmask=pixelmask.reshape(shape))   # creates the mask 'mask0'
+    finally:
+        ia.close()
+        ia.done()
+    _replace_image(tmp, outfile)
+    return str(outfile)
+
+
+def make_multiscale_joint_mask(imagename, rms, sigma=5.0, mask_ang_scales=(0, 1, 3),
+                               keep_scale_products=False):
+    """Union of threshold masks of Gaussian-smoothed copies of ``<imagename>.image``.
+
+    Parameters
+    ----------
+    imagename : str
+        Image base (without '.image').
+    rms : float
+        Noise of the unsmoothed image, Jy/beam.
+    sigma : float or sequence of float
+        Threshold multiple, one value or one per scale.
+    mask_ang_scales : sequence of float
+        Gaussian FWHM (arcsec) of the target resolution of each smoothed copy; 0 =
+        unsmoothed.  Scales not larger than the beam are skipped (the unsmoothed mask
+        covers them).
+    keep_scale_products : bool
+        Also write the per-scale ``<imagename>_smooth{scale:.3f}.image/.mask``.
+
+    Returns
+    -------
+    str
+        ``<imagename>.summask`` (1 inside, 0 outside).
+
+    Notes
+    -----
+    The threshold of a smoothed copy is ``sigma x rms x max(1, scale / beam)``, with
+    ``beam`` the median geometric-mean beam width, as in the original.  Pixels outside
+    the primary-beam mask of the image are never masked.  The smoothing is done with
+    numpy/scipy (:func:`smooth_cube_to_resolution`): the same result as CASA
+    ``imsmooth(targetres=True)``, several times faster on cubes with per-plane beams.
+    """
+    sigmas = list(sigma) if isinstance(sigma, (list, tuple, np.ndarray)) else [sigma]
+    if len(sigmas) == 1:
+        sigmas = sigmas * len(mask_ang_scales)
+    if len(sigmas) != len(mask_ang_scales):
+        raise InputError("seed-mask sigma %r needs one value per mask scale %r"
+                         % (sigma, list(mask_ang_scales)))
+    original = "%s.image" % imagename
+    data, valid = _read_cube(original)
+    beams = _beams(original)
+    beamwidth = float(np.median([math.sqrt(b[0] * b[1]) for b in beams]))
+    max_major = max(b[0] for b in beams)
+    cell = _cell_arcsec(original)
+    union = np.zeros(data.shape, dtype=bool)
+    for thresh_sigma, scale in zip(sigmas, mask_ang_scales):
+        base = "%s_smooth%.3f" % (imagename, scale)
+        if scale <= 0:
+            smoothed, factor = np.where(valid, data, np.nan), 1.0
+        elif scale <= max_major * 1.01:
+            log.info("seed-mask scale %g arcsec is not larger than the beam (%.3g arcsec): "
+                     "skipped (the unsmoothed mask covers it)", scale, max_major)
+            continue
+        else:
+            smoothed = smooth_cube_to_resolution(data, valid, beams, scale, cell)
+            factor = max(1.0, scale / beamwidth)
+        with np.errstate(invalid="ignore"):
+            mask = valid & (smoothed > factor * thresh_sigma * rms)
+        union |= mask
+        if keep_scale_products:
+            if scale > 0:
+                _write_cube_like(original, base + ".image", np.nan_to_num(smoothed))
+            _write_cube_like(original, base + ".mask", mask.astype(float))
+    outfile = "%s.summask" % imagename
+    _write_cube_like(original, outfile, union.astype(float))
+    log.info("seed mask written to %s (%.2f %% of the pixels)", outfile, 100 * union.mean())
+    return outfile
+
+
+def check_max_residual(imagebase, sigma=5.5, rms=None):
+    """Flag a residual cube whose peak |residual| exceeds ``sigma`` x its rms.
+
+    Parameters
+    ----------
+    imagebase : str
+        Image base (without '.residual').
+    sigma : float
+    rms : float, optional
+        Noise to compare with; default: ``1.4826 MAD`` of the residual cube itself.
+
+    Returns
+    -------
+    dict
+        ``max_abs``, ``max``, ``min``, ``rms``, ``max_sigma``, ``threshold``,
+        ``flagged``, ``max_position`` ([x, y, chan]), ``min_position``.
+
+    Warns
+    -----
+    UncleanedEmissionWarning
+        When flagged (also logged at WARNING level).
+    """
+    residual = "%s.residual" % imagebase
+    data, mask = _read_cube(residual)
+    values = np.where(mask, data, np.nan)
+    if rms is None:
+        rms = float(np.nanmedian([robust_rms(values[..., i]) for i in range(values.shape[-1])]))
+    imax = np.unravel_index(np.nanargmax(values), values.shape)
+    imin = np.unravel_index(np.nanargmin(values), values.shape)
+    vmax, vmin = float(values[imax]), float(values[imin])
+    max_abs = max(abs(vmax), abs(vmin))
+    result = {"max_abs": max_abs, "max": vmax, "min": vmin, "rms": rms,
+              "max_sigma": max_abs / rms if rms > 0 else float("inf"),
+              "threshold": sigma * rms, "sigma": sigma, "flagged": bool(max_abs > sigma * rms),
+              "max_position": [int(i) for i in imax], "min_position": [int(i) for i in imin]}
+    if result["flagged"]:
+        message = ("%s: max |residual| %.4g Jy/beam = %.1f sigma exceeds %.1f sigma "
+                   "(rms %.4g; max %.4g at %s, min %.4g at %s): uncleaned emission, "
+                   "consider a restart with a lower threshold or an extended mask"
+                   % (residual, max_abs, result["max_sigma"], sigma, rms, vmax,
+                      result["max_position"], vmin, result["min_position"]))
+        log.warning(message)
+        warnings.warn(message, UncleanedEmissionWarning, stacklevel=2)
+    else:
+        log.info("%s: max |residual| %.1f sigma (limit %.1f)", Path(residual).name,
+                 result["max_sigma"], sigma)
+    return result
+
+
+def primary_beam_correct(imagebase):
+    """``<imagebase>.image / .pb`` -> ``<imagebase>.image.pbcor``."""
+    _, casatasks = import_casa()
+    out = "%s.image.pbcor" % imagebase
+    tmp = _tmp_name(out)
+    casatasks.impbcor(imagename="%s.image" % imagebase, pbimage="%s.pb" % imagebase,
+                      outfile=tmp, overwrite=True)
+    _replace_image(tmp, out)
+    return out
+
+
+def common_beam_of_image(imagename):
+    """The smallest beam enclosing every per-plane beam (CASA ``ia.commonbeam``)."""
+    with ImageManager(imagename) as ia:
+        beam = ia.commonbeam()
+    return {"major": "%rarcsec" % _beam_tuple(beam)[0],
+            "minor": "%rarcsec" % _beam_tuple(beam)[1],
+            "pa": "%rdeg" % _beam_tuple(beam)[2]}
+
+
+def parse_angle_arcsec(text):
+    """'1.5arcsec' / '0.01deg' / '2.3rad' -> arcsec (deg for a bare 'deg' PA is x3600)."""
+    match = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(arcsec|deg|rad|arcmin)?\s*", str(text))
+    if not match:
+        raise InputError("angle %r is invalid: give e.g. '1.5arcsec'" % text)
+    scale = {"arcsec": 1.0, "deg": 3600.0, "rad": 206264.80624709636, "arcmin": 60.0,
+             None: 1.0}[match.group(2)]
+    return float(match.group(1)) * scale
+
+
+def smooth_cube_to_common_beam(imagename, beam=None, method="numpy"):
+    """Convolve every plane to one beam -> ``<imagename>.common``.
+
+    Parameters
+    ----------
+    imagename : str
+        E.g. '..._clean.image'.
+    beam : dict, optional
+        ``{'major', 'minor', 'pa'}`` CASA strings; default: the image's common beam.
+        Chunks of one cube must use the same beam, so the chunked post-processing
+        passes the common beam of the concatenated cube.
+    method : {'numpy', 'imsmooth'}
+        numpy/scipy per-plane convolution (:func:`smooth_cube_to_resolution`, several
+        times faster) or CASA ``imsmooth(targetres=True)``.
+    """
+    beam = beam or common_beam_of_image(imagename)
+    out = "%s.common" % imagename
+    if method == "numpy":
+        target = tuple(parse_angle_arcsec(beam[k]) for k in ("major", "minor")) + (
+            parse_angle_arcsec(beam["pa"]) / 3600.0,)
+        data, valid = _read_cube(imagename)
+        smoothed = smooth_cube_to_resolution(data, valid, _beams(imagename), target,
+                                             _cell_arcsec(imagename))
+        _write_cube_like(imagename, out, np.nan_to_num(smoothed), beam=beam, unit=True,
+                         valid=np.isfinite(smoothed))
+        return out
+    _, casatasks = import_casa()
+    tmp = _tmp_name(out)
+    casatasks.imsmooth(imagename=str(imagename), kernel="gauss", major=beam["major"],
+                       minor=beam["minor"], pa=beam["pa"], targetres=True, outfile=tmp,
+                       overwrite=True)
+    _replace_image(tmp, out)
+    return out
+
+
+def hanning_smooth_image(imagename):
+    """Hanning-smooth a cube along frequency -> ``<imagename>.hanning``."""
+    out = "%s.hanning" % imagename
+    tmp = _tmp_name(out)
+    with ImageManager(imagename) as ia:
+        ia.hanning(outfile=tmp, drop=False, dmethod="mean", overwrite=True).done()
+    _replace_image(tmp, out)
+    return out
+
+
+def export_fits(imagename, velocity=False, overwrite=True):
+    """Export ``imagename`` to ``imagename.fits`` through a temporary file."""
+    _, casatasks = import_casa()
+    out = Path("%s.fits" % imagename)
+    if out.exists() and not overwrite:
+        raise OutputExistsError("%s exists already; use --overwrite to replace it" % out)
+    tmp = _tmp_name(out)
+    casatasks.exportfits(imagename=str(imagename), fitsimage=tmp, velocity=velocity,
+                         overwrite=True)
+    os.replace(tmp, out)
+    return str(out)
+
+
+def concat_images(infiles, outfile):
+    """Concatenate images along frequency into a contiguous (paged) image."""
+    with ImageManager(infiles[0]) as ia:
+        axis = _spectral_index(ia)
+    casatools, _ = import_casa()
+    ia = casatools.image()
+    tmp = _tmp_name(outfile)
+    try:
+        out = ia.imageconcat(outfile=tmp, infiles=[str(f) for f in infiles], axis=axis,
+                             relax=True, overwrite=True, reorder=False, mode="p")
+        out.done()
+    finally:
+        ia.done()
+    _replace_image(tmp, outfile)
+    return str(outfile)
+
+
+# ===========================================================================
+# Data sets (measurement sets of a field, setup and array kind)
+# ===========================================================================
+def ms_contains_diameter(ms_filen, diameter=None, epsilon=0.5):
+    """True when the MS has an antenna of ``diameter`` +- ``epsilon`` metres (msmd)."""
+    casatools, _ = import_casa()
+    msmd = casatools.msmetadata()
+    msmd.open(str(ms_filen))
+    try:
+        ids = msmd.antennaids(mindiameter="%rm" % (diameter - epsilon),
+                              maxdiameter="%rm" % (diameter + epsilon))
+    finally:
+        msmd.close()
+        msmd.done()
+    return len(ids) > 0
+
+
+class DataSet:
+    """The measurement sets of a field and setup for one array kind, and image geometry.
+
+    Parameters
+    ----------
+    field : str
+        Target field name (see :attr:`Catalog.targets`).
+    setup : int
+    kind : {'joint', '12m', '7m'}
+        'joint' = every MS; '12m'/'7m' = the MSs holding an antenna of that diameter.
+    config : Config, path or None
+    catalog : Catalog, optional
+
+    Raises
+    ------
+    InputError
+        Unknown field or setup, missing/empty DATA_DIR, or no MS found.
+    """
+
+    def __init__(self, field, setup=1, kind="joint", config=None, catalog=None):
+        self.config = get_config(config)
+        self.catalog = catalog or load_catalog(self.config)
+        self.target = self.catalog.target(field)
+        self.setup_info = self.catalog.setup(setup)
+        kind = str(kind).lower()
+        if kind not in KINDS:
+            raise InputError("kind %r is invalid: use one of %s" % (kind, ", ".join(KINDS)))
+        if kind not in self.setup_info.kinds:
+            fallback = self.setup_info.kinds[0]
+            message = ("setup %d has only %s data: kind %r reverted to %r"
+                       % (self.setup_info.setup, "/".join(self.setup_info.kinds), kind, fallback))
+            log.warning(message)
+            warnings.warn(message, FaustWarning, stacklevel=2)
+            kind = fallback
+        self.field, self.setup, self.kind = field, int(setup), kind
+        self.vis = self._find_measurement_sets()
+
+    def __repr__(self):
+        return "DataSet(field=%r, setup=%d, kind=%r, %d MS)" % (
+            self.field, self.setup, self.kind, len(self.vis))
+
+    @property
+    def ms_pattern(self):
+        """Absolute glob of this field's measurement sets."""
+        data_dir = Path(self.config["Paths"]["DATA_DIR"]).expanduser().resolve()
+        return str(data_dir / self.config["Paths"]["ms_pattern"].format(
+            field=self.field, setup=self.setup))
+
+    def _find_measurement_sets(self):
+        from glob import glob
+        data_dir = Path(self.config["Paths"]["DATA_DIR"]).expanduser().resolve()
+        if not data_dir.is_dir():
+            raise InputError("[Paths] DATA_DIR = %s does not exist: set it to the directory "
+                             "holding the measurement sets" % data_dir)
+        if not any(data_dir.iterdir()):
+            raise InputError("[Paths] DATA_DIR = %s is empty: put the measurement sets "
+                             "there (pattern %s)" % (data_dir, self.config["Paths"]["ms_pattern"]))
+        found = sorted(glob(self.ms_pattern))
+        if self.kind in KIND_DIAMETERS:
+            found = [m for m in found if ms_contains_diameter(m, KIND_DIAMETERS[self.kind])]
+        if not found:
+            raise InputError("no %s measurement set found for field %s, setup %d with the "
+                             "pattern %s (check [Paths] DATA_DIR and ms_pattern)"
+                             % (self.kind, self.field, self.setup, self.ms_pattern))
+        return found
+
+    @property
+    def oversample(self):
+        return self.config["Imaging"]["oversample"]
+
+    @property
+    def cell_arcsec(self):
+        """Pixel size: res / oversample (12m, joint); (lambda_high / 50 m) / oversample (7m)."""
+        if self.kind == "7m":
+            return calc_res(self.setup_info.high_ghz * 1e9, 50.0) / self.oversample
+        return self.target.res / self.oversample
+
+    @property
+    def cell(self):
+        return "%.4farcsec" % self.cell_arcsec
+
+    @property
+    def dish_diameter(self):
+        return 7.0 if self.kind == "7m" else 12.0
+
+    @property
+    def imsize(self):
+        """Square size covering ``imsize_pb_factor`` x the primary-beam FWHM (1.13 lambda/D)."""
+        fwhm = calc_res(self.setup_info.low_ghz * 1e9, self.dish_diameter / 1.13)
+        npix = self.config["Imaging"]["imsize_pb_factor"] * fwhm / float(self.cell[:-6])
+        size = optimum_imsize(npix)
+        return [size, size]
+
+    @property
+    def gridder(self):
+        return self.setup_info.joint_gridder if self.kind == "joint" else "standard"
+
+    @property
+    def pblimit(self):
+        imaging = self.config["Imaging"]
+        return imaging["pblimit_joint"] if self.kind == "joint" else imaging["pblimit_single"]
+
+
+def parse_spw_info_from_ms(ms_filen, field=None, setup=None, out_filen=None):
+    """Spectral windows of the science scans of an MS as :class:`Spw` rows.
+
+    Parameters
+    ----------
+    ms_filen : str or Path
+    field : str, optional
+        Field whose SPWs to list (default: all science SPWs).
+    setup : int, optional
+        Setup number written into the rows (default 0 = unknown).
+    out_filen : str or Path, optional
+        Write the rows as a catalogue CSV (``configs/faust_spws.csv`` columns),
+        usable as ``[Catalog] spws_file``.
+
+    Returns
+    -------
+    list of dict
+    """
+    casatools, _ = import_casa()
+    msmd = casatools.msmetadata()
+    msmd.open(str(ms_filen))
+    try:
+        spw_ids = _science_spws(msmd, field)
+        names = msmd.namesforspws(spw_ids)
+        rows = []
+        for spw_id, name in zip(spw_ids, names):
+            freqs = np.asarray(msmd.chanfreqs(int(spw_id)))
+            widths = np.abs(np.asarray(msmd.chanwidths(int(spw_id))))
+            centre = float(np.mean(freqs))
+            rows.append({"setup": int(setup or 0), "restfreq_ghz": "%.7f" % (centre / 1e9),
+                         "mol_name": "spw%d" % spw_id, "name": name,
+                         "ms_restfreq": "%rHz" % centre, "spw_id": int(spw_id),
+                         "ot_name": name.split("#", 1)[-1] if "#" in name else name,
+                         "nchan": int(freqs.size), "chan_width_khz": float(widths[0] / 1e3),
+                         "tot_bw_mhz": float(msmd.bandwidths(int(spw_id)) / 1e6)})
+    finally:
+        msmd.close()
+        msmd.done()
+    if out_filen is not None:
+        _write_spw_csv(rows, out_filen)
+    return rows
+
+
+def _science_spws(msmd, field=None):
+    intents = msmd.intents()
+    if SCIENCE_INTENT in intents:
+        ids = list(msmd.spwsforintent(SCIENCE_INTENT))
+    else:
+        ids = list(range(msmd.nspw()))
+    if field is not None:
+        ids = [i for i in ids if i in set(msmd.spwsforfield(field))]
+    return [int(i) for i in ids]
+
+
+def _write_spw_csv(rows, out_filen):
+    columns = ["setup", "restfreq_ghz", "mol_name", "name", "ms_restfreq", "spw_id",
+               "ot_name", "nchan", "chan_width_khz", "tot_bw_mhz"]
+    with atomic_output(out_filen, overwrite=True) as stream:
+        writer = csv.DictWriter(stream, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(out_filen)
+
+
+def write_all_spw_info(field, setups=None, config=None, out_dir=None):
+    """Write ``spw_info_Setup<N>.csv`` for the first MS of each setup of ``field``."""
+    config = get_config(config)
+    catalog = load_catalog(config)
+    out_dir = Path(out_dir or product_dirs(config)["images"])
+    written = []
+    for setup in setups or catalog.setups:
+        kind = catalog.setup(setup).kinds[0]
+        dset = DataSet(field, setup, kind, config, catalog)
+        out = out_dir / ("spw_info_Setup%d.csv" % int(setup))
+        parse_spw_info_from_ms(dset.vis[0], field=field, setup=setup, out_filen=out)
+        written.append(str(out))
+    return written
+
+
+# ===========================================================================
+# Imaging configuration and pipeline stages
+# ===========================================================================
+@dataclass
+class ChunkConfig:
+    """A contiguous frequency interval of a full cube.
+
+    Parameters
+    ----------
+    start : str
+        LSRK frequency of the chunk's first channel centre (CASA string).
+    start_chan_ix : int
+        Index of that channel in the full cube.
+    nchan : int
+    index : int
+        Chunk number, used in file names ('_chunk<index>').
+    width : str
+        Signed channel increment (CASA string); '' = native.
+    """
+
+    start: str
+    start_chan_ix: int
+    nchan: int
+    index: int
+    width: str = ""
+
+    @property
+    def fullcube_chan_indices(self):
+        """Indices of the chunk's channels in the full cube."""
+        return list(range(self.start_chan_ix, self.start_chan_ix + self.nchan))
+
+    def convert_chunk_chan_to_full(self, ix):
+        """Full-cube channel of chunk channel ``ix``; InputError outside the chunk."""
+        if not 0 <= int(ix) < self.nchan:
+            raise InputError("channel %d is outside chunk %d (channels 0..%d)"
+                             % (ix, self.index, self.nchan - 1))
+        return self.start_chan_ix + int(ix)
+
+    def convert_full_chan_to_chunk(self, ix):
+        """Chunk channel of full-cube channel ``ix``; InputError outside the chunk."""
+        local = int(ix) - self.start_chan_ix
+        if not 0 <= local < self.nchan:
+            raise InputError("full-cube channel %d is not in chunk %d (channels %d..%d)"
+                             % (ix, self.index, self.start_chan_ix,
+                                self.start_chan_ix + self.nchan - 1))
+        return local
+
+
+def _mask_kwargs_automask(config_obj, imagename):
+    return dict(config_obj.autom_kwargs)
+
+
+def _mask_kwargs_seed(config_obj, imagename):
+    return dict(config_obj.autom_kwargs)
+
+
+def _mask_kwargs_fixed(config_obj, imagename):
+    if not os.path.exists("%s.mask" % imagename):
+        raise InputError("mask_method='fixed' keeps the existing mask, but %s.mask does "
+                         "not exist: run clean_line first or choose 'seed+multithresh'"
+                         % imagename)
+    return {"usemask": "user"}
+
+
+def _mask_kwargs_taper(config_obj, imagename):
+    mask = "%s_taper.mask" % imagename
+    if not os.path.exists(mask):
+        raise InputError("mask_method='taper' needs %s (a mask from a separate tapered "
+                         "run); make it first or choose another method" % mask)
+    return {"usemask": "user", "mask": mask}
+
+
+#: Masking methods of the final clean: name -> (tclean mask arguments, help).
+MASK_METHODS = {
+    "seed+multithresh": (_mask_kwargs_seed, "seed mask from the unmasked clean, grown by auto-multithresh"),
+    "auto-multithresh": (_mask_kwargs_automask, "auto-multithresh only"),
+    "fixed": (_mask_kwargs_fixed, "keep the existing mask fixed (no automasking)"),
+    "existing": (_mask_kwargs_fixed, "alias of 'fixed' (the original's name)"),
+    "taper": (_mask_kwargs_taper, "user mask <image>_taper.mask from a tapered run"),
+}
+
+
+class ImageConfig:
+    """tclean settings for one field, SPW, array kind and weighting, with the stages.
+
+    Parameters
+    ----------
+    dset : DataSet
+    spw : Spw
+    fullcube : bool
+        Image the whole SPW (True) or a ``line_vwin`` window around vsys.
+    weighting : float or str
+        Briggs robust, or 'natural'/'uniform'.
+    chunk : ChunkConfig, optional
+    config : Config, path or None
+
+    Attributes
+    ----------
+    scales, mask_ang_scales, autom_kwargs, smallscalebias, gain, cyclefactor, uvtaper,
+    line_vwin, preserve_all_intermediate_products, nitermax, parallel
+        Tunables, initialised (deep-copied) from the configuration; edit them freely.
+    overwrite : bool
+        Re-run stages whose products exist (default False: such stages are skipped).
+    """
+
+    def __init__(self, dset, spw, fullcube=True, weighting=0.5, chunk=None, config=None):
+        if chunk is not None and not fullcube:
+            raise InputError("a chunked ImageConfig must have fullcube=True (chunks split "
+                             "the full SPW); use fullcube=False without a chunk")
+        self.dset, self.fullcube, self.chunk = dset, bool(fullcube), chunk
+        self.spw = spw if spw.chunk is chunk else spw.with_chunk(chunk)
+        self.config = get_config(config if config is not None else dset.config)
+        self.weighting = parse_weighting(weighting)
+        imaging = self.config["Imaging"]
+        self.scales = [int(s) for s in imaging["scales"]]
+        self.scale_upper_limit = imaging["scale_upper_limit"]
+        self.mask_ang_scales = list(imaging["mask_ang_scales"])
+        self.smallscalebias = imaging["smallscalebias"]
+        self.gain = imaging["gain"]
+        self.cyclefactor = imaging["cyclefactor"]
+        self.uvtaper = list(imaging["uvtaper"]) or None
+        self.line_vwin = imaging["line_vwin"]
+        self.perchanweightdensity = imaging["perchanweightdensity"]
+        self.preserve_all_intermediate_products = imaging["preserve_all_intermediate_products"]
+        self.nitermax = imaging["nitermax"]
+        self.parallel = imaging["parallel"]
+        section = "AutoMultithresh7m" if dset.kind == "7m" else "AutoMultithresh"
+        self.autom_kwargs = {"usemask": "auto-multithresh", "pbmask": 0.0}
+        self.autom_kwargs.update(copy.deepcopy(self.config[section]))
+        if dset.kind == "7m":
+            for key in ("dogrowprune", "fastnoise", "verbose"):
+                self.autom_kwargs[key] = self.config["AutoMultithresh"][key]
+        self.overwrite = False
+        self._rms = None
+        self._spw_ids = None
+        self.tclean_calls = []
+        self.tclean_seconds = []
+
+    # -- construction -------------------------------------------------------
+    @classmethod
+    def from_name(cls, field, label, kind=None, weighting=None, fullcube=True, chunk=None,
+                  config=None):
+        """Build from a field name and SPW label.
+
+        Parameters
+        ----------
+        field : str
+            E.g. 'CB68'.
+        label : str
+            E.g. '244.936GHz_CS'.
+        kind : {'joint', '12m', '7m'}, optional
+            Default ``[Imaging] kind``.
+        weighting : float or str, optional
+            Default ``[Imaging] weighting``.
+        fullcube : bool
+        chunk : ChunkConfig, optional
+        config : Config, path or None
+
+        Raises
+        ------
+        InputError
+            Unknown field or label (the message lists the known ones), or no MS.
+        """
+        config = get_config(config)
+        catalog = load_catalog(config)
+        catalog.target(field)
+        spw = catalog.spw(label)
+        kind = kind or config["Imaging"]["kind"]
+        weighting = default_weighting(config) if weighting is None else weighting
+        dset = DataSet(field, spw.setup, kind, config, catalog)
+        return cls(dset, spw, fullcube=fullcube, weighting=weighting, chunk=chunk,
+                   config=config)
+
+    def __repr__(self):
+        return ("ImageConfig(field=%r, label=%r, kind=%r, weighting=%r, fullcube=%r, "
+                "chunk=%r)" % (self.dset.field, self.spw.label, self.dset.kind,
+                               self.weighting, self.fullcube,
+                               None if self.chunk is None else self.chunk.index))
+
+    # -- names ----------------------------------------------------------------
+    @property
+    def is_chunked(self):
+        return self.chunk is not None
+
+    @property
+    def image_dir(self):
+        """``<IMAGE_DIR>/<FIELD>`` (created on demand)."""
+        return product_dirs(self.config)["images"] / self.dset.field
+
+    def get_imagebase(self, ext=None):
+        """Absolute image base ``<IMAGE_DIR>/<FIELD>/<FIELD>_<LABEL>_<KIND>_<WEIGHT>[_<EXT>]``.
+
+        The only place product names are built.  ``ext`` may be a string or a
+        sequence of strings (joined with '_').
+        """
+        stem = "%s_%s_%s_%s" % (self.dset.field, self.spw.label, self.dset.kind,
+                                weighting_label(self.weighting))
+        if ext is not None and ext != "":
+            parts = [ext] if isinstance(ext, str) else [str(e) for e in ext]
+            stem = "_".join([stem] + parts)
+        return str(self.image_dir / stem)
+
+    def final_fits(self, ext="clean"):
+        """Path of the final product ``..._<EXT>.image.pbcor.common.fits``."""
+        return self.get_imagebase(ext) + ".image.pbcor.common.fits"
+
+    @property
+    def dirty_imagebase(self):
+        return self.get_imagebase(DIRTY_EXT)
+
+    @property
+    def nomask_imagebase(self):
+        return self.get_imagebase(NOMASK_EXT)
+
+    @property
+    def tinyimg_imagebase(self):
+        return self.get_imagebase(TINYIMG_EXT)
+
+    # -- noise ----------------------------------------------------------------
+    @property
+    def rms(self):
+        """Noise (Jy/beam): 1.4826 x MAD of the dirty cube (median over channels), or as set."""
+        if self._rms is not None:
+            return self._rms
+        imagename = self.dirty_imagebase + ".image"
+        if not os.path.exists(imagename):
+            raise InputError("%s does not exist, so the rms is unknown: run "
+                             "make_dirty_cube first or set config.rms (Jy)" % imagename)
+        self._rms = calc_rms_from_image(imagename)
+        return self._rms
+
+    @rms.setter
+    def rms(self, value):
+        self._rms = None if value is None else float(value)
+
+    # -- spectral selection ----------------------------------------------------
+    @property
+    def spw_ids(self):
+        """SPW ids (one string per MS) whose name ends with the SPW's ``ot_name``."""
+        if self._spw_ids is not None:
+            return self._spw_ids
+        casatools, _ = import_casa()
+        ids = []
+        for vis in self.dset.vis:
+            msmd = casatools.msmetadata()
+            msmd.open(vis)
+            try:
+                candidates = _science_spws(msmd)
+                names = msmd.namesforspws(candidates)
+            finally:
+                msmd.close()
+                msmd.done()
+            matches = [i for i, n in zip(candidates, names) if n.endswith(self.spw.ot_name)]
+            if not matches:
+                raise InputError("no science SPW of %s has a name ending in %r (SPW names: "
+                                 "%s); fix ot_name of %s in the SPW catalogue"
+                                 % (vis, self.spw.ot_name, ", ".join(names), self.spw.label))
+            if len(matches) > 1:
+                raise InputError("%d SPWs of %s end in %r: is the MS concatenated? Image "
+                                 "the EBs separately" % (len(matches), vis, self.spw.ot_name))
+            ids.append(str(matches[0]))
+        self._spw_ids = ids
+        return ids
+
+    @property
+    def selected_start_nchan(self):
+        """``(start, nchan, width)`` of the cube for tclean."""
+        if self.is_chunked:
+            return self.chunk.start, self.chunk.nchan, self.chunk.width
+        if self.fullcube:
+            base = self._sumwt_base()
+            cov = calc_common_coverage_range(base, self.config["Imaging"]["common_coverage_fraction"])
+            return cov["start"], cov["nchan"], cov["width"]
+        return (self.dset.target.vlsr_from_window(self.line_vwin),
+                self.spw.nchan_from_window(self.line_vwin), "")
+
+    def _sumwt_base(self):
+        for base in (self.dirty_imagebase, self.tinyimg_imagebase):
+            if os.path.exists(base + ".sumwt"):
+                return base
+        return self.dirty_imagebase
+
+    # -- tclean -----------------------------------------------------------------
+    def _tclean(self, imagename, nchan=-1, start="", width="", **kwargs):
+        """Run tclean from the image folder with the common parameters."""
+        _, casatasks = import_casa()
+        robust, weighting = format_cube_robust(self.weighting)
+        params = dict(
+            vis=list(self.dset.vis), imagename=str(imagename), field=self.dset.field,
+            spw=self.spw_ids, specmode="cube", outframe="LSRK", veltype="radio",
+            restfreq=self.spw.restfreq, nchan=int(nchan), start=start, width=width,
+            imsize=self.dset.imsize, cell=self.dset.cell, gridder=self.dset.gridder,
+            weighting=weighting, perchanweightdensity=self.perchanweightdensity,
+            pblimit=self.dset.pblimit, interactive=False, parallel=self.parallel)
+        if robust is not None:
+            params["robust"] = robust
+        if self.uvtaper:
+            params["uvtaper"] = list(self.uvtaper)
+        params.update(kwargs)
+        self.tclean_calls.append(copy.deepcopy(params))
+        log.info("tclean %s (niter %s, threshold %s)", Path(imagename).name,
+                 params.get("niter", 0), params.get("threshold", "-"))
+        started = time.perf_counter()
+        with _working_directory(Path(imagename).parent):
+            result = casatasks.tclean(**params)
+        elapsed = time.perf_counter() - started
+        self.tclean_seconds.append(elapsed)
+        if not os.path.exists("%s.image" % imagename) and not os.path.exists("%s.sumwt" % imagename):
+            raise ToolError("tclean wrote no image for %s; see the CASA log (%s)"
+                            % (imagename, os.environ.get("CASA_LOGFILE", "casa log")))
+        log.info("tclean %s took %.1f s", Path(imagename).name, elapsed)
+        return result
+
+    def _stage_done(self, imagebase, stage, **info):
+        record = {"stage": stage, "version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                  "rms": self._rms, **info}
+        with atomic_output("%s.%s.done.json" % (imagebase, stage), overwrite=True) as out:
+            json.dump(record, out, indent=1, default=str)
+
+    def _stage_complete(self, imagebase, stage, products):
+        marker = "%s.%s.done.json" % (imagebase, stage)
+        return os.path.exists(marker) and all(os.path.exists(imagebase + p) for p in products)
+
+    def _clear_marker(self, imagebase, stage):
+        marker = Path("%s.%s.done.json" % (imagebase, stage))
+        if marker.exists():
+            marker.unlink()
+
+    def make_tiny_image_stamp(self):
+        """Dirty full-band cube of a small field, only for its ``.sumwt``."""
+        base = self.tinyimg_imagebase
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        delete_all_extensions(base)
+        cell = "%.4farcsec" % (self.dset.target.res / 3.0)
+        self._tclean(base, nchan=-1, niter=0, imsize=[optimum_imsize(45)] * 2, cell=cell,
+                     gridder="standard")
+        delete_all_extensions(base, keep_exts=["sumwt"])
+        with ImageManager(base + ".sumwt") as ia:
+            if not np.any(np.asarray(ia.getchunk()) > 0):
+                raise InputError("%s.sumwt is all zeros: no data selected" % base)
+        return base
+
+    def make_dirty_cube(self):
+        """Dirty cube (niter 0): full band (nchan -1) unless chunked or windowed.
+
+        Keeps ``.image`` and ``.sumwt`` (everything when
+        ``preserve_all_intermediate_products``); sets :attr:`rms` from the cube
+        unless it was set by hand.
+        """
+        base = self.dirty_imagebase
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        self._clear_marker(base, "dirty")
+        delete_all_extensions(base)
+        if self.is_chunked or not self.fullcube:
+            start, nchan, width = self.selected_start_nchan
+        else:
+            start, nchan, width = "", -1, ""
+        self._tclean(base, nchan=nchan, start=start, width=width, niter=0)
+        if not self.preserve_all_intermediate_products:
+            delete_all_extensions(base, keep_exts=["sumwt", "image", "dirty.done.json"])
+        rms = self.rms
+        self._stage_done(base, "dirty", rms_estimate=rms)
+        return base
+
+    def _threshold(self, sigma):
+        return "%rJy" % (float(sigma) * self.rms)
+
+    def clean_line_nomask(self, sigma=4.5, scale_upper_limit=None):
+        """Unmasked multiscale clean to ``sigma`` x rms with scales below the limit (px)."""
+        limit = self.scale_upper_limit if scale_upper_limit is None else scale_upper_limit
+        scales = [s for s in self.scales if limit is None or s < limit]
+        if not scales:
+            raise InputError("no multiscale scale %r lies below scale_upper_limit %r: "
+                             "add a smaller scale (e.g. 0)" % (self.scales, limit))
+        base = self.nomask_imagebase
+        self._clear_marker(base, "nomask")
+        delete_all_extensions(base)
+        start, nchan, width = self.selected_start_nchan
+        self._tclean(base, nchan=nchan, start=start, width=width, deconvolver="multiscale",
+                     scales=scales, smallscalebias=self.smallscalebias, gain=self.gain,
+                     cyclefactor=self.cyclefactor, niter=self.nitermax,
+                     threshold=self._threshold(sigma), usemask="user", mask="")
+        if not self.preserve_all_intermediate_products:
+            delete_all_extensions(base, keep_exts=["image", "pb", "nomask.done.json"])
+        self._stage_done(base, "nomask", sigma=sigma, scales=scales)
+        return base
+
+    def make_seed_mask(self, sigma=5.0):
+        """Seed mask ``<nomask>.summask``: union over ``mask_ang_scales`` of thresholds."""
+        base = self.nomask_imagebase
+        if not os.path.exists(base + ".image"):
+            raise InputError("%s.image does not exist: run clean_line_nomask first" % base)
+        self._clear_marker(base, "seed")
+        make_multiscale_joint_mask(base, self.rms, sigma=sigma, mask_ang_scales=self.mask_ang_scales,
+                                   keep_scale_products=self.preserve_all_intermediate_products)
+        self._stage_done(base, "seed", sigma=sigma)
+        return base + ".summask"
+
+    def clean_line(self, mask_method="seed+multithresh", sigma=3.0, ext=None, restart=False,
+                   interactive=False):
+        """Final masked multiscale clean to ``sigma`` x rms.
+
+        Parameters
+        ----------
+        mask_method : {'seed+multithresh', 'auto-multithresh', 'fixed', 'existing', 'taper'}
+        sigma : float
+        ext : str, optional
+            Suffix of the products (the pipeline uses 'clean').
+        restart : bool
+            Continue from the existing model and mask (only ``.image`` is removed).
+        interactive : bool
+            Open CASA's interactive viewer; needs a display.
+
+        Raises
+        ------
+        InputError
+            Unknown mask method, missing seed mask/mask, or interactive without display.
+        NotImplementedError
+            'seed+multithresh' together with ``parallel`` (the seed mask is a serial image).
+        """
+        if mask_method not in MASK_METHODS:
+            raise InputError("mask_method %r is invalid: use one of %s"
+                             % (mask_method, ", ".join(MASK_METHODS)))
+        if interactive and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+            raise InputError("interactive=True opens the CASA viewer, but no display is "
+                             "available (DISPLAY is unset); run in a desktop session or "
+                             "use interactive=False")
+        base = self.get_imagebase(ext)
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        mask_kwargs = MASK_METHODS[mask_method][0](self, base)
+        self._clear_marker(base, "clean")
+        if restart:
+            delete_all_extensions(base, keep_exts=["mask", "model", "psf", "pb", "residual",
+                                                   "sumwt", "weight"])
+        elif mask_method in ("fixed", "existing"):
+            delete_all_extensions(base, keep_exts=["mask"])
+        elif mask_method == "seed+multithresh":
+            if self.parallel:
+                raise NotImplementedError("mask_method='seed+multithresh' does not work with "
+                                          "parallel=True (the seed mask is a serial image)")
+            seed = self.nomask_imagebase + ".summask"
+            if not os.path.exists(seed):
+                raise InputError("%s does not exist: run make_seed_mask first, or use "
+                                 "mask_method='auto-multithresh'" % seed)
+            delete_all_extensions(base)
+            shutil.copytree(seed, base + ".mask")
+        else:
+            delete_all_extensions(base)
+        start, nchan, width = self.selected_start_nchan
+        self._tclean(base, nchan=nchan, start=start, width=width, deconvolver="multiscale",
+                     scales=self.scales, smallscalebias=self.smallscalebias, gain=self.gain,
+                     cyclefactor=self.cyclefactor, niter=self.nitermax,
+                     threshold=self._threshold(sigma), restart=True, calcres=True,
+                     calcpsf=True, interactive=bool(interactive), **mask_kwargs)
+        self._stage_done(base, "clean", sigma=sigma, mask_method=mask_method)
+        return base
+
+    def clean_line_interactive_restart(self, **kwargs):
+        """``clean_line(restart=True, interactive=True, **kwargs)``."""
+        return self.clean_line(restart=True, interactive=True, **kwargs)
+
+    def postprocess(self, ext=None, make_fits=True, make_hanning=False, beam=None,
+                    summary=True):
+        """Residual check, PB correction, common beam, FITS export and QA summary.
+
+        Parameters
+        ----------
+        ext : str
+        make_fits : bool
+            Export ``.image.pbcor.common``, ``.mask`` and ``.pb`` to FITS.
+        make_hanning : bool
+            Also write a Hanning-smoothed ``.image.common.hanning``.
+        beam : dict, optional
+            Common beam to smooth to; default the cube's own common beam.
+        summary : bool
+            Write the JSON QA summary ``<base>.qa.json``.
+
+        Returns
+        -------
+        dict
+            The residual check (see :func:`check_max_residual`) and the beam.
+        """
+        base = self.get_imagebase(ext)
+        for product in (".image", ".residual", ".pb"):
+            if not os.path.exists(base + product):
+                raise InputError("%s%s does not exist: run clean_line(ext=%r) first"
+                                 % (base, product, ext))
+        self._clear_marker(base, "post")
+        sigma = self.config["Thresholds"]["max_residual_sigma"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            residual = check_max_residual(base, sigma=sigma)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        primary_beam_correct(base)
+        beam = beam or common_beam_of_image(base + ".image")
+        for im_ext in (".image", ".image.pbcor"):
+            common = smooth_cube_to_common_beam(base + im_ext, beam=beam)
+            copy_pb_mask(common, base + ".pb")
+        if make_hanning:
+            hanning_smooth_image(base + ".image.common")
+        if make_fits:
+            for name in FITS_EXPORTS:
+                export_fits("%s.%s" % (base, name))
+        result = {"residual": residual, "beam": beam}
+        if summary:
+            make_qa_summary(base, config=self.config, residual_check=residual)
+        self._stage_done(base, "post", beam=beam, residual_flagged=residual["flagged"])
+        return result
+
+    # -- recipes ---------------------------------------------------------------
+    def run_pipeline_tasks(self, ext="clean", nomask_sigma=None, seedmask_sigma=None,
+                           clean_sigma=None, mask_method=None, postprocess=None):
+        """Run dirty -> nomask -> seed mask -> clean (-> postprocess), skipping done stages.
+
+        A stage whose products and completion marker exist is skipped unless
+        :attr:`overwrite` is set; a later stage re-runs when an earlier one ran.
+        """
+        thresholds = self.config["Thresholds"]
+        nomask_sigma = thresholds["nomask_sigma"] if nomask_sigma is None else nomask_sigma
+        seedmask_sigma = thresholds["seed_mask_sigma"] if seedmask_sigma is None else seedmask_sigma
+        if isinstance(seedmask_sigma, list) and len(seedmask_sigma) == 1:
+            seedmask_sigma = seedmask_sigma[0]
+        clean_sigma = thresholds["clean_sigma"] if clean_sigma is None else clean_sigma
+        mask_method = mask_method or self.config["Imaging"]["mask_method"]
+        postprocess = (not self.is_chunked) if postprocess is None else postprocess
+        redo = self.overwrite
+        steps = [
+            (self.dirty_imagebase, "dirty", (".image", ".sumwt"), self.make_dirty_cube, {}),
+        ]
+        if mask_method == "seed+multithresh":
+            steps += [
+                (self.nomask_imagebase, "nomask", (".image",), self.clean_line_nomask,
+                 {"sigma": nomask_sigma}),
+                (self.nomask_imagebase, "seed", (".summask",), self.make_seed_mask,
+                 {"sigma": seedmask_sigma}),
+            ]
+        steps.append((self.get_imagebase(ext), "clean", (".image", ".residual", ".mask"),
+                      self.clean_line, {"mask_method": mask_method, "sigma": clean_sigma,
+                                        "ext": ext}))
+        if postprocess:
+            steps.append((self.get_imagebase(ext), "post", (".image.pbcor.common.fits",),
+                          self.postprocess, {"ext": ext}))
+        for base, stage, products, func, kwargs in steps:
+            if not redo and self._stage_complete(base, stage, products):
+                log.info("skipping stage %s of %s: products exist (use overwrite to redo)",
+                         stage, Path(base).name)
+                if stage == "dirty" and self._rms is None:
+                    self._rms = self._recorded_rms(base)
+                continue
+            func(**kwargs)
+            redo = True  # every later stage depends on this one
+        return self.get_imagebase(ext)
+
+    def _recorded_rms(self, base):
+        try:
+            record = json.loads(Path("%s.dirty.done.json" % base).read_text())
+            return record.get("rms_estimate") or record.get("rms")
+        except (OSError, ValueError):
+            return None
+
+    def run_pipeline(self, ext="clean", use_chunking=None, nchunks=None, nomask_sigma=None,
+                     seedmask_sigma=None, clean_sigma=None, overwrite=None):
+        """Run every stage; the final product is ``<base>_<ext>.image.pbcor.common.fits``.
+
+        Parameters
+        ----------
+        ext : str
+        use_chunking : bool, optional
+            Image in frequency chunks and concatenate (default ``[Imaging] use_chunking``);
+            not for chunked or windowed configs.
+        nchunks : int, optional
+        nomask_sigma, seedmask_sigma, clean_sigma : float, optional
+            Default: the ``[Thresholds]`` values (4.5, 5.0, 3.0).
+        overwrite : bool, optional
+            Re-run stages whose products exist.
+
+        Returns
+        -------
+        str
+            Path of the final FITS cube.
+        """
+        if overwrite is not None:
+            self.overwrite = bool(overwrite)
+        use_chunking = self.config["Imaging"]["use_chunking"] if use_chunking is None else use_chunking
+        sigmas = dict(nomask_sigma=nomask_sigma, seedmask_sigma=seedmask_sigma,
+                      clean_sigma=clean_sigma)
+        if self.is_chunked or not self.fullcube or not use_chunking:
+            self.run_pipeline_tasks(ext=ext, **sigmas)
+            return self.final_fits(ext)
+        chunked = self.duplicate_into_chunks(nchunks=nchunks)
+        for config in chunked:
+            config.run_pipeline_tasks(ext=ext, **sigmas)
+        chunked.postprocess(ext=ext)
+        return self.final_fits(ext)
+
+    # -- chunking ---------------------------------------------------------------
+    def default_nchunks(self):
+        setup = self.dset.setup_info
+        return setup.nchunks_cont if self.spw.is_continuum else setup.nchunks_line
+
+    def duplicate_into_chunks(self, nchunks=None):
+        """Copies of this config, one per frequency chunk, as a :class:`ChunkedConfigSet`.
+
+        Needs a full-band ``.sumwt`` (from the dirty cube or a tiny stamp; a tiny stamp
+        is made if neither exists).  A manually set :attr:`rms` is inherited by the
+        chunks; otherwise each chunk measures its own from its dirty cube.
+        """
+        if self.is_chunked or not self.fullcube:
+            raise InputError("duplicate_into_chunks needs an unchunked fullcube config")
+        nchunks = nchunks or self.config["Imaging"]["nchunks"] or self.default_nchunks()
+        base = self._sumwt_base()
+        if not os.path.exists(base + ".sumwt"):
+            base = self.make_tiny_image_stamp()
+        chunks = calc_chunk_freqs(base, nchunks, self.config["Imaging"]["common_coverage_fraction"])
+        configs = []
+        for chunk in chunks:
+            clone = copy.deepcopy(self)
+            clone.chunk = chunk
+            clone.spw = self.spw.with_chunk(chunk)
+            clone.tclean_calls, clone.tclean_seconds = [], []
+            configs.append(clone)
+        return ChunkedConfigSet(configs, prototype=self)
+
+    # -- housekeeping -------------------------------------------------------------
+    def list_files(self, remove_chunks=True):
+        """Every product of this field/label/kind/weighting (chunks included)."""
+        stem = Path(self.get_imagebase()).name
+        files = sorted(p for p in self.image_dir.glob(stem + "*"))
+        if remove_chunks:
+            chunk_stem = "%s_%s_%s_chunk" % (self.dset.field, self.spw.short_restfreq,
+                                             self.spw.mol_name)
+            suffix = "_%s_%s" % (self.dset.kind, weighting_label(self.weighting))
+            files += sorted(p for p in self.image_dir.glob(chunk_stem + "*")
+                            if re.match(re.escape(chunk_stem) + r"\d+" + re.escape(suffix), p.name))
+        return files
+
+    def remove_all_files(self, confirm=True, remove_chunks=True, ask=input):
+        """Delete every product matching :meth:`get_imagebase` (asks y/N if ``confirm``).
+
+        Returns
+        -------
+        list of Path
+            What was removed (empty when declined).
+        """
+        files = self.list_files(remove_chunks)
+        if not files:
+            log.info("nothing to remove for %s", Path(self.get_imagebase()).name)
+            return []
+        if confirm:
+            print("\n".join(str(f) for f in files))
+            if ask("remove these %d products? [y/N] " % len(files)).strip().lower() not in ("y", "yes"):
+                return []
+        for path in files:
+            _remove_path(path, self.image_dir)
+        log.info("removed %d products of %s", len(files), Path(self.get_imagebase()).name)
+        return files
+
+
+def get_chunk_rms(config):
+    """Make a chunk's dirty cube (if needed) and return its rms (Jy/beam)."""
+    if not os.path.exists(config.dirty_imagebase + ".image"):
+        config.make_dirty_cube()
+    return config.rms
+
+
+class ChunkedConfigSet:
+    """The chunks of one cube: iterate, index, find by channel, post-process, concatenate.
+
+    Parameters
+    ----------
+    configs : sequence of ImageConfig
+        Chunked configs in frequency order (from :meth:`ImageConfig.duplicate_into_chunks`).
+    prototype : ImageConfig, optional
+        The unchunked config whose names the concatenated products take.
+    """
+
+    def __init__(self, configs, prototype=None):
+        self.configs = list(configs)
+        if not self.configs:
+            raise InputError("a ChunkedConfigSet needs at least one chunk")
+        self.prototype = prototype or self._prototype_from(self.configs[0])
+        self.nchunks = len(self.configs)
+        self.nchan_total = sum(c.chunk.nchan for c in self.configs)
+
+    @staticmethod
+    def _prototype_from(config):
+        proto = copy.deepcopy(config)
+        proto.chunk = None
+        proto.spw = config.spw.with_chunk(None)
+        return proto
+
+    def __repr__(self):
+        return "ChunkedConfigSet(%d chunks, %d channels, %r)" % (
+            self.nchunks, self.nchan_total, self.prototype)
+
+    def __iter__(self):
+        return iter(self.configs)
+
+    def __len__(self):
+        return self.nchunks
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return self.configs[key]
+        return self.configs[key]
+
+    def get_imagebase(self, ext=None):
+        """Image base of the concatenated products."""
+        return self.prototype.get_imagebase(ext)
+
+    def remove_all_files(self, confirm=True, ask=input):
+        return self.prototype.remove_all_files(confirm=confirm, remove_chunks=True, ask=ask)
+
+    def get_chunk_from_channel(self, ix):
+        """The chunk config holding full-cube channel ``ix``."""
+        for config in self.configs:
+            if config.chunk.start_chan_ix <= ix < config.chunk.start_chan_ix + config.chunk.nchan:
+                return config
+        raise InputError("channel %r is outside the cube (channels 0..%d)"
+                         % (ix, self.nchan_total - 1))
+
+    def concat_cubes(self, ext="clean", im_exts=None):
+        """Concatenate the chunks' ``<ext>`` products into the full cube (missing ones warn)."""
+        written = []
+        for im_ext in im_exts or CONCAT_EXTS:
+            infiles = ["%s.%s" % (c.get_imagebase(ext), im_ext) for c in self.configs]
+            missing = [f for f in infiles if not os.path.exists(f)]
+            if missing:
+                message = "not concatenating .%s: %d chunk products missing (%s)" % (
+                    im_ext, len(missing), Path(missing[0]).name)
+                log.warning(message)
+                warnings.warn(message, FaustWarning, stacklevel=2)
+                continue
+            written.append(concat_images(infiles, "%s.%s" % (self.get_imagebase(ext), im_ext)))
+        return written
+
+    def get_common_beam(self, ext="clean"):
+        """Common beam of all chunks (that of the concatenated ``.image``)."""
+        full = self.get_imagebase(ext) + ".image"
+        if not os.path.exists(full):
+            self.concat_cubes(ext, im_exts=["image"])
+        return common_beam_of_image(full)
+
+    def postprocess(self, ext="clean", use_existing_except=None, make_hanning=False,
+                    make_fits=True):
+        """Post-process the chunks with one common beam and build the full cube.
+
+        Parameters
+        ----------
+        ext : str
+        use_existing_except : sequence of int, optional
+            Re-process only these chunk indices and reuse the others' existing
+            products (all chunks are redone if the common beam changed).
+        make_hanning : bool
+        make_fits : bool
+
+        Returns
+        -------
+        dict
+            Residual check of the full cube and the common beam.
+        """
+        self.concat_cubes(ext, im_exts=CONCAT_EXTS)
+        beam = self.get_common_beam(ext)
+        beam_file = Path(self.get_imagebase(ext) + ".commonbeam.json")
+        previous = json.loads(beam_file.read_text()) if beam_file.exists() else None
+        redo_all = use_existing_except is None or previous != beam
+        for config in self.configs:
+            base = config.get_imagebase(ext)
+            done = os.path.exists(base + ".image.pbcor.common")
+            if redo_all or config.chunk.index in use_existing_except or not done:
+                config.postprocess(ext=ext, make_fits=False, beam=beam, summary=False)
+        with atomic_output(beam_file, overwrite=True) as out:
+            json.dump(beam, out)
+        full = self.get_imagebase(ext)
+        for im_ext in ("image.common", "image.pbcor.common"):
+            self.concat_cubes(ext, im_exts=[im_ext])
+        sigma = self.prototype.config["Thresholds"]["max_residual_sigma"]
+        residual = check_max_residual(full, sigma=sigma)
+        if make_hanning:
+            hanning_smooth_image(full + ".image.common")
+        if make_fits:
+            for name in FITS_EXPORTS:
+                export_fits("%s.%s" % (full, name))
+        make_qa_summary(full, config=self.prototype.config, residual_check=residual)
+        self.prototype._stage_done(full, "post", beam=beam, residual_flagged=residual["flagged"])
+        return {"residual": residual, "beam": beam}
+
+
+def run_pipeline(field, setup=None, weightings=None, fullcube=True, do_cont=True,
+                 chunked=True, kind=None, ext="clean", config=None):
+    """Image every SPW of ``field`` (one setup or all) for each weighting.
+
+    Returns
+    -------
+    list of str
+        Final FITS cubes.
+    """
+    config = get_config(config)
+    catalog = load_catalog(config)
+    catalog.target(field)
+    setups = [int(setup)] if setup is not None else list(catalog.setups)
+    weightings = weightings or [default_weighting(config)]
+    finals = []
+    for number in setups:
+        for label, spw in catalog.spws_by_setup().get(number, {}).items():
+            if spw.is_continuum and not do_cont:
+                continue
+            for weighting in weightings:
+                image_config = ImageConfig.from_name(field, label, kind=kind, weighting=weighting,
+                                                     fullcube=fullcube, config=config)
+                finals.append(image_config.run_pipeline(ext=ext, use_chunking=chunked))
+    return finals
+
+
+# ===========================================================================
+# Moment maps
+# ===========================================================================
+def _read_plane_header(imagename):
+    """A 2-D astropy FITS header (celestial axes) of a CASA image."""
+    from astropy.io import fits
+    casatools, _ = import_casa()
+    rg = casatools.regionmanager()
+    with ImageManager(imagename) as ia:
+        shape = ia.shape()
+        blc = [0] * len(shape)
+        trc = [s - 1 for s in shape]
+        for axis in range(2, len(shape)):
+            trc[axis] = 0
+        sub = ia.subimage(outfile="", region=rg.box(blc=blc, trc=trc), dropdeg=True)
+        with tempfile.TemporaryDirectory(prefix="faust-hdr-") as scratch:
+            path = os.path.join(scratch, "plane.fits")
+            sub.tofits(path, velocity=False, dropdeg=True, overwrite=True)
+            sub.done()
+            header = fits.getheader(path)
+    rg.done()
+    header = header.copy()
+    for key in list(header):
+        if key.endswith("3") or key.endswith("4") or key.startswith("PC3") or key.startswith("PC4"):
+            if key[:-1] in ("CTYPE", "CRVAL", "CDELT", "CRPIX", "CUNIT", "NAXIS", "CROTA"):
+                del header[key]
+    header["NAXIS"] = 2
+    return header
+
+
+def _velocity_axis(imagename):
+    """Radio LSRK velocities (km/s) of the channels and the rest frequency (Hz)."""
+    freqs = get_freq_axis_from_image(imagename)
+    with ImageManager(imagename) as ia:
+        csys = ia.coordsys()
+        try:
+            rest = csys.restfrequency()
+            restfreq = rest["value"][0] * {"Hz": 1, "GHz": 1e9, "MHz": 1e6}[rest["unit"]]
+        finally:
+            csys.done()
+    return SPEED_OF_LIGHT_KMS * (1.0 - freqs / restfreq), restfreq
+
+
+def _mom_max(m):
+    return np.nanmax(np.where(m.window_valid, m.data, np.nan), axis=-1)
+
+
+def _mom0(m):
+    return m.dv * np.nansum(np.where(m.in_mask, m.data, 0.0), axis=-1)
+
+
+def _mom0_err(m):
+    return m.dv * np.sqrt(np.sum(m.in_mask, axis=-1)) * m.rms
+
+
+def _mom1_terms(m):
+    sel = m.m1_select
+    weights = np.where(sel, m.data, 0.0)
+    total = np.sum(weights, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mom1 = np.sum(weights * m.velo, axis=-1) / total
+    return sel, total, np.where(np.any(sel, axis=-1), mom1, np.nan)
+
+
+def _mom1(m):
+    return _mom1_terms(m)[2]
+
+
+def _mom1_err(m):
+    sel, total, mom1 = _mom1_terms(m)
+    dev2 = np.where(sel, (m.velo - mom1[..., None]) ** 2, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        err = m.rms * np.sqrt(np.sum(dev2, axis=-1)) / np.abs(total)
+    return np.where(np.isfinite(mom1), err, np.nan)
+
+
+def _mom2(m):
+    sel = m.m2_select
+    weights = np.where(sel, m.data, 0.0)
+    total = np.sum(weights, axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mom1 = np.sum(weights * m.velo, axis=-1) / total
+        var = np.sum(weights * (m.velo - mom1[..., None]) ** 2, axis=-1) / total
+    return np.where(np.any(sel, axis=-1) & (var >= 0), np.sqrt(np.abs(var)), np.nan)
+
+
+#: Moment maps: name -> (function, BUNIT, primary-beam corrected copy too, formula).
+MOMENTS = {
+    "max": (_mom_max, "Jy/beam", True, "peak intensity over the velocity window"),
+    "mom0": (_mom0, "Jy/beam.km/s", True, "M0 = dv sum I_i over clean-mask pixels"),
+    "mom0_err": (_mom0_err, "Jy/beam.km/s", True, "dM0 = dv sqrt(N) rms"),
+    "mom1": (_mom1, "km/s", False, "M1 = sum I_i v_i / sum I_i (mask & Hanning > m1_sigma)"),
+    "mom1_err": (_mom1_err, "km/s", False, "dM1 = rms sqrt(sum (v_i - M1)^2) / sum I_i"),
+    "mom2": (_mom2, "km/s", False, "M2 = sqrt(sum I_i (v_i - M1)^2 / sum I_i) (mask & Hanning > m2_sigma)"),
+}
+
+
+class MomentMapper:
+    """Moment maps of a common-beam cube in a velocity window around vsys.
+
+    Parameters
+    ----------
+    imagename : str
+        CASA cube ending in '.image.common' (its '.mask' and '.pb' siblings are used).
+    vsys : float
+        Systemic velocity, km/s.
+    vwin : float
+        Half-width of the velocity window, km/s.
+    m1_sigma, m2_sigma : float
+        Hanning-smoothed cube must exceed ``sigma x rms / 1.305`` for mom1 / mom2.
+    overwrite : bool
+    out_dir : str or Path
+    config : Config, optional
+
+    Notes
+    -----
+    Pixels enter mom0 and the higher moments only inside the clean mask (> 0.5);
+    mom1/mom2 additionally need the Hanning-smoothed cube above the cut.  Moments are
+    computed from the unsmoothed data.  ``max``, ``mom0`` and ``mom0_err`` also get
+    primary-beam-corrected copies (PB plane at the window centre; Inf -> NaN).
+    Errors follow linear propagation of an uncorrelated per-channel noise ``rms``
+    (e.g. Teague 2019, RNAAS 3, 74).
+    """
+
+    def __init__(self, imagename, vsys, vwin=5.0, m1_sigma=4.0, m2_sigma=5.0,
+                 overwrite=True, out_dir=None, config=None):
+        self.imagename = str(imagename)
+        if not self.imagename.endswith(".image.common"):
+            raise InputError("MomentMapper needs a '.image.common' cube, got %s" % imagename)
+        self.stem = self.imagename[:-len(".image.common")]
+        self.config = get_config(config)
+        self.vsys, self.vwin = float(vsys), float(vwin)
+        self.m1_sigma, self.m2_sigma = float(m1_sigma), float(m2_sigma)
+        self.overwrite = overwrite
+        self.out_dir = Path(out_dir or product_dirs(self.config)["moments"])
+
+    def __repr__(self):
+        return "MomentMapper(%r, vsys=%g, vwin=%g, m1_sigma=%g, m2_sigma=%g)" % (
+            Path(self.imagename).name, self.vsys, self.vwin, self.m1_sigma, self.m2_sigma)
+
+    def output_path(self, name, pbcor=False):
+        return self.out_dir / ("%s.%s%s.fits" % (Path(self.stem).name, name, ".pbcor" if pbcor else ""))
+
+    def _load(self):
+        data, valid = _read_cube(self.imagename)
+        velo, _ = _velocity_axis(self.imagename)
+        window = np.abs(velo - self.vsys) <= self.vwin
+        if not window.any():
+            raise InputError("no channel of %s lies within %g +- %g km/s (cube covers "
+                             "%.2f..%.2f km/s)" % (self.imagename, self.vsys, self.vwin,
+                                                   velo.min(), velo.max()))
+        self.rms = calc_rms_from_image(self.imagename)
+        mask_name = self.stem + ".mask"
+        clean_mask = _read_cube(mask_name)[0] > 0.5 if os.path.exists(mask_name) else np.ones_like(valid)
+        data = np.where(valid, data, np.nan)
+        hanning = hanning_smooth(np.nan_to_num(data), axis=-1)
+        sel = np.flatnonzero(window)
+        self.data = data[..., sel]
+        self.velo = velo[sel]
+        self.dv = float(abs(np.median(np.diff(velo)))) if velo.size > 1 else 1.0
+        self.window_valid = np.isfinite(self.data)
+        self.in_mask = clean_mask[..., sel] & self.window_valid
+        han = hanning[..., sel]
+        self.m1_select = self.in_mask & (han > self.m1_sigma * self.rms / HANNING_RMS_FACTOR)
+        self.m2_select = self.in_mask & (han > self.m2_sigma * self.rms / HANNING_RMS_FACTOR)
+        pb_name = self.stem + ".pb"
+        self.pb_plane = None
+        if os.path.exists(pb_name):
+            pb = _read_cube(pb_name)[0]
+            centre = sel[np.argmin(np.abs(self.velo - self.vsys))]
+            self.pb_plane = pb[..., centre]
+
+    def make_moments(self):
+        """Write every map of :data:`MOMENTS`; return ``{name: path}``."""
+        from astropy.io import fits
+        targets = {}
+        for name, (_, _, pbcor, _) in MOMENTS.items():
+            targets[name] = self.output_path(name)
+            if pbcor and os.path.exists(self.stem + ".pb"):
+                targets[name + ".pbcor"] = self.output_path(name, pbcor=True)
+        if not self.overwrite and all(p.exists() for p in targets.values()):
+            log.info("moment maps of %s exist; skipped (overwrite=False)", Path(self.stem).name)
+            return {k: str(v) for k, v in targets.items()}
+        self._load()
+        header = _read_plane_header(self.imagename)
+        written = {}
+        for name, (func, unit, pbcor, formula) in MOMENTS.items():
+            image = np.asarray(func(self), dtype=float)
+            written[name] = self._write(fits, image, header, unit, name, formula)
+            if pbcor and self.pb_plane is not None:
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    corrected = image / self.pb_plane
+                corrected[~np.isfinite(corrected)] = np.nan
+                written[name + ".pbcor"] = self._write(fits, corrected, header, unit,
+                                                       name + ".pbcor", formula + " / PB")
+        return written
+
+    def _write(self, fits, image, header, unit, name, formula):
+        header = header.copy()
+        header["BUNIT"] = unit
+        header["BTYPE"] = name
+        header["VSYS"] = (self.vsys, "km/s systemic velocity")
+        header["VWIN"] = (self.vwin, "km/s half-window")
+        header["RMS"] = (self.rms, "Jy/beam cube noise")
+        header["HISTORY"] = "faust_imaging %s: %s" % (__version__, formula)
+        path = self.output_path(name.replace(".pbcor", ""), pbcor=name.endswith(".pbcor"))
+        with atomic_output(path, overwrite=True, mode="wb") as stream:
+            fits.PrimaryHDU(image.T.astype(np.float32), header=header).writeto(stream)
+        return str(path)
+
+
+def _parse_image_name(path, catalog):
+    """``(field, label)`` from a product path '<FIELD>/<FIELD>_<LABEL>_<KIND>_...'."""
+    path = Path(path)
+    field = path.parent.name
+    rest = path.name[len(field) + 1:] if path.name.startswith(field + "_") else path.name
+    match = re.match(r"(\d+\.\d{3}GHz_[^_]+)", rest)
+    return field, match.group(1) if match else None
+
+
+def _vwin_for(label, config):
+    for item in config["Moments"]["vwin_overrides"]:
+        name, value = item.split(":")
+        if name == label:
+            return float(value)
+    return config["Moments"]["vwin"]
+
+
+def make_moments_from_image(path, vwin=None, overwrite=True, config=None):
+    """Moment maps of one cube ('...image.common' or '...image'); field/vsys from its name."""
+    config = get_config(config)
+    path = str(path)
+    if path.endswith(".image"):
+        path += ".common"
+    catalog = load_catalog(config)
+    field, label = _parse_image_name(path, catalog)
+    target = catalog.target(field)
+    vwin = _vwin_for(label, config) if vwin is None else vwin
+    mapper = MomentMapper(path, target.vsys, vwin=vwin, m1_sigma=config["Moments"]["m1_sigma"],
+                          m2_sigma=config["Moments"]["m2_sigma"], overwrite=overwrite,
+                          config=config)
+    return mapper.make_moments()
+
+
+def _find_cubes(field, ext, ignore_chunks, suffix, config):
+    folder = product_dirs(config)["images"] / field
+    cubes = sorted(folder.glob("%s_*_%s.%s" % (field, ext, suffix)))
+    if ignore_chunks:
+        cubes = [c for c in cubes if "_chunk" not in c.name]
+    return cubes
+
+
+def make_all_moment_maps(field, ext="clean", vwin=None, ignore_chunks=True, overwrite=True,
+                         config=None):
+    """Moment maps of every ``<field>_*_<ext>.image.common`` cube; list of output dicts."""
+    config = get_config(config)
+    load_catalog(config).target(field)
+    return [make_moments_from_image(c, vwin=vwin, overwrite=overwrite, config=config)
+            for c in _find_cubes(field, ext, ignore_chunks, "image.common", config)]
+
+
+# ===========================================================================
+# QA: channel maps and the JSON summary
+# ===========================================================================
+class CubeSet:
+    """Restored, residual, mask and PB planes of one cube, read one channel at a time.
+
+    Parameters
+    ----------
+    path : str
+        Cube path ending in '.image' (the '.image.common', '.residual', '.mask' and
+        '.pb' siblings are used).
+    sigma : float
+        Channels with any '.image.common' pixel above ``sigma x rms`` are "good".
+    """
+
+    def __init__(self, path, sigma=6.0, pb_limit=0.2):
+        path = str(path)
+        if path.endswith(".image.common"):
+            path = path[:-len(".common")]
+        if not path.endswith(".image"):
+            raise InputError("CubeSet needs a path ending in '.image', got %s" % path)
+        self.stem = path[:-len(".image")]
+        self.paths = {"image": self.stem + ".image.common", "residual": self.stem + ".residual",
+                      "mask": self.stem + ".mask", "pb": self.stem + ".pb"}
+        missing = [p for p in self.paths.values() if not os.path.exists(p)]
+        if missing:
+            raise InputError("QA plots need %s; missing: %s (run postprocess first)"
+                             % (", ".join(self.paths.values()), ", ".join(missing)))
+        self.sigma, self.pb_limit = float(sigma), float(pb_limit)
+        self.rms = calc_rms_from_image(self.paths["image"])
+        with ImageManager(self.paths["image"]) as ia:
+            self.shape = ia.shape()
+            self.spec = _spectral_index(ia)
+            stats = ia.statistics(axes=[0, 1], robust=False, verbose=False)
+            csys = ia.coordsys()
+            self.cell_arcsec = abs(float(csys.increment(type="direction", format="n")["numeric"][0])) * 206264.80624709636
+            csys.done()
+        self.nchan = int(self.shape[self.spec])
+        self.peaks = np.asarray(stats.get("max", np.zeros(self.nchan)), dtype=float).reshape(-1)
+
+    @staticmethod
+    def get_chunk(imagename):
+        """Chunk index from a chunk file name, or None."""
+        match = re.search(r"_chunk(\d+)_", str(imagename))
+        return int(match.group(1)) if match else None
+
+    def get_plane_from_image(self, filen, ix):
+        """2-D plane (x, y) of channel ``ix`` (masked pixels NaN)."""
+        with ImageManager(filen) as ia:
+            shape = ia.shape()
+            blc = [0] * len(shape)
+            trc = [s - 1 for s in shape]
+            blc[self.spec] = trc[self.spec] = int(ix)
+            data = np.asarray(ia.getchunk(blc=blc, trc=trc, dropdeg=True), dtype=float)
+            mask = np.asarray(ia.getchunk(blc=blc, trc=trc, getmask=True, dropdeg=True), dtype=bool)
+        return np.where(mask, data, np.nan)
+
+    def get_image_planes(self, ix):
+        """``{'image', 'residual', 'mask', 'pb'}`` planes of channel ``ix``."""
+        return {k: self.get_plane_from_image(p, ix) for k, p in self.paths.items()}
+
+    def get_good_channels(self):
+        """Channels whose restored peak exceeds ``sigma x rms``."""
+        return [int(i) for i in np.flatnonzero(self.peaks > self.sigma * self.rms)]
+
+    def iter_planes(self):
+        for ix in self.get_good_channels():
+            yield ix, self.get_image_planes(ix)
+
+    def calc_tick_loc(self, cell_arcsec, npix, ang_tick=5.0):
+        """Pixel positions of ticks every ``ang_tick`` arcsec about the centre."""
+        half = npix / 2.0
+        n = int(half * cell_arcsec // ang_tick)
+        return [half + k * ang_tick / cell_arcsec for k in range(-n, n + 1)]
+
+
+_QA_STYLES = {
+    "image": {"cmap": "afmhot", "vmin": -3, "vmax": 10, "contours": (10, 20, 40, 80),
+              "mask_colour": "cyan"},
+    "residual": {"cmap": "RdBu_r", "vmin": -5, "vmax": 5, "contours": (),
+                 "mask_colour": "black"},
+}
+
+
+def _savefig(fig, filen, dpi, plot_exts, overwrite):
+    written = []
+    for ext in plot_exts:
+        out = Path("%s.%s" % (filen, ext))
+        if ext == "png" and fig.get_figheight() > 108:
+            log.warning("skipping %s: figure taller than 108 inches", out)
+            continue
+        with atomic_output(out, overwrite=True, mode="wb") as stream:
+            fig.savefig(stream, format=ext, dpi=dpi)
+        written.append(str(out))
+    return written
+
+
+def make_qa_plot(cset, kind="image", outfilen="qa_plot", config=None, overwrite=True):
+    """Channel maps of the good channels of ``cset`` ('image' or 'residual'); paths written."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    config = get_config(config)
+    qa = config["QA"]
+    style = _QA_STYLES[kind]
+    channels = cset.get_good_channels()
+    if not channels:
+        log.info("no channel of %s exceeds %.1f sigma: no QA plot", Path(cset.stem).name, cset.sigma)
+        return []
+    ncols, per_page = qa["ncols"], qa["ncols"] * qa["max_rows"]
+    pages = [channels[i:i + per_page] for i in range(0, len(channels), per_page)]
+    written = []
+    with matplotlib.rc_context({"font.family": "serif", "font.size": 10,
+                                "xtick.direction": "in", "ytick.direction": "in"}):
+        for page_number, page in enumerate(pages, 1):
+            suffix = "_page%d" % page_number if len(pages) > 1 else ""
+            filen = "%s%s" % (outfilen, suffix)
+            if not overwrite and Path(filen + ".pdf").exists():
+                log.info("%s.pdf exists; skipped (overwrite=False)", filen)
+                continue
+            nrows = int(math.ceil(len(page) / ncols))
+            fig, axes = plt.subplots(nrows, ncols, figsize=(1.3 * ncols, 1.3 * nrows),
+                                     squeeze=False)
+            for ax in axes.flat:
+                ax.set_axis_off()
+            for ax, ix in zip(axes.flat, page):
+                _draw_panel(ax, cset, ix, kind, style, qa["pb_limit"])
+            fig.subplots_adjust(wspace=0.02, hspace=0.02)
+            written += _savefig(fig, filen, qa["dpi"], qa["plot_exts"], overwrite)
+            plt.close(fig)
+    return written
+
+
+def _draw_panel(ax, cset, ix, kind, style, pb_limit):
+    planes = cset.get_image_planes(ix)
+    data = planes[kind] / cset.rms
+    data[~(planes["pb"] >= pb_limit)] = np.nan
+    npix = data.shape[0]
+    lo, hi = int(0.12 * npix), int(0.88 * npix)
+    view = data[lo:hi, lo:hi].T
+    cmap = __import__("matplotlib").colormaps[style["cmap"]].copy()
+    cmap.set_bad("0.5")
+    ax.imshow(view, origin="lower", cmap=cmap, vmin=style["vmin"], vmax=style["vmax"])
+    if style["contours"] and np.nanmax(view) > min(style["contours"]):
+        ax.contourf(view, levels=list(style["contours"]) + [np.inf], cmap="Greys_r", alpha=0.3)
+    mask = np.nan_to_num(planes["mask"][lo:hi, lo:hi].T)
+    if mask.max() > 0.5:
+        ax.contour(mask, levels=[0.5], colors=style["mask_colour"], linewidths=0.4)
+    pb = np.nan_to_num(planes["pb"][lo:hi, lo:hi].T)
+    if pb.max() > 0.5 > pb.min():
+        ax.contour(pb, levels=[0.5], colors="0.5", linestyles="dashed", linewidths=0.4)
+    ax.text(0.95, 0.95, str(ix), transform=ax.transAxes, ha="right", va="top", fontsize=6,
+            color="white" if kind == "image" else "black")
+    ax.set_axis_on()
+    ticks = [t - lo for t in cset.calc_tick_loc(cset.cell_arcsec, npix) if lo <= t < hi]
+    ax.set_xticks(ticks)
+    ax.set_yticks(ticks)
+    ax.set_xticklabels([])
+    ax.set_yticklabels([])
+
+
+def make_qa_plots_from_image(path, plot_sigma=None, overwrite=True, config=None):
+    """QA channel maps (restored and residual) of one cube; list of files written.
+
+    ``overwrite=False`` skips a cube whose PDF (or page-1 PDF) exists already.
+    """
+    config = get_config(config)
+    sigma = config["Thresholds"]["qa_peak_sigma"] if plot_sigma is None else plot_sigma
+    path = str(path)
+    stem = Path(path[:-len(".common")] if path.endswith(".image.common") else path)
+    stem = stem.name[:-len(".image")] if stem.name.endswith(".image") else stem.name
+    plot_dir = product_dirs(config)["plots"]
+    written = []
+    for kind in ("image", "residual"):
+        outfilen = str(plot_dir / ("%s_qa_plot_%s" % (stem, kind)))
+        if not overwrite and (Path(outfilen + ".pdf").exists() or Path(outfilen + "_page1.pdf").exists()):
+            log.info("QA plot %s exists; skipped (overwrite=False)", Path(outfilen).name)
+            continue
+        cset = CubeSet(path, sigma=sigma, pb_limit=config["QA"]["pb_limit"])
+        written += make_qa_plot(cset, kind=kind, outfilen=outfilen, config=config,
+                                overwrite=overwrite)
+    return written
+
+
+def make_all_qa_plots(field, ext="clean", ignore_chunks=True, overwrite=True, config=None):
+    """QA plots of every ``<field>_*_<ext>.image`` cube of the field."""
+    config = get_config(config)
+    load_catalog(config).target(field)
+    written = []
+    for cube in _find_cubes(field, ext, ignore_chunks, "image", config):
+        written += make_qa_plots_from_image(cube, overwrite=overwrite, config=config)
+    return written
+
+
+def make_qa_summary(imagebase, config=None, residual_check=None):
+    """Write ``<imagebase>.qa.json``: rms, peak S/N, max residual, beam, mask fractions, flags.
+
+    Returns
+    -------
+    dict
+    """
+    config = get_config(config)
+    thresholds = config["Thresholds"]
+    image = imagebase + ".image.common"
+    if not os.path.exists(image):
+        image = imagebase + ".image"
+    data, valid = _read_cube(image)
+    rms = calc_rms_from_image(image)
+    peak = float(np.nanmax(np.where(valid, data, np.nan)))
+    if residual_check is None:
+        residual_check = check_max_residual(imagebase, sigma=thresholds["max_residual_sigma"])
+    mask_fraction = []
+    if os.path.exists(imagebase + ".mask"):
+        mask = _read_cube(imagebase + ".mask")[0] > 0.5
+        area = np.maximum(valid.sum(axis=(0, 1)), 1)
+        mask_fraction = [float(f) for f in (mask & valid).sum(axis=(0, 1)) / area]
+    runaway = [i for i, f in enumerate(mask_fraction) if f > thresholds["runaway_mask_fraction"]]
+    flags = []
+    if residual_check["flagged"]:
+        flags.append("uncleaned emission")
+    if runaway:
+        flags.append("runaway mask")
+        message = ("%s: clean mask covers more than %.0f%% of the field in channels %s "
+                   "(runaway mask; raise lownoisethreshold)"
+                   % (Path(imagebase).name, 100 * thresholds["runaway_mask_fraction"], runaway))
+        log.warning(message)
+        warnings.warn(message, RunawayMaskWarning, stacklevel=2)
+    beams = _beams(image)
+    summary = {
+        "image": image, "version": __version__, "rms_jy_beam": rms, "peak_jy_beam": peak,
+        "peak_snr": peak / rms if rms > 0 else None,
+        "max_residual_sigma": residual_check["max_sigma"],
+        "max_residual_check": residual_check,
+        "beam": {"major_arcsec": beams[0][0], "minor_arcsec": beams[0][1], "pa_deg": beams[0][2]}
+        if len(beams) == 1 else {"per_plane": beams},
+        "nchan": int(data.shape[-1]), "mask_fraction": mask_fraction,
+        "runaway_mask_channels": runaway, "flags": flags,
+    }
+    with atomic_output(imagebase + ".qa.json", overwrite=True) as out:
+        json.dump(summary, out, indent=1, default=float)
+    return summary
+
+
+# ===========================================================================
+# Batch: job files for pipe_scripts/run_pipe.sh (and the PBS/Slurm wrappers)
+# ===========================================================================
+def write_chunk_jobfile(field, label, nchunks, outfile, nworkers=None, kind=None,
+                        weighting=None, ext="clean", config_path=None, python=None,
+                        script=None, overwrite=False):
+    """Job file imaging one SPW in parallel chunks: preprocess, wait, chunks, wait, postprocess.
+
+    Each chunk line runs the chunks ``i, i + N, i + 2N, ...`` of worker ``i`` (N =
+    ``nworkers``, default ``nchunks``), as the original ``_run_subset(i)``.
+
+    Returns
+    -------
+    str
+        The job file path.
+    """
+    nworkers = int(nworkers or nchunks)
+    python = python or "python"
+    script = script or str(HERE / "faust_imaging.py")
+    common = [field, label, "--nchunks", str(nchunks), "--ext", ext]
+    if kind:
+        common += ["--kind", kind]
+    if weighting is not None:
+        common += ["--weighting", str(weighting)]
+    if config_path:
+        common += ["-c", str(Path(config_path).resolve())]
+
+    def line(*extra):
+        import shlex
+        return " ".join(shlex.quote(a) for a in [python, script, "run"] + common + list(extra))
+
+    lines = ["# faust_imaging %s: %s %s in %d chunks on %d workers" % (__version__, field, label,
+                                                                     nchunks, nworkers),
+             line("--phase", "preprocess"), "wait"]
+    lines += [line("--phase", "chunks", "--worker", str(i), "--nworkers", str(nworkers))
+              for i in range(min(nworkers, nchunks))]
+    lines += ["wait", line("--phase", "postprocess")]
+    with atomic_output(outfile, overwrite=overwrite) as out:
+        out.write("\n".join(lines) + "\n")
+    return str(outfile)
+
+
+def write_setup_jobfile(field, setup, outfile, kind=None, weighting=None, ext="clean",
+                        config_path=None, python=None, script=None, do_cont=True,
+                        chunked=True, overwrite=False, config=None):
+    """Job file imaging every SPW of a setup: one line per SPW, run in parallel.
+
+    Each SPW is imaged with its own chunks processed serially inside its job (the
+    continuum windows, with the most chunks, come first so they start earliest).
+
+    Returns
+    -------
+    str
+        The job file path.
+    """
+    import shlex
+    catalog = load_catalog(get_config(config if config is not None else config_path))
+    catalog.target(field)
+    spws = catalog.spws_by_setup().get(catalog.setup(setup).setup, {})
+    labels = sorted(spws, key=lambda label: not spws[label].is_continuum)
+    labels = [l for l in labels if do_cont or not spws[l].is_continuum]
+    python = python or "python"
+    script = script or str(HERE / "faust_imaging.py")
+    lines = ["# faust_imaging %s: all %d SPWs of %s setup %s" % (__version__, len(labels), field, setup)]
+    for label in labels:
+        args = [python, script, "run", field, label, "--ext", ext,
+                "--chunked" if chunked else "--no-chunked"]
+        if kind:
+            args += ["--kind", kind]
+        if weighting is not None:
+            args += ["--weighting", str(weighting)]
+        if config_path:
+            args += ["-c", str(Path(config_path).resolve())]
+        lines.append(" ".join(shlex.quote(a) for a in args))
+    with atomic_output(outfile, overwrite=overwrite) as out:
+        out.write("\n".join(lines) + "\n")
+    return str(outfile)
+
+
+def run_phase(config_obj, phase, ext="clean", nchunks=None, worker=0, nworkers=1):
+    """One phase of a chunked run: 'preprocess', 'chunks' (a worker's share) or 'postprocess'."""
+    if phase == "preprocess":
+        if config_obj.overwrite or not os.path.exists(config_obj.dirty_imagebase + ".sumwt"):
+            config_obj.make_tiny_image_stamp()
+        return config_obj.duplicate_into_chunks(nchunks)
+    chunked = config_obj.duplicate_into_chunks(nchunks)
+    if phase == "chunks":
+        for config in chunked.configs[worker::nworkers]:
+            config.overwrite = config_obj.overwrite
+            config.run_pipeline_tasks(ext=ext)
+        return chunked
+    if phase == "postprocess":
+        chunked.postprocess(ext=ext)
+        return chunked
+    raise InputError("phase %r is invalid: use preprocess, chunks or postprocess" % phase)
+
+
 # ===========================================================================
 # Command line
 # ===========================================================================
-def _no_arguments(parser):
-    """Subcommands without arguments of their own (the common options only)."""
+def _field_label_arguments(parser, label=True):
+    parser.add_argument("field", nargs="?", help="target field, e.g. CB68 (see `list`)")
+    if label:
+        parser.add_argument("label", nargs="?", help="SPW label, e.g. 244.936GHz_CS (see `list`)")
+    parser.add_argument("--kind", choices=KINDS, help="array combination (default [Imaging] kind)")
+    parser.add_argument("--weighting", help="Briggs robust or natural/uniform (default [Imaging] weighting)")
+    parser.add_argument("--ext", default="clean", help="product suffix (default clean)")
+
+
+def _run_arguments(parser):
+    _field_label_arguments(parser)
+    chunking = parser.add_mutually_exclusive_group()
+    chunking.add_argument("--chunked", dest="chunked", action="store_true", default=None,
+                          help="image in frequency chunks (default [Imaging] use_chunking)")
+    chunking.add_argument("--no-chunked", dest="chunked", action="store_false")
+    parser.add_argument("--nchunks", type=int, help="number of chunks")
+    parser.add_argument("--window", action="store_true",
+                        help="image a line_vwin window around vsys instead of the full SPW")
+    parser.add_argument("--rms", type=float, help="noise in Jy/beam (default: from the dirty cube)")
+    parser.add_argument("--mask-method", choices=list(MASK_METHODS), help="final clean masking")
+    parser.add_argument("--phase", choices=("all", "preprocess", "chunks", "postprocess"),
+                        default="all", help="run one phase of a chunked run (for job files)")
+    parser.add_argument("--worker", type=int, default=0, help="worker index for --phase chunks")
+    parser.add_argument("--nworkers", type=int, default=1, help="number of workers for --phase chunks")
+
+
+def _require_field_label(args):
+    if not args.field or not getattr(args, "label", "x"):
+        raise InputError("'%s' needs FIELD and LABEL, e.g. CB68 244.936GHz_CS (see "
+                         "`faust_imaging.py list`)" % args.command)
+
+
+def _cmd_run(args, config):
+    _require_field_label(args)
+    overrides = {}
+    if args.mask_method:
+        overrides["Imaging__mask_method"] = args.mask_method
+    if overrides:
+        config = get_config(config, **overrides)
+    image_config = ImageConfig.from_name(args.field, args.label, kind=args.kind,
+                                         weighting=args.weighting, fullcube=not args.window,
+                                         config=config)
+    image_config.overwrite = args.overwrite
+    if args.rms is not None:
+        image_config.rms = args.rms
+    if args.phase != "all":
+        run_phase(image_config, args.phase, ext=args.ext, nchunks=args.nchunks,
+                  worker=args.worker, nworkers=args.nworkers)
+        return EXIT_OK
+    final = image_config.run_pipeline(ext=args.ext, use_chunking=args.chunked,
+                                      nchunks=args.nchunks)
+    print(final)
+    return EXIT_OK
+
+
+def _moments_arguments(parser):
+    parser.add_argument("field", nargs="?", help="target field")
+    parser.add_argument("--ext", default="clean", help="product suffix (default clean)")
+    parser.add_argument("--vwin", type=float, help="velocity half-window (km/s)")
+    parser.add_argument("--image", help="one '.image.common' cube instead of all of the field")
+
+
+def _cmd_moments(args, config):
+    if not args.field and not args.image:
+        raise InputError("'moments' needs FIELD or --image CUBE")
+    if args.image:
+        results = [make_moments_from_image(args.image, vwin=args.vwin, overwrite=args.overwrite,
+                                           config=config)]
+    else:
+        results = make_all_moment_maps(args.field, ext=args.ext, vwin=args.vwin,
+                                       overwrite=args.overwrite, config=config)
+    for result in results:
+        for path in result.values():
+            print(path)
+    if not results:
+        log.warning("no '%s_*_%s.image.common' cube found", args.field, args.ext)
+    return EXIT_OK
+
+
+def _qa_arguments(parser):
+    parser.add_argument("field", nargs="?", help="target field")
+    parser.add_argument("--ext", default="clean", help="product suffix (default clean)")
+    parser.add_argument("--image", help="one '.image' cube instead of all of the field")
+
+
+def _cmd_qa(args, config):
+    if not args.field and not args.image:
+        raise InputError("'qa' needs FIELD or --image CUBE")
+    if args.image:
+        written = make_qa_plots_from_image(args.image, overwrite=args.overwrite, config=config)
+    else:
+        written = make_all_qa_plots(args.field, ext=args.ext, overwrite=args.overwrite,
+                                    config=config)
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
+def _list_arguments(parser):
+    parser.add_argument("what", nargs="?", choices=("targets", "labels", "setups", "all"),
+                        default="all", help="what to list (default all)")
+
+
+def _cmd_list(args, config):
+    catalog = load_catalog(config)
+    if args.what in ("targets", "all"):
+        print("# targets: name res_arcsec vsys_kms")
+        for t in catalog.targets.values():
+            print("%-20s %5.2f %6.2f" % (t.name, t.res, t.vsys))
+    if args.what in ("setups", "all"):
+        print("# setups: setup band low_ghz high_ghz kinds")
+        for s in catalog.setups.values():
+            print("%d %d %g %g %s" % (s.setup, s.band, s.low_ghz, s.high_ghz, ";".join(s.kinds)))
+    if args.what in ("labels", "all"):
+        print("# SPW labels: label setup nchan chan_width_khz")
+        for label, spw in catalog.spws.items():
+            print("%-22s %d %5d %9.3f" % (label, spw.setup, spw.nchan, spw.chan_width))
+    return EXIT_OK
+
+
+def _cleanup_arguments(parser):
+    _field_label_arguments(parser)
+    parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+
+def _cmd_cleanup(args, config):
+    _require_field_label(args)
+    image_config = ImageConfig.from_name(args.field, args.label, kind=args.kind,
+                                         weighting=args.weighting, config=config)
+    removed = image_config.remove_all_files(confirm=not args.yes)
+    print("removed %d products" % len(removed))
+    return EXIT_OK
+
+
+def _jobs_arguments(parser):
+    _field_label_arguments(parser)
+    parser.add_argument("--setup", type=int, help="instead of LABEL: one job per SPW of this setup")
+    parser.add_argument("--no-cont", action="store_true", help="with --setup: skip continuum SPWs")
+    parser.add_argument("--nchunks", type=int, help="number of chunks (one SPW in parallel chunks)")
+    parser.add_argument("--nworkers", type=int, help="parallel workers (default nchunks)")
+    parser.add_argument("-o", "--output", required=True, help="job file to write")
+    parser.add_argument("--python", default=sys.executable, help="interpreter in the job lines")
+
+
+def _cmd_jobs(args, config):
+    if args.setup is not None:
+        if not args.field:
+            raise InputError("'jobs --setup N' needs FIELD")
+        path = write_setup_jobfile(args.field, args.setup, args.output, kind=args.kind,
+                                   weighting=args.weighting, ext=args.ext,
+                                   config_path=args.config, python=args.python,
+                                   do_cont=not args.no_cont, overwrite=args.overwrite,
+                                   config=config)
+        print(path)
+        return EXIT_OK
+    _require_field_label(args)
+    if not args.nchunks:
+        raise InputError("'jobs FIELD LABEL' needs --nchunks N (or use --setup N)")
+    path = write_chunk_jobfile(args.field, args.label, args.nchunks, args.output,
+                               nworkers=args.nworkers, kind=args.kind, weighting=args.weighting,
+                               ext=args.ext, config_path=args.config, python=args.python,
+                               overwrite=args.overwrite)
+    print(path)
+    return EXIT_OK
 
 
 SUBCOMMANDS = {
-    "run": ('image one spectral window of one field (dirty -> nomask -> seed mask -> clean -> postprocess)',
-            not_yet_implemented(4), _no_arguments),
-    "moments": ('make moment maps from final cubes',
-            not_yet_implemented(4), _no_arguments),
-    "qa": ('make QA channel maps and the JSON QA summary',
-            not_yet_implemented(4), _no_arguments),
-    "list": ('list the known targets and spectral-window labels',
-            not_yet_implemented(4), _no_arguments),
-    "clean-up": ('remove intermediate imaging products',
-            not_yet_implemented(4), _no_arguments),
+    "run": ("image one spectral window of one field (dirty -> nomask -> seed mask -> clean -> postprocess)",
+            _cmd_run, _run_arguments),
+    "moments": ("make moment maps from final cubes", _cmd_moments, _moments_arguments),
+    "qa": ("make QA channel maps (the JSON QA summary is written by postprocess)",
+           _cmd_qa, _qa_arguments),
+    "list": ("list the known targets, setups and spectral-window labels", _cmd_list,
+             _list_arguments),
+    "clean-up": ("remove the imaging products of a field/label/kind/weighting",
+                 _cmd_cleanup, _cleanup_arguments),
+    "jobs": ("write a pipe_scripts job file imaging one SPW in parallel chunks",
+             _cmd_jobs, _jobs_arguments),
 }
 
 
@@ -602,7 +3679,7 @@ def main(argv=None):
         Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
     """
     parser = build_cli(__doc__.strip().splitlines()[0], SUBCOMMANDS, __version__, CONFIG_SCHEMA)
-    return run_cli(parser, argv)
+    return run_cli(parser, argv, validators=[_validate_config])
 
 
 if invoked_as_script(globals()):

@@ -1,0 +1,437 @@
+"""Tests of faust_imaging.py: catalogue, configuration, chunk book-keeping, and the real
+CASA pipeline (tclean, masks, post-processing, chunking, moments, QA) on simulated
+ALMA measurement sets from tests/simulate.py.
+
+The simulated 12 m MS (20 channels of 0.5 km/s, CO 2-1) holds a
+compact line source of known position, velocity, width and flux and an extended clump.
+The pipeline runs with natural weighting (the simulator's expected noise is for natural
+weighting), 5 pixels per beam, a 1.2 x primary-beam field, and a faster clean loop
+(gain 0.2, cyclefactor 0.5, auto-multithresh growiterations 75 with fastnoise; the
+11-antenna array's high PSF sidelobes otherwise force ~13 major cycles).
+"""
+import json
+import math
+import shutil
+import subprocess
+import sys
+import warnings
+from dataclasses import replace as dataclass_replace
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+import pytest
+
+import faust_imaging as fi
+from conftest import ROOT, casatools
+
+needs_casa = pytest.mark.skipif(casatools is None, reason="casatools is not installed")
+
+from simulate_faust import (FIELD, LABEL, NCHAN, SPW_CSV, faust_sim_sources,  # noqa: E402
+                            write_config)
+
+# ---------------------------------------------------------------- pure unit tests
+def test_catalogue_holds_the_faust_facts():
+    catalog = fi.load_catalog()
+    assert len(catalog.targets) == 13
+    assert catalog.target("CB68") == fi.Target("CB68", 0.36, 5.0)
+    assert catalog.target("L1527").vsys == 5.85
+    assert "244.936GHz_CS" in catalog.spws and "93.176GHz_N2Hp" in catalog.spws
+    assert len(catalog.spws_by_setup()[1]) == 13 and len(catalog.spws_by_setup()[3]) == 7
+    cs = catalog.spw("244.936GHz_CS")
+    assert (cs.setup, cs.nchan, cs.ot_name) == (2, 480, "BB_1#SW-03#FULL_RES")
+    assert cs.chan_width == pytest.approx(141.113, abs=1e-3)
+    assert catalog.setup(3).kinds == ("12m",)
+    assert fi.ALL_FIELD_NAMES == list(catalog.targets)
+    assert fi.ALL_SPW_LABELS == list(catalog.spws)
+
+
+def test_unknown_field_and_label_list_the_known_ones():
+    catalog = fi.load_catalog()
+    with pytest.raises(fi.InputError, match=r"unknown field 'NoSuch'.*CB68.*VLA1623A"):
+        catalog.target("NoSuch")
+    with pytest.raises(fi.InputError, match=r"unknown SPW label '93.181GHz_N2Hp'.*93.176GHz_N2Hp"):
+        catalog.spw("93.181GHz_N2Hp")
+
+
+def test_spw_label_window_and_chunk_names():
+    spw = fi.ALL_SPWS["244.936GHz_CS"]
+    # 20 km/s at 244.936 GHz with 141.113 kHz channels (0.1727 km/s) -> 116 channels
+    assert spw.nchan_from_window("20km/s") == math.ceil(20 / (141.11328e3 / 244.9355565e9 * 299792.458))
+    chunk = fi.ChunkConfig("244.9GHz", 100, 50, 2)
+    assert spw.with_chunk(chunk).label == "244.936GHz_CS_chunk2"
+    assert spw.label == "244.936GHz_CS"            # copy, not mutated
+    other = spw.copy()
+    other.mol_name, other.restfreq = "CH3CHO", "244.9GHz"
+    assert other.label == "244.900GHz_CH3CHO" and spw.mol_name == "CS"
+    assert fi.Target("X", 0.3, 5.0).vlsr_from_window("20km/s") == "-5.0km/s"
+
+
+def test_chunk_channel_conversions_on_the_edges():
+    # The cookbook example: 477 channels in 4 chunks; channel 255 is channel 17 of chunk 2.
+    counts = fi.split_channels(477, 4)
+    assert counts == [119, 119, 119, 120] and sum(counts) == 477
+    starts = np.cumsum([0] + counts[:-1])
+    chunks = [fi.ChunkConfig("%dHz" % i, int(s), n, i) for i, (s, n) in enumerate(zip(starts, counts))]
+    chunk2 = chunks[2]
+    assert chunk2.convert_full_chan_to_chunk(255) == 17
+    assert chunk2.convert_chunk_chan_to_full(17) == 255
+    assert chunk2.fullcube_chan_indices[0] == 238 and chunk2.fullcube_chan_indices[-1] == 356
+    assert chunk2.convert_full_chan_to_chunk(238) == 0
+    assert chunk2.convert_full_chan_to_chunk(356) == 118
+    with pytest.raises(fi.InputError, match="not in chunk 2"):
+        chunk2.convert_full_chan_to_chunk(237)
+    with pytest.raises(fi.InputError, match="outside chunk 2"):
+        chunk2.convert_chunk_chan_to_full(119)
+
+    class Fake:
+        def __init__(self, chunk):
+            self.chunk = chunk
+    cset = fi.ChunkedConfigSet([Fake(c) for c in chunks], prototype=object())
+    assert cset.nchan_total == 477
+    assert cset.get_chunk_from_channel(0).chunk.index == 0
+    assert cset.get_chunk_from_channel(118).chunk.index == 0
+    assert cset.get_chunk_from_channel(119).chunk.index == 1
+    assert cset.get_chunk_from_channel(476).chunk.index == 3
+    with pytest.raises(fi.InputError, match="outside the cube"):
+        cset.get_chunk_from_channel(477)
+    with pytest.raises(fi.InputError, match="nchunks = 5"):
+        fi.split_channels(4, 5)
+
+
+def test_robust_rms_matches_numpy_std_for_gaussian_noise():
+    rng = np.random.default_rng(1)
+    values = rng.normal(0.0, 2.0, 200_000)
+    values[:1000] = 50.0                       # 0.5 % outliers barely move the MAD
+    assert fi.robust_rms(values) == pytest.approx(2.0, rel=0.02)
+    assert math.isnan(fi.robust_rms([np.nan, 0.0]))
+
+
+def test_helpers_worked_by_hand():
+    assert fi.optimum_imsize(121) == 128 and fi.optimum_imsize(46) == 48
+    assert fi.calc_res(230.538e9, 12.0) == pytest.approx(22.35, rel=1e-3)   # lambda/D in arcsec
+    smoothed = fi.hanning_smooth(np.array([0.0, 0.0, 4.0, 0.0, 0.0]))
+    assert smoothed.tolist() == [0.0, 1.0, 2.0, 1.0, 0.0]
+    assert fi.format_cube_robust(0.5) == (0.5, "briggs")
+    assert fi.format_cube_robust("natural") == (None, "natural")
+    assert fi.weighting_label(0.5) == "0.5" and fi.weighting_label("natural") == "natural"
+    with pytest.raises(fi.ConfigError, match="weighting = 'superuniform'"):
+        fi.parse_weighting("superuniform")
+
+
+def test_config_cross_checks_report_every_problem(tmp_path):
+    cfg = tmp_path / "bad.cfg"
+    cfg.write_text("[Paths]\nms_pattern = *.ms\n[Thresholds]\nseed_mask_sigma = 4, 5\n"
+                   "[Catalog]\nextra_targets = X:1\n")
+    with pytest.raises(fi.ConfigError) as info:
+        fi.get_config(cfg)
+    message = str(info.value)
+    assert "ms_pattern = '*.ms' must contain {field}" in message
+    assert "seed_mask_sigma" in message and "extra_targets item 'X:1'" in message
+
+
+def test_cli_list_and_bad_input_exit_codes(tmp_path, capsys):
+    assert fi.main(["list", "labels", "-q"]) == 0
+    assert "244.936GHz_CS" in capsys.readouterr().out
+    cfg = tmp_path / "f.cfg"
+    cfg.write_text("[Imaging]\nno_such_key = 1\n")
+    assert fi.main(["list", "-c", str(cfg)]) == 2
+    assert "unknown key 'no_such_key'" in capsys.readouterr().err
+    # unknown field: exit 2, message lists the known fields, nothing written
+    cfg = write_config(tmp_path)
+    assert fi.main(["run", "NoSuch", LABEL, "-c", str(cfg), "-q"]) == 2
+    assert "known fields are BHB07-11" in capsys.readouterr().err
+    assert fi.main(["run", FIELD, "1.000GHz_X", "-c", str(cfg), "-q"]) == 2
+    assert "known labels are" in capsys.readouterr().err
+    # DATA_DIR missing, then empty
+    assert fi.main(["run", FIELD, LABEL, "-c", str(cfg), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "DATA_DIR" in err and "does not exist" in err
+    (tmp_path / "data").mkdir()
+    assert fi.main(["run", FIELD, LABEL, "-c", str(cfg), "-q"]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert not (tmp_path / "prod").exists()
+
+
+def test_chunk_jobfile_has_barriers_and_runs_dry(tmp_path):
+    jobs = tmp_path / "jobs.txt"
+    fi.write_chunk_jobfile("CB68", "244.936GHz_CS", 5, jobs, nworkers=2, config_path=tmp_path / "f.cfg")
+    lines = [l for l in jobs.read_text().splitlines() if not l.startswith("#")]
+    assert lines[1] == "wait" and lines[-2] == "wait"
+    assert "--phase preprocess" in lines[0] and "--phase postprocess" in lines[-1]
+    chunk_lines = lines[2:-2]
+    assert len(chunk_lines) == 2 and all("--nworkers 2" in l for l in chunk_lines)
+    with pytest.raises(fi.OutputExistsError):
+        fi.write_chunk_jobfile("CB68", "244.936GHz_CS", 5, jobs)
+    result = subprocess.run(["bash", str(ROOT / "pipe_scripts" / "run_pipe.sh"), "--dry-run",
+                             "-l", str(tmp_path / "logs"), str(jobs)],
+                            capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+# ----------------------------------------------------------------- CASA fixtures
+@pytest.fixture(scope="module")
+def sim12m(tmp_path_factory):
+    """Simulated 12 m MS below DATA_DIR/FAUST_SIM-Setup9 and a config for it."""
+    if casatools is None:
+        pytest.skip("casatools is not installed")
+    from simulate import simulate_alma_line_ms
+    root = tmp_path_factory.mktemp("faust12m")
+    ms_dir = root / "data" / f"{FIELD}-Setup9"
+    ms_dir.mkdir(parents=True)
+    sim = simulate_alma_line_ms(ms_dir / "sim12m.ms", array="12m", nchan=NCHAN, seed=3,
+                                vsys_channel=6, sources=faust_sim_sources())
+    return {"root": root, "cfg": write_config(root), "sim": sim}
+
+
+@pytest.fixture(scope="module")
+def pipeline12m(sim12m):
+    """The unchunked pipeline run end to end (natural weighting)."""
+    config = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=sim12m["cfg"])
+    final = config.run_pipeline(ext="clean", use_chunking=False)
+    return {**sim12m, "config": config, "final": Path(final)}
+
+
+def _read_fits(path):
+    from astropy.io import fits
+    with fits.open(path) as hdul:
+        return np.squeeze(hdul[0].data).astype(float), hdul[0].header.copy()
+
+
+def _velocity_axis(header):
+    """Radio velocities (km/s) of the FITS cube channels."""
+    n = header["NAXIS3"]
+    freqs = header["CRVAL3"] + (np.arange(n) + 1 - header["CRPIX3"]) * header["CDELT3"]
+    return 299792.458 * (1 - freqs / header["RESTFRQ"])
+
+
+def _source_pixel(header, sim, source):
+    from astropy.wcs import WCS
+    wcs = WCS(header).celestial
+    x, y = wcs.world_to_pixel(source.coord)
+    return float(x), float(y)
+
+
+# ------------------------------------------------------------------- CASA tests
+@pytest.mark.casa
+def test_final_cube_name_units_beam_and_flux(pipeline12m):
+    sim, config, final = pipeline12m["sim"], pipeline12m["config"], pipeline12m["final"]
+    prod = pipeline12m["root"] / "prod" / "images" / FIELD
+    assert final == prod / f"{FIELD}_{LABEL}_12m_natural_clean.image.pbcor.common.fits"
+    assert final.exists() and Path(str(final).replace("image.pbcor.common", "mask")).exists()
+    data, header = _read_fits(final)
+    assert header["BUNIT"].lower() == "jy/beam"
+    assert "BMAJ" in header and "CASAMBM" not in header        # one common beam
+    bmaj, bmin = header["BMAJ"] * 3600, header["BMIN"] * 3600
+    # the beam matches the simulator's uv-moment estimate within 10 %
+    assert bmaj == pytest.approx(sim.beam[0].value, rel=0.10)
+    assert bmin == pytest.approx(sim.beam[1].value, rel=0.10)
+    # integrated line flux of the compact source within 10 % of the injected flux
+    cell = abs(header["CDELT2"]) * 3600
+    beam_pix = math.pi * bmaj * bmin / (4 * math.log(2)) / cell ** 2
+    x0, y0 = _source_pixel(header, sim, sim.compact)
+    yy, xx = np.mgrid[:data.shape[1], :data.shape[2]]
+    aperture = np.hypot(xx - x0, yy - y0) * cell < 2.0        # encloses 99 % of the beam
+    dv = sim.channel_width.value
+    # the compact line's channels (> 1 % of its peak): the clump's negative bowl (missing
+    # short spacings) lies 7" away and at other velocities
+    velocities = _velocity_axis(header)
+    line = np.abs(velocities - sim.compact.velocity.value) < 3.1 * sim.compact.sigma_velocity.value
+    flux = np.nansum(data[line][:, aperture]) / beam_pix * dv
+    # The simulator does not attenuate the sky by the primary beam, so the PB-corrected
+    # cube holds truth / PB (PB ~ 0.99 at the compact source, 1.4" from the centre).
+    pb, _ = _read_fits(str(final).replace("image.pbcor.common", "pb"))
+    pb_at_source = pb[np.flatnonzero(line)[0], int(round(y0)), int(round(x0))]
+    assert 0.95 < pb_at_source < 1.0
+    truth = sim.compact.integrated_flux.value / pb_at_source
+    assert flux == pytest.approx(truth, rel=0.10), (flux, truth)
+    # the rms estimate (dirty cube, 1.4826 MAD) within 15 % of the true noise
+    assert config.rms == pytest.approx(sim.expected_rms.value, rel=0.15)
+
+
+@pytest.mark.casa
+def test_qa_summary_stage_skipping_and_moments(pipeline12m, caplog):
+    sim, config, final = pipeline12m["sim"], pipeline12m["config"], pipeline12m["final"]
+    base = config.get_imagebase("clean")
+    summary = json.loads(Path(base + ".qa.json").read_text())
+    assert summary["flags"] == [] and summary["max_residual_sigma"] < 5.5
+    assert summary["peak_snr"] > 30 and len(summary["mask_fraction"]) == summary["nchan"]
+    assert sim.nchan - 2 <= summary["nchan"] <= sim.nchan     # common coverage of the band
+    assert max(summary["mask_fraction"]) < 0.5
+    assert summary["rms_jy_beam"] == pytest.approx(sim.expected_rms.value, rel=0.15)
+    # a re-run skips every stage (products and completion markers exist)
+    mtime = final.stat().st_mtime
+    with caplog.at_level("INFO", logger="faust_imaging"):
+        config.run_pipeline(ext="clean", use_chunking=False)
+    assert final.stat().st_mtime == mtime
+    assert sum("skipping stage" in r.message for r in caplog.records) == 5
+    # moment maps: units, and mom1 at the compact source within one channel of vsys
+    written = fi.make_all_moment_maps(FIELD, ext="clean", config=pipeline12m["cfg"])
+    assert len(written) == 1
+    maps = written[0]
+    assert set(fi.MOMENTS) <= set(maps) and "mom0.pbcor" in maps
+    mom1, header = _read_fits(maps["mom1"])
+    assert header["BUNIT"] == "km/s" and header["NAXIS"] == 2
+    x0, y0 = _source_pixel(header, sim, sim.compact)
+    velocity = mom1[int(round(y0)), int(round(x0))]
+    assert abs(velocity - sim.compact.velocity.value) < sim.channel_width.value
+    mom0, header0 = _read_fits(maps["mom0"])
+    assert header0["BUNIT"] == "Jy/beam.km/s" and np.nanmax(mom0) > 0
+    mom2, _ = _read_fits(maps["mom2"])
+    sigma_v = sim.compact.sigma_velocity.value
+    assert 0.3 * sigma_v < mom2[int(round(y0)), int(round(x0))] < 1.5 * sigma_v
+    # QA plots: PNG + PDF for restored and residual; overwrite=False skips them
+    plots = fi.make_all_qa_plots(FIELD, ext="clean", config=pipeline12m["cfg"])
+    assert sorted(Path(p).suffix for p in plots) == [".pdf", ".pdf", ".png", ".png"]
+    assert fi.make_all_qa_plots(FIELD, ext="clean", overwrite=False, config=pipeline12m["cfg"]) == []
+    # the same through the command line (existing products are kept without --overwrite)
+    cfg = str(pipeline12m["cfg"])
+    mtime = Path(maps["mom1"]).stat().st_mtime
+    assert fi.main(["moments", FIELD, "-c", cfg, "-q"]) == 0
+    assert Path(maps["mom1"]).stat().st_mtime == mtime
+    assert fi.main(["qa", FIELD, "-c", cfg, "-q"]) == 0
+    assert fi.main(["moments", "-c", cfg, "-q"]) == 2          # FIELD or --image needed
+
+
+@pytest.mark.casa
+def test_max_residual_check_flags_an_under_cleaned_run(pipeline12m):
+    config = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=pipeline12m["cfg"])
+    config.nitermax = 1
+    config.clean_line(mask_method="auto-multithresh", ext="shallow", sigma=3.0)
+    with pytest.warns(fi.UncleanedEmissionWarning, match="uncleaned emission"):
+        result = config.postprocess(ext="shallow")
+    assert result["residual"]["flagged"] and result["residual"]["max_sigma"] > 20
+    summary = json.loads(Path(config.get_imagebase("shallow") + ".qa.json").read_text())
+    assert "uncleaned emission" in summary["flags"]
+
+
+@pytest.mark.casa
+@pytest.mark.slow
+def test_chunked_run_equals_unchunked(pipeline12m):
+    unchunked = pipeline12m["config"]
+    config = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=pipeline12m["cfg"])
+    config.rms = unchunked.rms          # one noise level for both, as for small chunks
+    chunked = config.duplicate_into_chunks(nchunks=2)
+    sizes = [c.chunk.nchan for c in chunked]
+    assert len(sizes) == 2 and abs(sizes[0] - sizes[1]) <= 1 and chunked.nchan_total == sum(sizes)
+    assert chunked[1].spw.label == LABEL + "_chunk1"
+    assert chunked.get_chunk_from_channel(sizes[0]) is chunked[1]
+    assert chunked.get_chunk_from_channel(sizes[0] - 1) is chunked[0]
+    final = Path(config.run_pipeline(ext="chunked", use_chunking=True, nchunks=2))
+    a, ha = _read_fits(pipeline12m["final"])
+    b, hb = _read_fits(final)
+    assert a.shape == b.shape
+    for key in ("BMAJ", "BMIN", "BPA", "CRVAL3", "CDELT3"):
+        assert hb[key] == pytest.approx(ha[key], rel=1e-6), key
+    finite = np.isfinite(a) & np.isfinite(b)
+    assert finite.mean() > 0.99
+    difference = np.abs(a - b)[finite]
+    assert difference.max() < 0.5 * unchunked.rms, difference.max() / unchunked.rms
+    # a chunk's own noise estimate (its dirty cube): right for the line-free upper half,
+    # biased high for the half holding both lines (why the cookbook sets rms by hand)
+    probe = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=pipeline12m["cfg"])
+    halves = probe.duplicate_into_chunks(nchunks=2)
+    assert fi.get_chunk_rms(halves[1]) == pytest.approx(unchunked.rms, rel=0.2)
+    assert fi.get_chunk_rms(halves[0]) > 1.2 * unchunked.rms
+    # re-post-processing one chunk reuses the others and gives the same cube
+    chunked.postprocess(ext="chunked", use_existing_except=[1])
+    c, _ = _read_fits(final)
+    assert np.nanmax(np.abs(c - b)) == 0.0
+
+
+@pytest.mark.casa
+def test_dataset_kind_selection_and_spw_info(sim12m, tmp_path):
+    ms = next((sim12m["root"] / "data").glob("*/*.ms"))
+    assert fi.ms_contains_diameter(ms, 12) and not fi.ms_contains_diameter(ms, 7)
+    with pytest.raises(fi.InputError, match="no 7m measurement set found"):
+        fi.DataSet(FIELD, 9, "7m", config=sim12m["cfg"])
+    dset = fi.DataSet(FIELD, 9, "12m", config=sim12m["cfg"])
+    assert dset.cell == "0.2800arcsec" and dset.imsize == [120, 120] and dset.pblimit == -0.01
+    rows = fi.parse_spw_info_from_ms(ms, setup=9, out_filen=tmp_path / "spw.csv")
+    assert len(rows) == 1 and rows[0]["nchan"] == NCHAN and rows[0]["ot_name"] == "CO21"
+    catalog_spws = fi._rows_to_spws(fi._read_csv_rows(tmp_path / "spw.csv", fi._SPW_COLUMNS), "x")
+    assert len(catalog_spws) == 1
+
+
+@pytest.mark.casa
+def test_7m_pipeline_through_the_cli(tmp_path, capsys):
+    from simulate import simulate_alma_line_ms
+    ms_dir = tmp_path / "data" / f"{FIELD}-Setup9"
+    ms_dir.mkdir(parents=True)
+    sim = simulate_alma_line_ms(ms_dir / "sim7m.ms", array="7m", nchan=12, seed=5,
+                                vsys_channel=5,
+                                sources=__import__("simulate").default_sources()[:1])
+    cfg = write_config(tmp_path)
+    (tmp_path / "spws.csv").write_text(SPW_CSV.replace(",32,384.5", ",12,384.5"))
+    assert fi.main(["run", FIELD, LABEL, "--kind", "7m", "--no-chunked", "-c", str(cfg), "-q"]) == 0
+    final = Path(capsys.readouterr().out.strip())
+    assert final.name == f"{FIELD}_{LABEL}_7m_natural_clean.image.pbcor.common.fits"
+    data, header = _read_fits(final)
+    assert header["BUNIT"].lower() == "jy/beam"
+    # peak of the compact (unresolved) source within 10 % of the injected peak
+    assert np.nanmax(data) == pytest.approx(sim.compact.peak_flux.value, rel=0.10)
+    assert fi.main(["clean-up", FIELD, LABEL, "--kind", "7m", "--yes", "-c", str(cfg), "-q"]) == 0
+    assert not list((tmp_path / "prod" / "images" / FIELD).glob("*7m*"))
+
+
+def test_setup_jobfile_and_shell_wrapper(tmp_path):
+    jobs = Path(fi.write_setup_jobfile("CB68", 1, tmp_path / "s1.txt", kind="joint"))
+    lines = [l for l in jobs.read_text().splitlines() if not l.startswith("#")]
+    assert len(lines) == 13 and "233.796GHz_cont" in lines[0]      # continuum first
+    assert all(" run CB68 " in l and "--chunked" in l for l in lines)
+    assert len(fi.write_setup_jobfile("CB68", 1, tmp_path / "s2.txt", do_cont=False)
+               and (tmp_path / "s2.txt").read_text().splitlines()) == 13   # comment + 12
+    result = subprocess.run(["bash", str(ROOT / "pipe_scripts" / "faust_jobs.sh"),
+                             "--wrapper-opts", "--dry-run -l %s" % (tmp_path / "logs"), "--",
+                             "CB68", "244.936GHz_CS", "--nchunks", "3"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    written = list(tmp_path.glob("faust_jobs_*.txt"))
+    assert len(written) == 1 and written[0].read_text().count("--phase chunks") == 3
+    bad = subprocess.run(["bash", str(ROOT / "pipe_scripts" / "faust_jobs.sh"), "--", "NoSuch",
+                          "--setup", "1"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 2 and "unknown field 'NoSuch'" in bad.stderr
+
+
+@pytest.mark.casa
+def test_numpy_smoothing_matches_casa_imsmooth(pipeline12m, tmp_path):
+    """The seed mask's numpy smoothing against CASA imsmooth(targetres=True)."""
+    _, casatasks = fi.import_casa()
+    image = pipeline12m["config"].nomask_imagebase + ".image"
+    data, valid = fi._read_cube(image)
+    ours = fi.smooth_cube_to_resolution(data, valid, fi._beams(image), 3.0, fi._cell_arcsec(image))
+    casatasks.imsmooth(imagename=image, kernel="gauss", major="3arcsec", minor="3arcsec",
+                       pa="0deg", targetres=True, outfile=str(tmp_path / "casa.image"))
+    theirs, _ = fi._read_cube(tmp_path / "casa.image")
+    inner = (slice(20, -20), slice(20, -20))             # away from the FFT edges
+    difference = np.abs(ours[inner] - theirs[inner]).max()
+    assert difference < 0.01 * np.abs(theirs[inner]).max(), difference
+    # the common-beam products: elliptical target beam, numpy vs imsmooth
+    clean = Path(pipeline12m["config"].get_imagebase("clean") + ".image")
+    copy = tmp_path / "copy.image"
+    shutil.copytree(clean, copy)
+    beam = fi.common_beam_of_image(copy)
+    a, _ = fi._read_cube(fi.smooth_cube_to_common_beam(str(copy), beam, method="numpy"))
+    b, _ = fi._read_cube(fi.smooth_cube_to_common_beam(str(copy), beam, method="imsmooth"))
+    assert np.abs(a[inner] - b[inner]).max() < 0.01 * np.abs(b[inner]).max()
+    beams = fi._beams(str(copy) + ".common")
+    assert len(beams) == 1 and beams[0][0] == pytest.approx(fi.parse_angle_arcsec(beam["major"]))
+
+
+@pytest.mark.casa
+def test_common_beam_smoothing_keeps_blanked_pixels_blanked(pipeline12m, tmp_path):
+    """Pixels masked in the input (e.g. beyond pblimit) stay masked, and export as NaN."""
+    _, casatasks = fi.import_casa()
+    clean = Path(pipeline12m["config"].get_imagebase("clean") + ".image")
+    copy = tmp_path / "masked.image"
+    shutil.copytree(clean, copy)
+    with fi.ImageManager(copy) as ia:
+        mask = ia.getchunk(getmask=True, dropdeg=False)
+        mask[:10] = False                                  # blank the first 10 columns
+        ia.putregion(pixelmask=mask)
+    smoothed = fi.smooth_cube_to_common_beam(str(copy), fi.common_beam_of_image(copy))
+    data, valid = fi._read_cube(smoothed)
+    assert not valid[:10].any() and valid[20:-20, 20:-20].all()
+    casatasks.exportfits(imagename=smoothed, fitsimage=str(tmp_path / "masked.fits"))
+    exported = np.squeeze(fits.getdata(tmp_path / "masked.fits"))   # (chan, y, x)
+    assert np.isnan(exported[..., :10]).all() and np.isfinite(exported[..., 20:-20]).all()
