@@ -406,25 +406,38 @@ def format_config_template(schema, title):
 
 
 @contextmanager
-def atomic_output(path, overwrite=False, mode="w"):
-    """Write a file through a temporary sibling that is renamed into place on success.
+def atomic_path(path, overwrite=False, suffix=".part"):
+    """Yield a temporary sibling path for ``path``; rename it into place on success.
 
-    Raises OutputExistsError when ``path`` exists and ``overwrite`` is false; on any
-    error the temporary file is removed, so no half-written output is ever left.
+    For writers that take a file name (``fits.writeto``, ``Table.write``,
+    ``savefig``).  Raises OutputExistsError when ``path`` exists and ``overwrite`` is
+    false; on any error the temporary file is removed, so no half-written output is
+    ever left.  ``suffix`` ends the temporary name (e.g. ``.fits`` for writers that
+    infer the format from it).
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError("%s exists already; use --overwrite to replace it" % path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
-        with os.fdopen(fd, mode) as stream:
-            yield stream
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+@contextmanager
+def atomic_output(path, overwrite=False, mode="w"):
+    """Open a file for writing through :func:`atomic_path` (same guarantees)."""
+    with atomic_path(path, overwrite) as tmp:
+        with open(tmp, mode) as stream:
+            yield stream
 
 
 def setup_logging(verbose=0, quiet=False, logfile=None):
@@ -1732,16 +1745,8 @@ def build_source(state, row, result):
 
 def write_source(src, path):
     """Write a Source atomically (temporary sibling renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.stem + ".", suffix=".part.fits", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, overwrite=True, suffix=".part.fits") as tmp:
         src.write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------
@@ -1907,15 +1912,8 @@ def write_table(rows, path, columns):
     table.meta["extractions"] = {name: text for name, (_, text) in EXTRACTIONS.items()}
     table.meta["autospec_version"] = __version__
     for suffix, fmt in ((".ecsv", "ascii.ecsv"), (".csv", "ascii.csv")):
-        target = Path(path).with_suffix(suffix)
-        fd, tmp = tempfile.mkstemp(prefix="." + target.name + ".", suffix=".part", dir=target.parent)
-        os.close(fd)
-        try:
+        with atomic_path(Path(path).with_suffix(suffix), overwrite=True) as tmp:
             table.write(tmp, format=fmt, overwrite=True)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
     return Path(path).with_suffix(".ecsv")
 
 
@@ -1943,15 +1941,8 @@ def write_marz(path, entries, wave):
     hdul = fits.HDUList([fits.PrimaryHDU(flux), fits.ImageHDU(var, name="VARIANCE"),
                          fits.ImageHDU(np.asarray(wave, np.float64), name="WAVELENGTH"),
                          fits.BinTableHDU.from_columns(cols, name="FIBRES")])
-    fd, tmp = tempfile.mkstemp(prefix="." + Path(path).name + ".", suffix=".part.fits",
-                               dir=Path(path).parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, overwrite=True, suffix=".part.fits") as tmp:
         hdul.writeto(tmp, overwrite=True)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     return Path(path)
 
 
@@ -2005,14 +1996,8 @@ def make_plots(state, row, result):
 
 
 def _save_figure(fig, path):
-    fd, tmp = tempfile.mkstemp(prefix="." + path.stem + ".", suffix=".jpg", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, overwrite=True, suffix=".jpg") as tmp:
         fig.savefig(tmp, dpi=80, format="jpg")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ===========================================================================

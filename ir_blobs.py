@@ -351,25 +351,38 @@ def format_config_template(schema, title):
 
 
 @contextmanager
-def atomic_output(path, overwrite=False, mode="w"):
-    """Write a file through a temporary sibling that is renamed into place on success.
+def atomic_path(path, overwrite=False, suffix=".part"):
+    """Yield a temporary sibling path for ``path``; rename it into place on success.
 
-    Raises OutputExistsError when ``path`` exists and ``overwrite`` is false; on any
-    error the temporary file is removed, so no half-written output is ever left.
+    For writers that take a file name (``fits.writeto``, ``Table.write``,
+    ``savefig``).  Raises OutputExistsError when ``path`` exists and ``overwrite`` is
+    false; on any error the temporary file is removed, so no half-written output is
+    ever left.  ``suffix`` ends the temporary name (e.g. ``.fits`` for writers that
+    infer the format from it).
     """
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError("%s exists already; use --overwrite to replace it" % path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
     try:
-        with os.fdopen(fd, mode) as stream:
-            yield stream
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+
+
+@contextmanager
+def atomic_output(path, overwrite=False, mode="w"):
+    """Open a file for writing through :func:`atomic_path` (same guarantees)."""
+    with atomic_path(path, overwrite) as tmp:
+        with open(tmp, mode) as stream:
+            yield stream
 
 
 def setup_logging(verbose=0, quiet=False, logfile=None):

@@ -7,6 +7,7 @@ file, section, key, bad value and what is allowed, --set overrides, --write-conf
 templates that load back, and atomic outputs.
 """
 import importlib
+import os
 import re
 
 import pytest
@@ -186,6 +187,9 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path):
     with clover.atomic_output(target, overwrite=True) as stream:
         stream.write("new")
     assert target.read_text() == "new" and len(list(tmp_path.iterdir())) == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask    # not mkstemp's 0600
 
 
 def test_autospec_defaults_to_run(capsys):
