@@ -104,8 +104,10 @@ def demo_casa_smoke(outdir):
 # tool -> (description, "module:function" that takes the output directory and returns a
 # summary dict, or None while the tool has no demo yet, issue that builds it)
 DEMOS = {
-    "faust_imaging": ("CASA smoke run: simulated ALMA line MS -> tclean cube",
-                      "demo:demo_casa_smoke", 3),
+    "casa_smoke": ("CASA smoke run: simulated ALMA line MS -> tclean cube",
+                   "demo:demo_casa_smoke", 3),
+    "faust_imaging": ("simulated 12m MS -> FAUST pipeline cube, moments, QA",
+                      "simulate_faust:run_demo", 4),
     "clover": ("Gaussian and NH3 cubes with 0/1/2-component regions -> class and velocity maps",
                "clover:run_demo", 5),
     "autospec": ("MUSE-like cube with a blended pair -> extracted spectra",
