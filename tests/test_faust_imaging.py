@@ -374,6 +374,34 @@ def test_7m_pipeline_through_the_cli(tmp_path, capsys):
     assert not list((tmp_path / "prod" / "images" / FIELD).glob("*7m*"))
 
 
+@pytest.mark.casa
+@pytest.mark.slow
+def test_joint_12m_7m_pipeline(tmp_path):
+    """Joint imaging of a 12m and a 7m MS of one field (mosaic gridder, pblimit 0.2)."""
+    from simulate import simulate_alma_line_ms
+    ms_dir = tmp_path / "data" / f"{FIELD}-Setup9"
+    ms_dir.mkdir(parents=True)
+    sims = [simulate_alma_line_ms(ms_dir / f"sim{array}.ms", array=array, nchan=NCHAN, seed=seed,
+                                  vsys_channel=6, sources=faust_sim_sources())
+            for array, seed in (("12m", 3), ("7m", 4))]
+    config = fi.ImageConfig.from_name(FIELD, LABEL, kind="joint", config=write_config(tmp_path))
+    final = Path(config.run_pipeline(ext="clean", use_chunking=False))
+    assert final.name == f"{FIELD}_{LABEL}_joint_natural_clean.image.pbcor.common.fits"
+    qa = json.loads(Path(config.get_imagebase("clean") + ".qa.json").read_text())
+    assert qa["flags"] == []
+    # the joint beam lies between the 12m and the 7m beams
+    assert sims[0].beam[0].value < qa["beam"]["major_arcsec"] < sims[1].beam[0].value
+    # natural weighting of both arrays (same noise per visibility): the noises combine as
+    # 1/sigma^2 = 1/sigma_12m^2 + 1/sigma_7m^2 (measured -8 % here); within 15 %
+    expected = 1.0 / math.sqrt(sum(1.0 / s.expected_rms.to_value("Jy/beam") ** 2 for s in sims))
+    assert qa["rms_jy_beam"] == pytest.approx(expected, rel=0.15)
+    # the compact source is where it was injected, to within a pixel
+    data, header = _read_fits(final)
+    x0, y0 = _source_pixel(header, sims[0], sims[0].compact)
+    peak = np.unravel_index(np.nanargmax(data), data.shape)
+    assert math.hypot(peak[2] - x0, peak[1] - y0) <= 1.5
+
+
 def test_setup_jobfile_and_shell_wrapper(tmp_path):
     jobs = Path(fi.write_setup_jobfile("CB68", 1, tmp_path / "s1.txt", kind="joint"))
     lines = [l for l in jobs.read_text().splitlines() if not l.startswith("#")]
