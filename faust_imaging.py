@@ -163,6 +163,9 @@ log = logging.getLogger("faust_imaging")
 # ===========================================================================
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 SITECONFIG = HERE / "configs" / "casasiteconfig.py"
+#: Above this many pixels a cube is smoothed to the common beam by CASA imsmooth, which
+#: streams it, rather than by the faster numpy path that holds it in memory (~4 copies).
+NUMPY_SMOOTH_MAX_PIXELS = 200_000_000
 MAD_TO_RMS = 1.482602218505602  # 1 / (sqrt(2) * erfinv(1/2)): Gaussian sigma from the MAD
 SPEED_OF_LIGHT_KMS = 299792.458
 TARGETS_FILE = HERE / "configs" / "faust_targets.csv"
@@ -1813,6 +1816,12 @@ def smooth_cube_to_common_beam(imagename, beam=None, method="numpy"):
     """
     beam = beam or common_beam_of_image(imagename)
     out = "%s.common" % imagename
+    with ImageManager(imagename) as ia:
+        npix = int(np.prod(ia.shape()))
+    if method == "numpy" and npix > NUMPY_SMOOTH_MAX_PIXELS:
+        log.info("%s has %d pixels: smoothing with imsmooth, which streams the cube, instead "
+                 "of numpy in memory", imagename, npix)
+        method = "imsmooth"
     if method == "numpy":
         target = tuple(parse_angle_arcsec(beam[k]) for k in ("major", "minor")) + (
             parse_angle_arcsec(beam["pa"]) / 3600.0,)
