@@ -952,26 +952,30 @@ class Spw:
         return spw
 
 
-def parse_velocity_kms(text):
-    """'20km/s' / '500m/s' / 20 -> km/s as float."""
+def _parse_scaled(text, scales, kind, example):
+    """Number or '<value><unit>' with a unit from ``scales`` -> float in the base unit.
+
+    Plain regular expressions, not astropy: this runs at import (the SPW catalogue), and
+    importing the module must stay light.  A bare number is in the base unit already.
+    """
     if isinstance(text, (int, float)):
         return float(text)
-    match = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(km/s|m/s)?\s*", str(text))
+    units = "|".join(sorted(scales, key=len, reverse=True))
+    match = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(%s)?\s*" % units, str(text))
     if not match:
-        raise InputError("velocity %r is invalid: give e.g. '20km/s'" % text)
-    value = float(match.group(1))
-    return value / 1e3 if match.group(2) == "m/s" else value
+        raise InputError("%s %r is invalid: give e.g. '%s'" % (kind, text, example))
+    return float(match.group(1)) * (scales[match.group(2)] if match.group(2) else 1.0)
+
+
+def parse_velocity_kms(text):
+    """'20km/s' / '500m/s' / 20 -> km/s as float."""
+    return _parse_scaled(text, {"km/s": 1.0, "m/s": 1e-3}, "velocity", "20km/s")
 
 
 def parse_frequency_hz(text):
     """'244.9GHz' / '2.4e11Hz' / '500MHz' -> Hz as float."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    match = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(GHz|MHz|kHz|Hz)?\s*", str(text))
-    if not match:
-        raise InputError("frequency %r is invalid: give e.g. '244.9GHz'" % text)
-    scale = {"GHz": 1e9, "MHz": 1e6, "kHz": 1e3, "Hz": 1.0, None: 1.0}[match.group(2)]
-    return float(match.group(1)) * scale
+    return _parse_scaled(text, {"GHz": 1e9, "MHz": 1e6, "kHz": 1e3, "Hz": 1.0}, "frequency",
+                         "244.9GHz")
 
 
 def _read_csv_rows(path, required):
@@ -1791,12 +1795,8 @@ def common_beam_of_image(imagename):
 
 def parse_angle_arcsec(text):
     """'1.5arcsec' / '0.01deg' / '2.3rad' -> arcsec (deg for a bare 'deg' PA is x3600)."""
-    match = re.fullmatch(r"\s*([-+0-9.eE]+)\s*(arcsec|deg|rad|arcmin)?\s*", str(text))
-    if not match:
-        raise InputError("angle %r is invalid: give e.g. '1.5arcsec'" % text)
-    scale = {"arcsec": 1.0, "deg": 3600.0, "rad": 206264.80624709636, "arcmin": 60.0,
-             None: 1.0}[match.group(2)]
-    return float(match.group(1)) * scale
+    return _parse_scaled(text, {"arcsec": 1.0, "arcmin": 60.0, "deg": 3600.0,
+                                "rad": 206264.80624709636}, "angle", "1.5arcsec")
 
 
 def smooth_cube_to_common_beam(imagename, beam=None, method="numpy"):
