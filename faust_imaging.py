@@ -1464,13 +1464,17 @@ def calc_rms_from_image(imagename, chan_range=None):
     data, mask = _read_cube(imagename)
     if chan_range is not None:
         data, mask = data[..., chan_range[0]:chan_range[1] + 1], mask[..., chan_range[0]:chan_range[1] + 1]
-    per_chan = [robust_rms(data[..., i][mask[..., i]]) for i in range(data.shape[-1])]
-    per_chan = np.array(per_chan)
-    if not np.isfinite(per_chan).any():
-        raise InputError("%s has no valid pixels to estimate the rms from" % imagename)
-    rms = float(np.nanmedian(per_chan))
+    rms = rms_of_cube(data, mask, imagename)
     log.info("rms of %s: %.4g Jy/beam", Path(imagename).name, rms)
     return rms
+
+
+def rms_of_cube(data, mask, name="cube"):
+    """:func:`calc_rms_from_image` on arrays already read (x, y, chan); ``name`` for errors."""
+    per_chan = np.array([robust_rms(data[..., i][mask[..., i]]) for i in range(data.shape[-1])])
+    if not np.isfinite(per_chan).any():
+        raise InputError("%s has no valid pixels to estimate the rms from" % name)
+    return float(np.nanmedian(per_chan))
 
 
 def calc_common_coverage_range(imagebase, fraction=0.95):
@@ -1625,29 +1629,30 @@ def _write_cube_like(template, outfile, cube, beam=None, unit=False, valid=None)
     casatools, _ = import_casa()
     with ImageManager(template) as ia:
         bunit = ia.brightnessunit()
-    with ImageManager(template) as ia:
         shape = list(ia.shape())
         spec = _spectral_index(ia)
         csys = ia.coordsys()
         record = csys.torecord()
         csys.done()
-    full = np.moveaxis(np.asarray(cube, dtype=np.float32), -1, 2)     # x, y, chan
-    if len(shape) == 4:
-        full = full[:, :, None, :] if spec == 3 else full[:, :, :, None]
-    full = full.reshape(shape)
+
+    def image_layout(array, dtype):
+        """(x, y, chan) -> the template's axis order (Stokes axis before or after chan)."""
+        array = np.asarray(array, dtype=dtype)
+        if len(shape) == 4:
+            array = array[:, :, None, :] if spec == 3 else array[:, :, :, None]
+        return array.reshape(shape)
+
     tmp = _tmp_name(outfile)
     ia = casatools.image()
     try:
-        ia.fromarray(outfile=tmp, pixels=full, csys=record, overwrite=True)
+        ia.fromarray(outfile=tmp, pixels=image_layout(cube, np.float32), csys=record,
+                     overwrite=True)
         if unit:
             ia.setbrightnessunit(bunit)
         if beam is not None:
             ia.setrestoringbeam(major=beam["major"], minor=beam["minor"], pa=beam["pa"])
         if valid is not None and not np.all(valid):
-            pixelmask = np.moveaxis(np.asarray(valid, dtype=bool), -1, 2)
-            if len(shape) == 4:
-                pixelmask = pixelmask[:, :, None, :] if spec == 3 else pixelmask[:, :, :, None]
-            ia.putregion(pixelmask=pixelmask.reshape(shape))   # creates the mask 'mask0'
+            ia.putregion(pixelmask=image_layout(valid, bool))   # creates the mask 'mask0'
     finally:
         ia.close()
         ia.done()
@@ -3362,7 +3367,7 @@ def make_qa_summary(imagebase, config=None, residual_check=None):
     if not os.path.exists(image):
         image = imagebase + ".image"
     data, valid = _read_cube(image)
-    rms = calc_rms_from_image(image)
+    rms = rms_of_cube(data, valid, image)        # the cube is read once, not twice
     peak = float(np.nanmax(np.where(valid, data, np.nan)))
     if residual_check is None:
         residual_check = check_max_residual(imagebase, sigma=thresholds["max_residual_sigma"])
