@@ -2630,11 +2630,13 @@ def stage_rms_maps(image, opts, products):
     """Background and rms maps ``<stem>_bkg.fits`` / ``<stem>_rms.fits``."""
     from astropy.io import fits
     bkg_path, rms_path = products.path("_bkg.fits"), products.path("_rms.fits")
-    if not products.done(bkg_path, rms_path):
+    if products.done(bkg_path, rms_path):
+        rms = np.squeeze(fits.getdata(rms_path)).astype(np.float32)
+    else:
         bkg, rms = rms_map(image.data, box=opts["rms_box"])
         write_fits_2d(bkg_path, bkg, image.header)
         write_fits_2d(rms_path, rms, image.header)
-    rms = np.squeeze(fits.getdata(rms_path)).astype(np.float32)
+        rms = np.asarray(rms, dtype=np.float32)      # as written (and as a re-run reads it)
     return bkg_path, rms_path, rms
 
 
