@@ -142,9 +142,12 @@ def test_gauss_classification_accuracy(gauss_table, name):
 
 
 NH3_TWO_XFAIL = pytest.mark.xfail(
-    strict=True, reason="measured 0.932 here, 0.935 at training (two-component NH3, weaker S/N >= 4; 0.91 at "
-    "S/N 4-8, 0.96 at S/N > 16) with the shipped members (36,450 spectra each, 14 epochs): needs larger NH3 sets / "
-    "more epochs than the 2-core training budget allowed (issue #5 floor 0.97)")
+    strict=True, reason="measured 0.940 (two-component NH3, weaker S/N >= 4; floor 0.97): 0.80 for pairs closer "
+    "than 1.5x the larger width, 0.94 at 1.5-2x, 0.97 at 2-3x, 1.00 beyond (test_nh3_two_component_accuracy_for_"
+    "resolved_pairs). Tried on 2 cores: 24 instead of 14 epochs (+0.5 %), 90k-spectrum sets, 2x wider networks, "
+    "all 9 neighbour spectra as inputs and gradient-aligned 3x3 means: each single member stays at 0.94-0.95. "
+    "The close pairs the original's NH3 generator admits (separation >= 1x the larger width) under its velocity "
+    "gradients (0.1 km/s per pixel, comparable to NH3 widths) set the limit; see issue #5 notes")
 
 
 @pytest.mark.parametrize("name", ["one", pytest.param("two", marks=NH3_TWO_XFAIL), "noise"])
@@ -162,6 +165,68 @@ def test_two_component_regression_error(which, request):
     assert reg["mae_sigma_kms"] < limit, reg
     # the predicted uncertainties are of the right size (pull spread within a factor 2)
     assert all(0.5 < p < 2.0 for p in reg["pull_std"][:4]), reg
+
+
+def test_refinement_improves_every_two_component_parameter(gauss_table):
+    """The MAP refinement (network values as the prior, central spectrum as the data) beats
+    the network alone on centroids, dispersions and peaks; its errors are close to right
+    (the prior and the data share the central spectrum, so they come out ~20 % small)."""
+    reg = gauss_table["regression"]
+    ref = reg["refined"]
+    assert ref["mae_vlsr_kms"] < 0.8 * reg["mae_vlsr_kms"], reg
+    assert ref["mae_sigma_kms"] < 0.95 * reg["mae_sigma_kms"], reg
+    assert ref["mae_tpeak_rel"] < 0.95 * reg["mae_tpeak_rel"], reg
+    assert all(0.85 < p < 1.4 for p in ref["pull_std"]), reg
+
+
+def test_nh3_two_component_accuracy_for_resolved_pairs(nh3_table):
+    """Two NH3 components separated by at least twice the larger dispersion are found at the
+    issue's floor; the shortfall of the overall figure comes from closer pairs."""
+    bins = nh3_table["two_by_separation"]
+    wide = [bins[k] for k in ("2-3", "3-inf")]
+    acc = sum(a * n for a, n in wide) / sum(n for _, n in wide)
+    assert acc >= THRESHOLDS["two"], bins
+    assert bins["0-1.5"][0] < acc, bins     # close pairs are the hard ones, as expected
+
+
+def test_refine_gaussians_recovers_injected_components():
+    rng = np.random.default_rng(TEST_SEED)
+    chan = np.arange(500.0)
+    n = 400
+    c1 = rng.uniform(150, 300, n)
+    truth = np.column_stack([c1, c1 + rng.uniform(15, 40, n), rng.uniform(3, 9, n), rng.uniform(3, 9, n),
+                             np.ones(n), rng.uniform(0.3, 1.0, n)])
+    spec = (truth[:, 4:5] * np.exp(-0.5 * ((chan - truth[:, :1]) / truth[:, 2:3]) ** 2)
+            + truth[:, 5:6] * np.exp(-0.5 * ((chan - truth[:, 1:2]) / truth[:, 3:4]) ** 2))
+    noisy = spec + rng.normal(0, 0.05, spec.shape)
+    start = truth * rng.normal(1, 0.03, truth.shape)               # a network-quality guess
+    start[:, [0, 1]] = truth[:, [1, 0]] + rng.normal(0, 1.5, (n, 2))   # and in the wrong order
+    start[:, [2, 3, 4, 5]] = start[:, [3, 2, 5, 4]]
+    fit, err, ok = clover.refine_gaussians(noisy, start)
+    assert ok.mean() > 0.99
+    pull = (fit - truth)[ok] / err[ok]
+    assert np.all(np.abs(np.median(pull, axis=0)) < 0.2), np.median(pull, axis=0)
+    assert np.all((np.std(pull, axis=0) > 0.85) & (np.std(pull, axis=0) < 1.15)), np.std(pull, axis=0)
+    assert np.median(np.abs(fit[:, :2] - truth[:, :2])) < np.median(np.abs(start[:, [1, 0]] - truth[:, :2])) / 3
+    # an impossible start (negative peak) or pure noise keeps the starting values and NaN errors
+    bad = np.array([[250.0, 260.0, 5.0, 5.0, -1.0, 0.5]])
+    f, e, good = clover.refine_gaussians(rng.normal(0, 1, (1, 500)), bad)
+    assert not good[0] and np.array_equal(f, bad) and np.isnan(e).all()
+
+
+def test_predict_refine_switch(tmp_path, gauss_models):
+    path = tmp_path / "cube.fits"
+    _, _, truth = write_cube(path)
+    fine = clover.predict(path, models=gauss_models, progress=False, write=False)
+    raw = clover.predict(path, models=gauss_models, progress=False, write=False, refine=False)
+    assert np.array_equal(fine["maps"]["class"], raw["maps"]["class"], equal_nan=True)
+    two = (fine["maps"]["class"] == 2) & (truth["class"] == 2)
+    assert two.sum() > 10
+    assert not np.allclose(fine["maps"]["vlsr1"][two], raw["maps"]["vlsr1"][two])
+    for key in ("vlsr", "sig", "tpeak"):    # one-component values are the network's in both
+        assert np.array_equal(fine["maps"][key], raw["maps"][key], equal_nan=True)
+    err = np.abs(fine["maps"]["vlsr1"] - truth["vlsr1"])[two]
+    assert np.median(err) < 0.05
 
 
 def test_shipped_models_metadata_and_size():
@@ -229,6 +294,85 @@ def test_predict_frequency_axis_with_padding(tmp_path, gauss_models):
     _check_outputs(result, truth, path)
 
 
+def test_predict_spectral_axis_first_with_stokes(tmp_path, gauss_models):
+    """FITS axes (FREQ, RA, DEC, STOKES): same maps and the same padded cube as (RA, DEC, FREQ)."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    ref_path = tmp_path / "ref.fits"
+    write_cube(ref_path, nchan=301, axis="freq")
+    with fits.open(ref_path) as hdul:
+        data, hdr = hdul[0].data, hdul[0].header
+    wcs = WCS(hdr).swapaxes(0, 2).swapaxes(1, 2)            # FITS axes (FREQ, RA, DEC)
+    wcs = WCS(wcs.to_header())
+    moved = np.moveaxis(data, 0, -1)                         # numpy (dec, ra, freq)
+    head = wcs.to_header()
+    head.update(CTYPE4="STOKES", CRVAL4=1.0, CDELT4=1.0, CRPIX4=1.0, BUNIT="K", RESTFRQ=hdr["RESTFRQ"])
+    odd = tmp_path / "odd.fits"
+    fits.PrimaryHDU(moved[None], head).writeto(odd)
+    ref = clover.predict(ref_path, outdir=tmp_path / "a", models=gauss_models, progress=False)
+    out = clover.predict(odd, outdir=tmp_path / "b", models=gauss_models, progress=False)
+    assert np.array_equal(ref["maps"]["class"], out["maps"]["class"], equal_nan=True)
+    for name in OUTPUT_NAMES:   # the header round trip may move the axis in the last bits
+        assert np.allclose(ref["maps"][name], out["maps"][name], rtol=1e-5, atol=1e-6, equal_nan=True)
+    with fits.open(ref["paths"]["cube"]) as a, fits.open(out["paths"]["cube"]) as b:
+        assert b[0].data.shape == a[0].data.shape == (500, 12, 12)
+        assert np.array_equal(a[0].data, b[0].data, equal_nan=True)
+        wa, wb = WCS(a[0].header), WCS(b[0].header)
+        assert wb.naxis == 3 and wb.wcs.ctype[2] == "FREQ"
+        pix = np.array([[0, 0, 0], [3, 7, 250], [11, 11, 499]], float)
+        assert np.allclose(wa.all_pix2world(pix, 0), wb.all_pix2world(pix, 0), rtol=1e-12)
+
+
+def _block_velocity_cube(path, velocities, nchan=900, ny=6, block=5, seed=3):
+    """One Gaussian component (sigma 0.4 km/s, S/N 20); x blocks of ``block`` columns, each
+    at its own centroid (km/s).  Returns the centroid map."""
+    rng = np.random.default_rng(seed)
+    vel = (np.arange(nchan) - (nchan - 1) / 2) * clover.TEMPLATE_DV_KMS
+    v0 = np.repeat(np.asarray(velocities, float), block)[None, :] * np.ones((ny, 1))
+    cube = np.exp(-0.5 * ((vel[:, None, None] - v0[None]) / 0.4) ** 2) + rng.normal(0, 0.05, (nchan,) + v0.shape)
+    clover.cube_hdu(cube.astype(np.float32), vel).writeto(path)
+    return v0
+
+
+def test_tile_mode_follows_a_large_velocity_gradient(tmp_path, gauss_models):
+    """Blocks at -22, -7, 7, 22 km/s: the central 500-channel window (+-18 km/s) misses the
+    outer blocks and warns; 5x5 tiles with their own windows recover every block."""
+    path = tmp_path / "gradient.fits"
+    v0 = _block_velocity_cube(path, [-22.0, -7.0, 7.0, 22.0])
+    inner = clover.interior_pixels(v0)          # 3x3 windows inside one block
+    with pytest.warns(clover.CentroidRangeWarning):
+        plain = clover.predict(path, models=gauss_models, progress=False, write=False)
+    ok = (plain["maps"]["class"] == 0) & (np.abs(plain["maps"]["vlsr"] - v0) < 0.05)
+    assert not ok[inner & (np.abs(v0) > 20)].any() and ok[inner & (np.abs(v0) < 10)].all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", clover.CentroidRangeWarning)
+        tiled = clover.predict(path, models=gauss_models, progress=False, tile=5, outdir=tmp_path / "t")
+    assert (tiled["maps"]["class"][inner] == 0).all()
+    assert np.abs(tiled["maps"]["vlsr"] - v0)[inner].max() < 0.05
+    assert "cube" not in tiled["paths"] and tiled["paths"]["vlsr"].name == "gradient_vlsr.fits"
+    # a 300-channel cube (+-10.8 km/s) with lines near its edges: windows padded unequally
+    short = tmp_path / "short.fits"
+    v_short = _block_velocity_cube(short, [-9.5, 9.5], nchan=300)
+    res = clover.predict(short, models=gauss_models, progress=False, tile=5, write=False)
+    inner = clover.interior_pixels(v_short)
+    assert np.abs(res["maps"]["vlsr"] - v_short)[inner].max() < 0.05
+
+
+def test_emission_channel_and_centred_fit_length():
+    rng = np.random.default_rng(TEST_SEED)
+    noise = rng.normal(0, 1, (400, 3, 3))
+    assert clover.emission_channel(noise) is None
+    line = noise.copy()
+    line[300:306] += 5.0
+    assert abs(clover.emission_channel(line) - 302.5) <= 1
+    out, first = clover.fit_length(line, 100, rng, centre=302)
+    assert first == -252 and out.shape[0] == 100 and np.array_equal(out[50], line[302])
+    out, first = clover.fit_length(line, 100, rng, centre=10)       # clipped at the band edge
+    assert first == 0 and np.array_equal(out, line[:100])
+    out, first = clover.fit_length(line[:50], 100, rng, centre=5)  # padded mostly before
+    assert first == 45 and np.array_equal(out[45:95], line[:50])
+
+
 def test_predict_clips_odd_excess(tmp_path, gauss_models):
     from astropy.io import fits
     path = tmp_path / "long.fits"
@@ -285,6 +429,24 @@ def test_cli_predict_writes_outputs(tmp_path):
     assert clover.main(["predict", str(path), "--outdir", str(tmp_path / "o"), "--nproc", "2", "-q"]) == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == sorted("cli_%s.fits" % n for n in OUTPUT_NAMES)
     assert clover.main(["predict", str(path), "--outdir", str(tmp_path / "o"), "-q"]) == 2   # exists
+    # tile mode and no refinement from the command line; a negative tile size is refused
+    assert clover.main(["predict", str(path), "--outdir", str(tmp_path / "t"), "--tile", "3",
+                        "--no-refine", "-q"]) == 0
+    assert len(list((tmp_path / "t").iterdir())) == len(OUTPUT_NAMES)
+    assert clover.main(["predict", str(path), "--outdir", str(tmp_path / "n"), "--tile", "-1"]) == 2
+    assert not (tmp_path / "n").exists()
+
+
+def test_cli_evaluate_writes_table_and_figure(tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert clover.main(["evaluate", "--lines", "gauss", "--n", "300", "--outdir", str(out), "-q"]) == 0
+    table = json.loads((out / "clover_accuracy.json").read_text())["gauss"]
+    assert table["n"] == 300 and sum(map(sum, table["confusion"])) == 300
+    assert table["class_accuracy"]["noise"]["all"] >= 0.99       # a real table, not a placeholder
+    assert (out / "clover_accuracy.png").stat().st_size > 5000
+    assert "class_accuracy" in capsys.readouterr().out
+    assert clover.main(["evaluate", "--lines", "gauss", "--n", "300", "--outdir", str(out), "-q"]) == 2
+    assert clover.main(["evaluate", "--lines", "co", "--outdir", str(tmp_path / "x")]) == 2
 
 
 # ---------------------------------------------------------------------------
