@@ -1374,7 +1374,7 @@ def _fit_windows(p, k, nchan, span=5.0):
     return first[:, None] + np.arange(width)[None, :]
 
 
-def refine_gaussians(spectra, params, prior_sigma=None, n_iter=12, chunk=4096):
+def refine_gaussians(spectra, params, prior_sigma=None, n_iter=12, chunk=1024):
     """Levenberg-Marquardt refinement of Gaussian components, vectorised over spectra.
 
     Parameters
@@ -1392,7 +1392,8 @@ def refine_gaussians(spectra, params, prior_sigma=None, n_iter=12, chunk=4096):
         Iterations (each tries one damped Gauss-Newton step per spectrum and keeps it
         only if it lowers the objective).
     chunk : int
-        Spectra refined at a time (memory: chunk x 3k x window doubles).
+        Spectra refined at a time (memory: chunk x 3k x window doubles); rows are
+        grouped by the window width they need.
 
     Returns
     -------
@@ -1431,10 +1432,14 @@ def refine_gaussians(spectra, params, prior_sigma=None, n_iter=12, chunk=4096):
     noise = np.maximum(noise, 1e-6 * np.abs(spectra).max(axis=1) + 1e-30)
     out, err = params.copy(), np.full(params.shape, np.nan)
     refined = np.zeros(len(params), bool)
+    k = params.shape[1] // 3
+    span = np.nan_to_num((params[:, :k] + 5 * np.abs(params[:, k:2 * k])).max(axis=1)
+                         - (params[:, :k] - 5 * np.abs(params[:, k:2 * k])).min(axis=1))
+    order = np.argsort(span, kind="stable")     # chunks of similar window width
     for start in range(0, len(params), chunk):
-        sl = slice(start, start + chunk)
-        out[sl], err[sl], refined[sl] = _refine_chunk(spectra[sl] / noise[sl, None],
-                                                      params[sl], weight[sl], noise[sl], n_iter)
+        rows = order[start:start + chunk]
+        out[rows], err[rows], refined[rows] = _refine_chunk(spectra[rows] / noise[rows, None],
+                                                            params[rows], weight[rows], noise[rows], n_iter)
     return out, err, refined
 
 
