@@ -146,6 +146,7 @@ __all__ = [
     "make_features",
     "recentre",
     "fit_length",
+    "fill_blank_channels",
     "CloverModels",
     "predict_spectra",
     "refine_gaussians",
@@ -1620,6 +1621,64 @@ def robust_noise(spectra, edge=50):
     return 1.4826 * np.median(np.abs(ends - med), axis=0)
 
 
+def fill_blank_channels(cube, rng, max_blank=0.5):
+    """Replace blanked (NaN) channels of mostly finite spectra by noise.
+
+    Real cubes often have blanked channels: band edges flagged in every pixel,
+    single bad channels, regridding gaps.  A spectrum with at most ``max_blank`` of its
+    channels blank gets noise there (its own rms: 1.4826 x median absolute first
+    difference / sqrt(2)), so it is still classified; one with more stays blank and
+    gives NaN outputs (the original dropped every spectrum with any NaN).
+
+    Parameters
+    ----------
+    cube : ndarray, shape (n, ny, nx)
+    rng : numpy.random.Generator
+    max_blank : float
+        Largest blank fraction a spectrum may have to be filled.
+
+    Returns
+    -------
+    filled : ndarray
+        ``cube`` itself when nothing was filled, else a filled copy.
+    blank : ndarray of bool or None
+        Where values were filled (for writing the data back with its blanks).
+
+    Examples
+    --------
+    >>> cube = np.random.default_rng(0).normal(0, 1, (50, 2, 2)).astype(np.float32)
+    >>> cube[:3] = np.nan                  # band edge blanked everywhere
+    >>> cube[:, 1, 1] = np.nan             # a fully blank pixel stays blank
+    >>> out, blank = fill_blank_channels(cube, np.random.default_rng(1))
+    >>> int(np.isfinite(out).all(axis=0).sum()), int(blank.sum())
+    (3, 9)
+    """
+    nbad = cube.shape[0] - np.isfinite(cube).sum(axis=0)
+    fix = (nbad > 0) & (nbad <= max_blank * cube.shape[0])
+    if not fix.any():
+        return cube, None
+    spec = cube[:, fix]
+    bad = ~np.isfinite(spec)
+    sigma = 1.4826 * np.nanmedian(np.abs(np.diff(spec, axis=0)), axis=0) / np.sqrt(2)
+    noise = (rng.standard_normal(spec.shape) * sigma).astype(cube.dtype)
+    filled = cube.copy()
+    filled[:, fix] = np.where(bad, noise, spec)
+    blank = np.zeros(cube.shape, bool)
+    blank[:, fix] = bad
+    log.info("filled %d blank values in %d spectra with noise (spectra more than %.0f %% blank "
+             "stay blank)", int(bad.sum()), int(fix.sum()), 100 * max_blank)
+    return filled, blank
+
+
+def _fitted_mask(mask, first, nchan):
+    """A (n, ny, nx) mask moved like the data by :func:`fit_length` (padding: False)."""
+    if first <= 0:
+        return mask[-first:-first + nchan]
+    out = np.zeros((nchan,) + mask.shape[1:], bool)
+    out[first:first + len(mask)] = mask
+    return out
+
+
 def fit_length(cube, nchan, rng, centre=None):
     """Pad with noise or clip the spectral axis (axis 0) to ``nchan`` channels.
 
@@ -2033,7 +2092,10 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
     -----
     The output names are ``<name>_<map>.fits`` with ``<name>`` the cube's name, or
     ``<name>_clover`` when the spectral axis had to be padded or clipped (then the
-    changed cube is written as ``<name>_clover.fits``, as in the original).
+    changed cube is written as ``<name>_clover.fits``, as in the original, with the
+    input's blanks kept).  Blank (NaN) channels of spectra that are at most half blank
+    are filled with noise for the networks (:func:`fill_blank_channels`); spectra that
+    are more than half blank give NaN in every map.
     """
     start = time.perf_counter()
     line = "nh3" if nh3 else "gauss"
@@ -2043,11 +2105,13 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
     cube = read_cube(f, rest_frequency=rest_frequency, nh3=nh3)
     outdir = Path(outdir) if outdir else cube.path.parent
     stem = cube.path.name[:-5] if cube.path.name.lower().endswith(".fits") else cube.path.stem
+    rng = np.random.default_rng(seed)
+    filled, blank = fill_blank_channels(cube.data, rng)
     if tile:
-        return _predict_tiled(cube, stem, outdir, line, int(tile), dict(
-            nproc=nproc, overwrite=overwrite, model_dir=model_dir, batch_size=batch_size, seed=seed,
+        return _predict_tiled(cube, filled, stem, outdir, line, int(tile), dict(
+            nproc=nproc, overwrite=overwrite, model_dir=model_dir, batch_size=batch_size, rng=rng,
             progress=progress, write=write, models=models, refine=refine), start)
-    data, first = fit_length(cube.data, nchan, np.random.default_rng(seed))
+    data, first = fit_length(filled, nchan, rng)
     changed = cube.data.shape[0] != nchan
     velocity = _fitted_velocity(cube.velocity, first, nchan)
     paths = {}
@@ -2059,9 +2123,11 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
         _check_outputs_free(paths.values(), overwrite)
     _check_channel_width(velocity, line)
     fitted = data                             # file channel order, for <name>_clover.fits
+    if changed and blank is not None:         # the written cube keeps the input's blanks
+        fitted = np.where(_fitted_mask(blank, first, nchan), np.float32(np.nan), data)
     if velocity[-1] < velocity[0]:            # the networks saw velocity increasing with index
         data, velocity = data[::-1], velocity[::-1]
-    _warn_emission_outside(cube.data, cube.velocity, line, 0.5 * (velocity[0] + velocity[-1]))
+    _warn_emission_outside(filled, cube.velocity, line, 0.5 * (velocity[0] + velocity[-1]))
     models = models or CloverModels(line, model_dir, nproc)
     if models.line != line:
         raise InputError("the given models are for %r spectra but nh3=%s; load CloverModels(%r)"
@@ -2127,8 +2193,9 @@ def emission_channel(data, smooth=5, min_snr=5.0):
     return peak if mean[peak] - base > min_snr * max(noise, 1e-30) else None
 
 
-def _predict_tiled(cube, stem, outdir, line, tile, opts, start):
-    """:func:`predict` in tile mode: a spectral window per tile x tile pixels."""
+def _predict_tiled(cube, filled, stem, outdir, line, tile, opts, start):
+    """:func:`predict` in tile mode: a spectral window per tile x tile pixels of ``filled``
+    (the cube's data after :func:`fill_blank_channels`)."""
     nchan = LINE_TYPES[line]["nchan"]
     paths = _output_paths(stem, outdir)
     if opts["write"]:
@@ -2137,20 +2204,20 @@ def _predict_tiled(cube, stem, outdir, line, tile, opts, start):
     if models.line != line:
         raise InputError("the given models are for %r spectra but nh3=%s; load CloverModels(%r)"
                          % (models.line, line == "nh3", line))
-    n, ny, nx = cube.data.shape
-    fallback = emission_channel(cube.data)
+    n, ny, nx = filled.shape
+    fallback = emission_channel(filled)
     fallback = n // 2 if fallback is None else fallback
     maps = {name: np.full((ny, nx), np.nan, np.float32) for name in OUTPUT_MAPS}
     corners = [(y, x) for y in range(0, ny, tile) for x in range(0, nx, tile)]
     log.info("Segmenting and predicting kinematics of %d pixels (%s, %d members) in %d tiles of "
              "%d x %d pixels", ny * nx, line, models.n_members, len(corners), tile, tile)
-    rng = np.random.default_rng(opts["seed"])
+    rng = opts["rng"]
     outside = total = 0
     for y0, x0 in _progress(corners, opts["progress"], "clover tiles"):
         y1, x1 = min(ny, y0 + tile), min(nx, x0 + tile)
         hy0, hx0 = max(0, y0 - 1), max(0, x0 - 1)             # one-pixel halo for the 3x3 mean
-        sub = cube.data[:, hy0:min(ny, y1 + 1), hx0:min(nx, x1 + 1)]
-        centre = emission_channel(cube.data[:, y0:y1, x0:x1])
+        sub = filled[:, hy0:min(ny, y1 + 1), hx0:min(nx, x1 + 1)]
+        centre = emission_channel(filled[:, y0:y1, x0:x1])
         data, first = fit_length(sub, nchan, rng, fallback if centre is None else centre)
         velocity = _fitted_velocity(cube.velocity, first, nchan)
         if velocity[-1] < velocity[0]:

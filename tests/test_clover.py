@@ -392,19 +392,50 @@ def test_predict_nh3_mode(tmp_path, nh3_models):
 
 
 def test_nan_spectra_give_nan_and_refuse_overwrite(tmp_path, gauss_models):
+    """Blank (all-NaN) and mostly blank spectra give NaN; a few blank channels do not."""
     from astropy.io import fits
     path = tmp_path / "holes.fits"
-    write_cube(path)
+    _, _, truth = write_cube(path)
     with fits.open(path, mode="update") as hdul:
         hdul[0].data[:, 3, 5] = np.nan
-        hdul[0].data[10, 4, 8] = np.nan
+        hdul[0].data[:300, 4, 8] = np.nan            # 60 % blank: not filled
+        hdul[0].data[10, 6, 1] = np.nan              # one blank channel: filled with noise
     result = clover.predict(path, models=gauss_models, progress=False)
     for name in OUTPUT_NAMES:
         assert np.isnan(result["maps"][name][3, 5]) and np.isnan(result["maps"][name][4, 8])
     assert np.isfinite(result["maps"]["class"]).sum() == 144 - 2
+    assert result["maps"]["class"][6, 1] == truth["class"][6, 1]
     with pytest.raises(clover.OutputExistsError, match="overwrite"):
         clover.predict(path, models=gauss_models, progress=False)
     clover.predict(path, models=gauss_models, progress=False, overwrite=True)
+
+
+def test_blank_band_edges_and_channels_are_filled(tmp_path, gauss_models):
+    """Band edges blanked in every pixel (common in interferometer cubes) and scattered
+    blank channels: the same classes and centroids as the clean cube (the original lost
+    every pixel); the written padded cube keeps the blanks."""
+    from astropy.io import fits
+    clean = tmp_path / "clean.fits"
+    _, _, truth = write_cube(clean, nchan=420)
+    holes = tmp_path / "holes.fits"
+    with fits.open(clean) as hdul:
+        data = hdul[0].data.copy()
+        data[:4] = data[-3:] = np.nan
+        chans = np.random.default_rng(TEST_SEED).choice(420, (12, 12, 6))     # 6 per spectrum
+        yy, xx = np.mgrid[0:12, 0:12]
+        data[chans, yy[..., None], xx[..., None]] = np.nan
+        fits.PrimaryHDU(data, hdul[0].header).writeto(holes)
+    a = clover.predict(clean, models=gauss_models, progress=False, outdir=tmp_path / "a")
+    b = clover.predict(holes, models=gauss_models, progress=False, outdir=tmp_path / "b")
+    inner = clover.interior_pixels(truth["class"])
+    assert np.isfinite(b["maps"]["class"]).all()
+    assert (b["maps"]["class"] == a["maps"]["class"])[inner].mean() >= 0.97
+    two = inner & (a["maps"]["class"] == 2) & (b["maps"]["class"] == 2)
+    assert np.nanmedian(np.abs(b["maps"]["vlsr1"] - truth["vlsr1"])[two]) < 0.1
+    written = fits.getdata(b["paths"]["cube"])
+    first = (500 - 420) // 2
+    assert np.isnan(written[first:first + 4]).all() and np.isfinite(written[:first]).all()
+    assert np.isnan(written).sum() == np.isnan(data).sum()
 
 
 def test_warns_when_emission_outside_trained_range(tmp_path, gauss_models):
