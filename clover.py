@@ -129,6 +129,7 @@ __all__ = [
     "CloverWarning",
     "CentroidRangeWarning",
     "ChannelWidthWarning",
+    "LineWidthWarning",
     "LINE_TYPES",
     "OUTPUT_MAPS",
     "simulate_gaussian",
@@ -647,6 +648,10 @@ class CloverWarning(UserWarning):
 
 class CentroidRangeWarning(CloverWarning):
     """Emission lies outside the centroid range the networks were trained on."""
+
+
+class LineWidthWarning(CloverWarning):
+    """The cube's lines are much narrower or wider (in channels) than the training set's."""
 
 
 class ChannelWidthWarning(CloverWarning):
@@ -1966,14 +1971,16 @@ def _warn_centroid_range(outside, total, line, where):
                       CentroidRangeWarning, stacklevel=4)
 
 
-def _warn_emission_outside(data, velocity, line, centre, max_pixels=20000, min_snr=6.0):
-    """CentroidRangeWarning when bright emission peaks outside the trained band (Gaussian).
+def _warn_bright_emission(data, velocity, line, centre, max_pixels=20000, min_snr=6.0):
+    """Check the bright spectra of a Gaussian-line cube against the trained ranges.
 
-    The peak channel of every spectrum with peak S/N > ``min_snr`` (noise = 1.4826 MAD
-    of the spectrum) is compared with the trained centroid range around ``centre``
-    (km/s, the centre of the window the networks see).  ``data`` is the whole input
-    cube, so emission in channels clipped away is caught too.  NH3 is left to the
-    check on the predicted centroids, as its brightest channel may be a satellite.
+    Every spectrum with peak S/N > ``min_snr`` (noise = 1.4826 MAD of the spectrum; at
+    most ``max_pixels`` of them) is checked for (1) its peak velocity against the trained
+    centroid range around ``centre`` (km/s, the centre of the window the networks see;
+    ``data`` is the whole input cube, so emission in channels clipped away is caught
+    too) -> CentroidRangeWarning; (2) its width in channels (FWHM / 2.355 around the
+    peak) against the trained dispersions, with some margin -> LineWidthWarning.  NH3
+    is left to the checks on the predicted centroids and the channel width.
     """
     if line != "gauss":
         return
@@ -1985,15 +1992,34 @@ def _warn_emission_outside(data, velocity, line, centre, max_pixels=20000, min_s
     if not spec.size:
         return
     noise = 1.4826 * np.median(np.abs(spec - np.median(spec, axis=0)), axis=0)
-    bright = spec.max(axis=0) > min_snr * np.maximum(noise, 1e-30)
-    vpeak = velocity[np.argmax(spec[:, bright], axis=0)]
-    outside = np.abs(vpeak - centre) > LINE_TYPES[line]["centroid_halfwidth_kms"]
-    if bright.sum() and outside.mean() > 0.01:
+    spec = spec[:, spec.max(axis=0) > min_snr * np.maximum(noise, 1e-30)]
+    if not spec.shape[1]:
+        return
+    peak = np.argmax(spec, axis=0)
+    outside = np.abs(velocity[peak] - centre) > LINE_TYPES[line]["centroid_halfwidth_kms"]
+    if outside.mean() > 0.01:
         warnings.warn("%d of %d bright spectra peak outside the trained range (%.1f km/s around "
                       "the centre %.2f km/s of the window the networks see); use tile mode "
                       "(--tile N) or split the cube into sub-cubes with smaller velocity gradients"
-                      % (outside.sum(), bright.sum(), LINE_TYPES[line]["centroid_halfwidth_kms"], centre),
+                      % (outside.sum(), outside.size, LINE_TYPES[line]["centroid_halfwidth_kms"], centre),
                       CentroidRangeWarning, stacklevel=3)
+    width = np.median(_half_max_sigma(spec, peak))
+    lo, hi = (v / TEMPLATE_DV_KMS for v in GAUSS_RANGES["sigma_kms"])
+    if not 0.7 * lo <= width <= 1.5 * hi:
+        warnings.warn("the bright lines are %.1f channels wide (dispersion, median of %d spectra); "
+                      "the Gaussian models were trained on %.1f-%.1f channels, so classes and "
+                      "kinematics are unreliable: resample the spectral axis so that lines span "
+                      "that range" % (width, spec.shape[1], lo, hi), LineWidthWarning, stacklevel=3)
+
+
+def _half_max_sigma(spec, peak):
+    """Dispersion in channels (FWHM / 2.355) of the run above half maximum around ``peak``."""
+    n = spec.shape[0]
+    chan = np.arange(n)[:, None]
+    below = spec < 0.5 * spec[peak, np.arange(spec.shape[1])][None, :]
+    left = np.where(below & (chan < peak[None, :]), chan, -1).max(axis=0)
+    right = np.where(below & (chan > peak[None, :]), chan, n).min(axis=0)
+    return (right - left - 1) / 2.3548
 
 
 def _predict_blocks(cube, models, batch_size, block_pixels, progress, refine=None):
@@ -2127,7 +2153,7 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
         fitted = np.where(_fitted_mask(blank, first, nchan), np.float32(np.nan), data)
     if velocity[-1] < velocity[0]:            # the networks saw velocity increasing with index
         data, velocity = data[::-1], velocity[::-1]
-    _warn_emission_outside(filled, cube.velocity, line, 0.5 * (velocity[0] + velocity[-1]))
+    _warn_bright_emission(filled, cube.velocity, line, 0.5 * (velocity[0] + velocity[-1]))
     models = models or CloverModels(line, model_dir, nproc)
     if models.line != line:
         raise InputError("the given models are for %r spectra but nh3=%s; load CloverModels(%r)"

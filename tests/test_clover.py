@@ -323,13 +323,13 @@ def test_predict_spectral_axis_first_with_stokes(tmp_path, gauss_models):
         assert np.allclose(wa.all_pix2world(pix, 0), wb.all_pix2world(pix, 0), rtol=1e-12)
 
 
-def _block_velocity_cube(path, velocities, nchan=900, ny=6, block=5, seed=3):
-    """One Gaussian component (sigma 0.4 km/s, S/N 20); x blocks of ``block`` columns, each
-    at its own centroid (km/s).  Returns the centroid map."""
+def _block_velocity_cube(path, velocities, nchan=900, ny=6, block=5, seed=3, sigma=0.4):
+    """One Gaussian component (dispersion ``sigma`` km/s, S/N 20); x blocks of ``block``
+    columns, each at its own centroid (km/s).  Returns the centroid map."""
     rng = np.random.default_rng(seed)
     vel = (np.arange(nchan) - (nchan - 1) / 2) * clover.TEMPLATE_DV_KMS
     v0 = np.repeat(np.asarray(velocities, float), block)[None, :] * np.ones((ny, 1))
-    cube = np.exp(-0.5 * ((vel[:, None, None] - v0[None]) / 0.4) ** 2) + rng.normal(0, 0.05, (nchan,) + v0.shape)
+    cube = np.exp(-0.5 * ((vel[:, None, None] - v0[None]) / sigma) ** 2) + rng.normal(0, 0.05, (nchan,) + v0.shape)
     clover.cube_hdu(cube.astype(np.float32), vel).writeto(path)
     return v0
 
@@ -436,6 +436,19 @@ def test_blank_band_edges_and_channels_are_filled(tmp_path, gauss_models):
     first = (500 - 420) // 2
     assert np.isnan(written[first:first + 4]).all() and np.isfinite(written[:first]).all()
     assert np.isnan(written).sum() == np.isnan(data).sum()
+
+
+def test_warns_when_lines_are_far_wider_than_trained(tmp_path, gauss_models):
+    """A 30-channel-wide line (trained: 2-11 channels) warns; the training-like cubes do not."""
+    wide = tmp_path / "wide.fits"
+    _block_velocity_cube(wide, [0.0, 1.0], nchan=500, ny=4, sigma=30 * clover.TEMPLATE_DV_KMS)
+    with pytest.warns(clover.LineWidthWarning, match=r" (2[5-9]|3[0-5])\.\d channels wide"):
+        clover.predict(wide, models=gauss_models, progress=False, write=False)
+    normal = tmp_path / "normal.fits"
+    write_cube(normal)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", clover.LineWidthWarning)
+        clover.predict(normal, models=gauss_models, progress=False, write=False)
 
 
 def test_warns_when_emission_outside_trained_range(tmp_path, gauss_models):
