@@ -208,6 +208,12 @@ def test_refine_gaussians_recovers_injected_components():
     assert np.all(np.abs(np.median(pull, axis=0)) < 0.2), np.median(pull, axis=0)
     assert np.all((np.std(pull, axis=0) > 0.85) & (np.std(pull, axis=0) < 1.15)), np.std(pull, axis=0)
     assert np.median(np.abs(fit[:, :2] - truth[:, :2])) < np.median(np.abs(start[:, [1, 0]] - truth[:, :2])) / 3
+    # a very tight prior holds the values at the start; a loose one lets the data decide
+    ordered = start[:, [1, 0, 3, 2, 5, 4]]                      # lower centre first
+    tight, tight_err, _ = clover.refine_gaussians(noisy, ordered, prior_sigma=np.full(truth.shape, 1e-6))
+    assert np.allclose(tight, ordered, atol=1e-4) and np.all(tight_err < 2e-6)
+    loose, _, _ = clover.refine_gaussians(noisy, ordered, prior_sigma=np.full(truth.shape, 1e6))
+    assert np.allclose(loose, fit, atol=1e-3)
     # an impossible start (negative peak) or pure noise keeps the starting values and NaN errors
     bad = np.array([[250.0, 260.0, 5.0, 5.0, -1.0, 0.5]])
     f, e, good = clover.refine_gaussians(rng.normal(0, 1, (1, 500)), bad)
