@@ -2154,10 +2154,7 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
     if velocity[-1] < velocity[0]:            # the networks saw velocity increasing with index
         data, velocity = data[::-1], velocity[::-1]
     _warn_bright_emission(filled, cube.velocity, line, 0.5 * (velocity[0] + velocity[-1]))
-    models = models or CloverModels(line, model_dir, nproc)
-    if models.line != line:
-        raise InputError("the given models are for %r spectra but nh3=%s; load CloverModels(%r)"
-                         % (models.line, nh3, line))
+    models = _models_for(line, models, model_dir, nproc)
     log.info("Segmenting and predicting kinematics of %d pixels (%s, %d members)",
              data.shape[1] * data.shape[2], line, models.n_members)
     flat, valid = _predict_blocks(data, models, batch_size, block_pixels, progress,
@@ -2174,6 +2171,15 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
     log.info("predicted %d pixels in %.1f s", int(valid.sum()), seconds)
     return {"maps": maps, "paths": paths if write else {}, "seconds": seconds,
             "n_pixels": int(valid.sum()), "velocity": velocity}
+
+
+def _models_for(line, models, model_dir, nproc):
+    """The given models (checked against the line type) or the ones loaded from ``model_dir``."""
+    models = models or CloverModels(line, model_dir, nproc)
+    if models.line != line:
+        raise InputError("the given models are for %r spectra but nh3=%s; load CloverModels(%r)"
+                         % (models.line, line == "nh3", line))
+    return models
 
 
 def _assemble_maps(phys, valid):
@@ -2226,10 +2232,7 @@ def _predict_tiled(cube, filled, stem, outdir, line, tile, opts, start):
     paths = _output_paths(stem, outdir)
     if opts["write"]:
         _check_outputs_free(paths.values(), opts["overwrite"])
-    models = opts["models"] or CloverModels(line, opts["model_dir"], opts["nproc"])
-    if models.line != line:
-        raise InputError("the given models are for %r spectra but nh3=%s; load CloverModels(%r)"
-                         % (models.line, line == "nh3", line))
+    models = _models_for(line, opts["models"], opts["model_dir"], opts["nproc"])
     n, ny, nx = filled.shape
     fallback = emission_channel(filled)
     fallback = n // 2 if fallback is None else fallback

@@ -534,6 +534,15 @@ def test_bad_inputs_exit_two_and_write_nothing(tmp_path, capsys):
         clover.predict(tmp_path / "image2d.fits")
 
 
+def test_models_of_the_other_line_type_are_refused(tmp_path, gauss_models):
+    path = tmp_path / "nh3.fits"
+    write_cube(path, line="nh3", ny=4, nx=4, axis="freq")
+    for tile in (0, 2):
+        with pytest.raises(clover.InputError, match="models are for 'gauss'"):
+            clover.predict(path, nh3=True, models=gauss_models, tile=tile, outdir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_frequency_axis_without_rest_frequency_is_an_input_error(tmp_path):
     from astropy.io import fits
     path = tmp_path / "norest.fits"
