@@ -1371,11 +1371,15 @@ def _gaussians_and_jacobian(chan, p, k):
     return ag.sum(axis=1), jac
 
 
-def _fit_windows(p, k, nchan, span=5.0):
-    """Per-row channel windows covering every component +- ``span`` sigma (common width)."""
+def _component_extent(p, k, nchan, span=5.0):
+    """Per-row first and last channel covering every component +- ``span`` sigma."""
     c, s = p[:, :k], np.clip(np.abs(p[:, k:2 * k]), 0.3, nchan / 4)
-    lo = np.floor((c - span * s).min(axis=1))
-    hi = np.ceil((c + span * s).max(axis=1))
+    return np.floor((c - span * s).min(axis=1)), np.ceil((c + span * s).max(axis=1))
+
+
+def _fit_windows(p, k, nchan):
+    """Per-row channel windows covering every component (common width)."""
+    lo, hi = _component_extent(p, k, nchan)
     width = int(min(nchan, max(8 * k + 1, np.nanmax(hi - lo, initial=0) + 1)))
     first = np.clip(np.nan_to_num(lo), 0, nchan - width).astype(int)
     return first[:, None] + np.arange(width)[None, :]
@@ -1439,10 +1443,8 @@ def refine_gaussians(spectra, params, prior_sigma=None, n_iter=12, chunk=1024):
     noise = np.maximum(noise, 1e-6 * np.abs(spectra).max(axis=1) + 1e-30)
     out, err = params.copy(), np.full(params.shape, np.nan)
     refined = np.zeros(len(params), bool)
-    k = params.shape[1] // 3
-    span = np.nan_to_num((params[:, :k] + 5 * np.abs(params[:, k:2 * k])).max(axis=1)
-                         - (params[:, :k] - 5 * np.abs(params[:, k:2 * k])).min(axis=1))
-    order = np.argsort(span, kind="stable")     # chunks of similar window width
+    lo, hi = _component_extent(params, params.shape[1] // 3, spectra.shape[1])
+    order = np.argsort(np.nan_to_num(hi - lo), kind="stable")     # chunks of similar window width
     for start in range(0, len(params), chunk):
         rows = order[start:start + chunk]
         out[rows], err[rows], refined[rows] = _refine_chunk(spectra[rows] / noise[rows, None],
@@ -2153,7 +2155,8 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
         fitted = np.where(_fitted_mask(blank, first, nchan), np.float32(np.nan), data)
     if velocity[-1] < velocity[0]:            # the networks saw velocity increasing with index
         data, velocity = data[::-1], velocity[::-1]
-    _warn_bright_emission(filled, cube.velocity, line, 0.5 * (velocity[0] + velocity[-1]))
+    centre = 0.5 * (velocity[0] + velocity[-1])
+    _warn_bright_emission(filled, cube.velocity, line, centre)
     models = _models_for(line, models, model_dir, nproc)
     log.info("Segmenting and predicting kinematics of %d pixels (%s, %d members)",
              data.shape[1] * data.shape[2], line, models.n_members)
@@ -2161,7 +2164,7 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
                                   bool(refine) and line == "gauss")
     maps = _assemble_maps(_to_physical(flat, flat["tmax"], velocity, nchan), valid)
     _warn_centroid_range(*_centroids_outside(maps, velocity, line), line,
-                         "the band centre (%.2f km/s)" % (0.5 * (velocity[0] + velocity[-1])))
+                         "the band centre (%.2f km/s)" % centre)
     if write:
         if changed:
             cube.data = fitted
