@@ -141,19 +141,21 @@ def test_gauss_classification_accuracy(gauss_table, name):
     assert acc >= THRESHOLDS[name], _report(gauss_table)
 
 
-NH3_TWO_XFAIL = pytest.mark.xfail(
-    strict=True, reason="measured 0.940 (two-component NH3, weaker S/N >= 4; floor 0.97): 0.80 for pairs closer "
-    "than 1.5x the larger width, 0.94 at 1.5-2x, 0.97 at 2-3x, 1.00 beyond (test_nh3_two_component_accuracy_for_"
-    "resolved_pairs). Tried on 2 cores: 24 instead of 14 epochs (+0.5 %), 90k-spectrum sets, 2x wider networks, "
-    "all 9 neighbour spectra as inputs and gradient-aligned 3x3 means: each single member stays at 0.94-0.95. "
-    "Not an information limit: a one-component NH3 model is rejected (BIC) for 99 % of these spectra "
-    "(benchmarks/bench_clover_nh3_limit.py, no gradients; clover 0.961 there); see the issue #5 notes")
-
-
-@pytest.mark.parametrize("name", ["one", pytest.param("two", marks=NH3_TWO_XFAIL), "noise"])
+@pytest.mark.parametrize("name", ["one", "two", "noise"])
 def test_nh3_classification_accuracy(nh3_table, name):
     acc = nh3_table["class_accuracy"][name]["snr>=4"]
     assert acc >= THRESHOLDS[name], _report(nh3_table)
+
+
+def test_nh3_model_fits_settle_uncertain_pixels(nh3_table):
+    """The ensemble alone finds ~0.94 of the two-component NH3 spectra; NH3 model fits of
+    the 3x3 neighbourhoods of the pixels with uncertain odds (a minority) raise that by
+    >= 2 points (measured: 0.940 -> 0.992) without costing the one-component class more
+    than half a point (0.990 -> 0.996)."""
+    final, network = nh3_table["class_accuracy"], nh3_table["network_class_accuracy"]
+    assert final["two"]["snr>=4"] >= network["two"] + 0.02, _report(nh3_table)
+    assert final["one"]["snr>=4"] >= network["one"] - 0.005, _report(nh3_table)
+    assert 0.02 < nh3_table["settled_fraction"] < 0.3, nh3_table["settled_fraction"]
 
 
 @pytest.mark.parametrize("which", ["gauss", "nh3"])
@@ -181,12 +183,79 @@ def test_refinement_improves_every_two_component_parameter(gauss_table):
 
 def test_nh3_two_component_accuracy_for_resolved_pairs(nh3_table):
     """Two NH3 components separated by at least twice the larger dispersion are found at the
-    issue's floor; the shortfall of the overall figure comes from closer pairs."""
+    issue's floor; close pairs are the hard ones."""
     bins = nh3_table["two_by_separation"]
     wide = [bins[k] for k in ("2-3", "3-inf")]
     acc = sum(a * n for a, n in wide) / sum(n for _, n in wide)
     assert acc >= THRESHOLDS["two"], bins
-    assert bins["0-1.5"][0] < acc, bins     # close pairs are the hard ones, as expected
+    assert bins["0-1.5"][0] < acc, bins
+
+
+def test_nh3_slab_fit_reproduces_lte_spectra():
+    """A constant-excitation slab (A, tau, sigma, v) is the LTE cold_ammonia model: fits
+    of noisy nh3_spectra recover sigma and v and leave white residuals."""
+    rng = np.random.default_rng(TEST_SEED)
+    freq, _ = clover.nh3_template_axis()
+    n, noise = 12, 0.02            # peak S/N >= 12
+    width, voff = rng.uniform(0.12, 1.0, n), rng.uniform(-2, 2, n)
+    clean = clover.nh3_spectra(freq, rng.uniform(12, 28, n), rng.uniform(13.2, 14.4, n), width, voff)
+    clean = clean.astype(float)
+    y = clean + rng.normal(0, noise, clean.shape)
+    starts = [np.column_stack([np.log(clean.max(1) * (1 + 1 / t)), np.full(n, np.log(t)),
+                               np.log(1.3 * width), voff + 0.1]) for t in (0.3, 3.0)]
+    q, _ = clover.fit_nh3_slabs(y, starts)
+    assert np.all(np.abs(q[:, 3] - voff) < 0.03), q[:, 3] - voff
+    assert np.all(np.abs(np.exp(q[:, 2]) / width - 1) < 0.08), np.exp(q[:, 2]) / width
+    model = clover.nh3_slab_spectra(q)
+    white = ((y - model) ** 2).mean(axis=1) / noise ** 2
+    assert np.all((white > 0.9) & (white < 1.1)), white
+    assert np.all(np.abs(model - clean).max(axis=1) < 1.5 * noise)
+
+
+def test_nh3_two_component_evidence_separates_injected_classes():
+    """Per pixel, chi2(one) - chi2(two) behaves as a chi^2 with 4 degrees of freedom for
+    one-component spectra (median 3.4, 95 % below 9.5) and is large for two-component ones;
+    summed over the 3x3 neighbourhood, a second component adds its evidence nine times."""
+    rng = np.random.default_rng(TEST_SEED)
+    others = [j for j in range(9) if j != 4]
+    out = {}
+    for name in ("one", "two"):
+        sim = clover.simulate_nh3(60, rng, classes=clover.CLASS_CODES[name], windows=True)
+        central, _ = clover.nh3_two_component_evidence(sim["x"][:, :, 0], sim["reg1"], sim["reg2"])
+        near = sim["windows"][:, others] / sim["tmax"][:, None, None]
+        near[0, 2] = np.nan                                      # a missing neighbour
+        total, npix = clover.nh3_two_component_evidence(sim["x"][:, :, 0], sim["reg1"], sim["reg2"], near)
+        out[name] = (central, total, npix, sim["snr_min"])
+    central, total, npix, _ = out["one"]
+    assert npix[0] == 8 and np.all(npix[1:] == 9)
+    assert np.all(central >= 0) and np.median(central) < 6 and np.percentile(central, 95) < 14
+    assert 25 < np.median(total / npix * 9) < 50, np.percentile(total, [50, 95])     # chi^2(36): 35 +- 8.5
+    central, total, npix, snr_min = out["two"]
+    offset = clover.NH3_SETTLE["offset"]
+    bright = snr_min >= 8
+    assert (central[bright] > offset).mean() >= 0.85, np.sort(central[bright])[:10]
+    assert (total > offset * npix).mean() >= 0.95, np.sort(total)[:10]
+    assert np.median(total) > 5 * np.median(central)
+
+
+def test_settle_nh3_classes_hand_worked():
+    """Only emission rows with |ln(P2/P1)| < window and a finite dchi2 change, by the sign of
+    ln(P2/P1) + weight (dchi2 - offset)."""
+    probs = np.array([[0.60, 0.02, 0.38],    # unsure, strong evidence -> two
+                      [0.38, 0.02, 0.60],    # unsure, no evidence -> one
+                      [0.999, 0.0, 0.001],   # confident one: untouched even with evidence
+                      [0.10, 0.80, 0.10],    # noise: untouched
+                      [0.50, 0.00, 0.50]])   # unsure but not fitted: the network's call
+    dchi2 = np.array([40.0, 0.0, 1e4, 1e4, np.nan])
+    code, prob, settled = clover.settle_nh3_classes(probs, dchi2, 1, {"window": 3.0, "weight": 0.3, "offset": 8.0})
+    assert code.tolist() == [2, 0, 0, 1, 0]
+    assert settled.tolist() == [True, True, False, False, False]
+    odds = np.log(0.38 / 0.60) + 0.3 * 32                    # row 0: combined log-odds
+    # the offset is per fitted pixel: 40 over 9 pixels is no evidence at offset 8
+    code9, _, _ = clover.settle_nh3_classes(probs, dchi2, 9, {"window": 3.0, "weight": 0.3, "offset": 8.0})
+    assert code9.tolist() == [0, 0, 0, 1, 0]
+    assert prob[0] == pytest.approx(0.98 / (1 + np.exp(-odds)), rel=1e-4)
+    assert prob[2] == pytest.approx(0.999)
 
 
 def test_refine_gaussians_recovers_injected_components():
@@ -397,6 +466,59 @@ def test_predict_nh3_mode(tmp_path, nh3_models):
     _check_outputs(result, truth, path)
 
 
+def _close_pair_nh3_cube(path, rng, ny=8, nx=16, sep=1.2):
+    """NH3 cube: left half one component, right half two components ``sep`` x the larger
+    width apart (closer than the Gaussian set's 1.5, as the NH3 set allows); S/N ~ 15."""
+    from astropy.io import fits
+    freq, vel = clover.nh3_template_axis()
+    yy, xx = np.mgrid[0:ny, 0:nx]
+    m = ny * nx
+    v1 = -0.3 + 0.02 * yy.ravel()
+    a = clover.nh3_spectra(freq, np.full(m, 14.0), np.full(m, 13.6), np.full(m, 0.25), v1)
+    b = clover.nh3_spectra(freq, np.full(m, 12.0), np.full(m, 13.5), np.full(m, 0.3), v1 + sep * 0.3)
+    two = xx >= nx // 2
+    spec = a + np.where(two.ravel()[:, None], b, 0)
+    cube = spec.T.reshape(-1, ny, nx) + rng.normal(0, 0.1, (freq.size, ny, nx))
+    fits.HDUList([clover.cube_hdu(cube.astype(np.float32), vel, axis="vrad")]).writeto(path)
+    return np.where(two, 2, 0)
+
+
+def test_predict_settles_close_nh3_pairs_from_the_cube(tmp_path, nh3_models):
+    """End to end (FITS in, maps out): pixels of close NH3 pairs that the ensemble calls one
+    component are settled as two by the 3x3 model fits; one-component pixels stay one."""
+    path = tmp_path / "pairs.fits"
+    truth = _close_pair_nh3_cube(path, np.random.default_rng(TEST_SEED))
+    half = truth.shape[1] // 2
+    maps = {}
+    for refine in (False, True):
+        out = tmp_path / ("refine" if refine else "plain")
+        maps[refine] = clover.predict(path, nh3=True, models=nh3_models, progress=False, refine=refine,
+                                      outdir=out)["maps"]["class"]
+    two = {k: float((v[:, half:] == 2).mean()) for k, v in maps.items()}
+    assert two[True] >= two[False] + 0.3, two                  # measured 0.13 -> 0.66
+    assert (maps[True][:, :half] == 0).mean() >= 0.95, maps[True]
+
+
+def test_cube_neighbours_gathers_the_3x3_window():
+    """The neighbour spectra handed to the NH3 fits are the 8 others of each pixel's 3x3
+    window, on the central spectrum's scale; outside the block or blanked -> NaN."""
+    nchan, ny, nx = 5, 3, 4
+    block = np.arange(nchan * ny * nx, dtype=np.float32).reshape(nchan, ny, nx) + 1
+    valid = np.ones((ny, nx), bool)
+    valid[2, 3] = False
+    positions = np.array([[1, 1], [0, 0], [1, 2]])
+    tmax = np.array([2.0, 4.0, 1.0])
+    get = clover._cube_neighbours(block, valid, positions, tmax)
+    out = get(np.array([0, 1, 2]))
+    assert out.shape == (3, 8, nchan)
+    expected = [block[:, 1 + dy, 1 + dx] / 2.0 for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    np.testing.assert_allclose(out[0], expected)
+    assert np.isnan(out[1]).all(axis=1).sum() == 5            # corner pixel: 3 neighbours inside
+    np.testing.assert_allclose(out[1, 4], block[:, 0, 1] / 4.0)   # (dy, dx) = (0, +1)
+    assert np.isnan(out[2, 7]).all()                           # (dy, dx) = (+1, +1) is blanked
+    np.testing.assert_allclose(get(np.array([2]))[0], out[2])
+
+
 def test_nan_spectra_give_nan_and_refuse_overwrite(tmp_path, gauss_models):
     """Blank (all-NaN) and mostly blank spectra give NaN; a few blank channels do not."""
     from astropy.io import fits
@@ -461,7 +583,7 @@ def test_warns_when_emission_outside_trained_range(tmp_path, gauss_models):
     path = tmp_path / "shifted.fits"
     cube, vel, _ = clover.simulate_cube("gauss", 6, 6, np.random.default_rng(2))
     clover.cube_hdu(np.roll(cube, 220, axis=0), vel).writeto(path)     # +16 km/s
-    with pytest.warns(clover.CentroidRangeWarning, match="outside the trained range") as record:
+    with pytest.warns(clover.CentroidRangeWarning, match="outside the trained range"):
         clover.predict(path, models=gauss_models, progress=False, write=False)
 
 
@@ -544,7 +666,6 @@ def test_models_of_the_other_line_type_are_refused(tmp_path, gauss_models):
 
 
 def test_frequency_axis_without_rest_frequency_is_an_input_error(tmp_path):
-    from astropy.io import fits
     path = tmp_path / "norest.fits"
     cube, vel, _ = clover.simulate_cube("gauss", 4, 4, np.random.default_rng(1), nchan=60)
     hdu = clover.cube_hdu(cube, vel, axis="freq", rest_hz=100e9)
