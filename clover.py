@@ -1728,26 +1728,33 @@ def _fit_slab_chunk(y, w, q, freq, n_iter):
     return q, chi
 
 
-def _slab_starts(mu, k, nchan, taus=(0.1, 1.0, 5.0)):
-    """Slab starting values from regressor output (training units), one per optical depth."""
+def _slab_starts(mu, k, freq, taus=(0.1, 1.0, 5.0)):
+    """Slab starting values from regressor output (training units: channels of the axis
+    ``freq``), one per optical depth."""
+    vel = _nh3_velocity(freq)
+    nchan = len(freq)
     half = _centre_channel(nchan)
-    zero = nchan // 2 - 1                  # channel of 0 km/s on the training axis
-    v = (mu[:, :k] * half + half - zero) * TEMPLATE_DV_KMS
-    sig = np.clip(mu[:, k:2 * k] * TEMPLATE_DV_KMS, 0.04, 2.5)
+    v = np.interp(mu[:, :k] * half + half, np.arange(nchan), vel)
+    sig = np.clip(mu[:, k:2 * k] * abs(vel[-1] - vel[0]) / (nchan - 1), 0.04, 2.5)
     peak = np.clip(mu[:, 2 * k:], 0.02, 2.0)
     starts = []
     for tau in taus:
         cols = []
         for i in range(k):
-            pmax = nh3_profile(nh3_template_axis()[0], sig[:, i], v[:, i]).max(axis=1)
+            pmax = nh3_profile(freq, sig[:, i], v[:, i]).max(axis=1)
             amp = peak[:, i] / -np.expm1(-tau * np.maximum(pmax, 1e-3))
             cols.append(np.column_stack([np.log(amp), np.full(len(mu), np.log(tau)), np.log(sig[:, i]), v[:, i]]))
         starts.append(np.concatenate(cols, axis=1))
     return starts
 
 
-def nh3_two_component_evidence(spectra, reg1, reg2, neighbours=None, n_iter=25, neighbour_iter=12,
-                               chunk=256):
+def _nh3_velocity(freq_hz):
+    """Radio velocity (km/s) relative to the NH3 (1,1) rest frequency."""
+    return C_KMS * (1 - np.asarray(freq_hz, float) / NH3_11_REST_HZ)
+
+
+def nh3_two_component_evidence(spectra, reg1, reg2, neighbours=None, freq_hz=None, n_iter=25,
+                               neighbour_iter=12, chunk=256):
     """chi^2 improvement of the best two-component NH3 slab fits over the best one-component fits.
 
     Parameters
@@ -1759,6 +1766,10 @@ def nh3_two_component_evidence(spectra, reg1, reg2, neighbours=None, n_iter=25, 
     neighbours : ndarray, shape (n, m, 1000), optional
         The other spectra of each pixel's 3x3 neighbourhood on the same scale as
         ``spectra`` (rows with a non-finite value are left out: borders, blanks).
+    freq_hz : ndarray, shape (1000,), optional
+        Frequency axis of the spectra (the cube's; default the training axis): the
+        hyperfine pattern is fitted in frequency, so the fits stay right when the
+        cube's channels are not the training set's 5.72 kHz.
     n_iter, neighbour_iter : int
         Iterations for the central spectra and for the neighbours (which start from the
         central spectrum's best fits).
@@ -1794,24 +1805,25 @@ def nh3_two_component_evidence(spectra, reg1, reg2, neighbours=None, n_iter=25, 
     differences overestimate the noise of bright, wide lines).
     """
     spectra = np.asarray(spectra, np.float64)
-    starts1, starts2 = _slab_starts(reg1, 1, NH3_NCHAN), _slab_starts(reg2, 2, NH3_NCHAN)
-    near = _line_channels(np.concatenate([starts1[0], starts2[0]], axis=1), spectra.shape[1])
+    axis = _nh3_freq(freq_hz)
+    starts1, starts2 = _slab_starts(reg1, 1, axis), _slab_starts(reg2, 2, axis)
+    near = _line_channels(np.concatenate([starts1[0], starts2[0]], axis=1), _nh3_velocity(axis))
     order = np.argsort(near.sum(axis=1), kind="stable")       # chunks of similar channel counts
     dchi2, npix = np.zeros(len(spectra)), np.ones(len(spectra), int)
     for lo in range(0, len(spectra), chunk):
         rows = order[lo:lo + chunk]
         dchi2[rows], npix[rows] = _evidence_rows(
-            spectra[rows], near[rows], [s[rows] for s in starts1], [s[rows] for s in starts2],
+            spectra[rows], near[rows], axis, [s[rows] for s in starts1], [s[rows] for s in starts2],
             None if neighbours is None else neighbours[rows], n_iter, neighbour_iter)
     return dchi2, npix
 
 
-def _evidence_rows(spectra, near, starts1, starts2, neighbours, n_iter, neighbour_iter):
+def _evidence_rows(spectra, near, axis, starts1, starts2, neighbours, n_iter, neighbour_iter):
     """:func:`nh3_two_component_evidence` of one chunk, fitted on the channels ``near`` lines."""
     width = max(int(near.sum(axis=1).max(initial=0)), 16)
     idx = np.sort(np.argsort(~near, axis=1, kind="stable")[:, :width], axis=1)     # used channels first
     use = np.take_along_axis(near, idx, axis=1)
-    freq = nh3_template_axis()[0][idx]
+    freq = axis[idx]
     one, two, dchi2 = _one_two_fits(spectra, idx, use, freq, starts1, starts2, n_iter)
     npix = np.ones(len(dchi2), int)
     for j in range(0 if neighbours is None else neighbours.shape[1]):
@@ -1823,14 +1835,13 @@ def _evidence_rows(spectra, near, starts1, starts2, neighbours, n_iter, neighbou
     return dchi2, npix
 
 
-def _line_channels(q, nchan, span=5.0, margin_kms=1.0):
-    """Mask (m, nchan) of the training-axis channels within ``span`` dispersions +
-    ``margin_kms`` of any hyperfine line of the slab components in ``q`` (m, 4k)."""
+def _line_channels(q, vel, span=5.0, margin_kms=1.0):
+    """Mask (m, nchan) of the channels (velocities ``vel``, km/s) within ``span``
+    dispersions + ``margin_kms`` of any hyperfine line of the slab components in ``q``."""
     c = _nh3_constants()
     centre = (q[:, 3::4, None] + c["voff"][None, None, :]).reshape(len(q), -1)       # km/s
     reach = np.repeat(span * np.exp(q[:, 2::4]) + margin_kms, c["voff"].size, axis=1)
-    vel = (np.arange(nchan) - (nchan // 2 - 1)) * TEMPLATE_DV_KMS
-    near = np.zeros((len(q), nchan), bool)
+    near = np.zeros((len(q), len(vel)), bool)
     for j in range(centre.shape[1]):
         near |= np.abs(vel[None, :] - centre[:, j:j + 1]) <= reach[:, j:j + 1]
     return near
@@ -1904,7 +1915,7 @@ def _two_one_odds(probs):
     return np.log(probs[:, 2] + 1e-6) - np.log(probs[:, 0] + 1e-6)
 
 
-def predict_spectra(x, models, batch_size=2048, refine=True, neighbours=None):
+def predict_spectra(x, models, batch_size=2048, refine=True, neighbours=None, freq_hz=None):
     """Classify spectra and regress their components (training units).
 
     Parameters
@@ -1930,6 +1941,8 @@ def predict_spectra(x, models, batch_size=2048, refine=True, neighbours=None):
         (NaN rows where missing); their fits add to the central spectrum's evidence.
         Without it only the central spectra are fitted (weaker; see
         :func:`nh3_two_component_evidence`).
+    freq_hz : ndarray, shape (nchan,), optional
+        NH3 settling: the spectra's frequency axis (default: the training axis).
 
     Returns
     -------
@@ -1947,7 +1960,7 @@ def predict_spectra(x, models, batch_size=2048, refine=True, neighbours=None):
     code, prob = probs.argmax(axis=1), probs.max(axis=1)
     settled = np.zeros(len(x), bool)
     if refine and models.line == "nh3":
-        code, prob, settled = _settle_rows(x, probs, models, batch_size, neighbours)
+        code, prob, settled = _settle_rows(x, probs, models, batch_size, neighbours, freq_hz)
     result = {"probs": probs, "class": code, "prob": prob, "settled": settled,
               "refined": np.zeros(len(x), bool)}
     for kind, cls in (("reg2", CLASS_CODES["two"]), ("reg1", CLASS_CODES["one"])):
@@ -1964,7 +1977,7 @@ def predict_spectra(x, models, batch_size=2048, refine=True, neighbours=None):
     return result
 
 
-def _settle_rows(x, probs, models, batch_size, neighbours=None):
+def _settle_rows(x, probs, models, batch_size, neighbours=None, freq_hz=None):
     """NH3 fits of the rows the ensemble is unsure about: settle_nh3_classes output."""
     dchi2, npix = np.full(len(x), np.nan), np.ones(len(x), int)
     rows = np.flatnonzero(uncertain_emission(probs))
@@ -1973,7 +1986,7 @@ def _settle_rows(x, probs, models, batch_size, neighbours=None):
         reg1, _ = models.regress("reg1", x[rows], batch_size)
         reg2, _ = models.regress("reg2", x[rows], batch_size)
         dchi2[rows], npix[rows] = nh3_two_component_evidence(
-            x[rows, :, 0], reg1, reg2, None if neighbours is None else neighbours(rows))
+            x[rows, :, 0], reg1, reg2, None if neighbours is None else neighbours(rows), freq_hz)
     return settle_nh3_classes(probs, dchi2, npix)
 
 
@@ -2432,8 +2445,10 @@ def _half_max_sigma(spec, peak):
     return (right - left - 1) / 2.3548
 
 
-def _predict_blocks(cube, models, batch_size, block_pixels, progress, refine=True):
-    """Run the networks over row blocks of a (nchan, ny, nx) cube; return flat maps."""
+def _predict_blocks(cube, models, batch_size, block_pixels, progress, refine=True, velocity=None):
+    """Run the networks over row blocks of a (nchan, ny, nx) cube; return flat maps.
+    ``velocity`` (km/s): the cube's axis, for the NH3 fits (default the training axis)."""
+    freq = None if velocity is None else NH3_11_REST_HZ * (1 - np.asarray(velocity, float) / C_KMS)
     nchan, ny, nx = cube.shape
     rows = max(1, block_pixels // max(nx, 1))
     starts = list(range(0, ny, rows))
@@ -2454,7 +2469,7 @@ def _predict_blocks(cube, models, batch_size, block_pixels, progress, refine=Tru
         keep = inner[valid]
         block = np.asarray(cube[:, h0:h1], np.float32)
         near = _cube_neighbours(block, valid, np.argwhere(valid)[keep], tmax[keep])
-        res = predict_spectra(x[keep], models, batch_size, refine, near)
+        res = predict_spectra(x[keep], models, batch_size, refine, near, freq)
         for key, arr in res.items():
             flat.setdefault(key, []).append(arr)
         flat.setdefault("tmax", []).append(tmax[keep])
@@ -2603,7 +2618,7 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
     log.info("Segmenting and predicting kinematics of %d pixels (%s, %d members)",
              data.shape[1] * data.shape[2], line, models.n_members)
     flat, valid = _predict_blocks(data, models, batch_size, block_pixels, progress,
-                                  bool(refine))
+                                  bool(refine), velocity)
     maps = _assemble_maps(_to_physical(flat, flat["tmax"], velocity, nchan), valid)
     _warn_centroid_range(*_centroids_outside(maps, velocity, line), line,
                          "the band centre (%.2f km/s)" % centre)
@@ -2697,7 +2712,7 @@ def _predict_tiled(cube, filled, stem, outdir, line, tile, opts, start):
         if velocity[-1] < velocity[0]:
             data, velocity = data[::-1], velocity[::-1]
         flat, valid = _predict_blocks(data, models, opts["batch_size"], data.shape[1] * data.shape[2],
-                                      False, bool(opts["refine"]))
+                                      False, bool(opts["refine"]), velocity)
         full = _assemble_maps(_to_physical(flat, flat["tmax"], velocity, nchan), valid)
         inner = (slice(y0 - hy0, y1 - hy0), slice(x0 - hx0, x1 - hx0))
         part = {name: image[inner] for name, image in full.items()}

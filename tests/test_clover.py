@@ -238,6 +238,34 @@ def test_nh3_two_component_evidence_separates_injected_classes():
     assert np.median(total) > 5 * np.median(central)
 
 
+def test_nh3_fits_follow_the_cubes_own_channel_width():
+    """On a 0.1 km/s axis (not the training set's 0.072) the fits, given that axis, still
+    recover the centroid and give one-component spectra chi^2(4)-like evidence."""
+    rng = np.random.default_rng(TEST_SEED)
+    n, dv = 40, 0.1
+    vel = (np.arange(1000) - 499) * dv
+    freq = clover.NH3_11_REST_HZ * (1 - vel / clover.C_KMS)
+    width, voff = rng.uniform(0.2, 0.6, n), rng.uniform(-2, 2, n)
+    clean = clover.nh3_spectra(freq, rng.uniform(12, 25, n), rng.uniform(13.3, 14.2, n), width, voff)
+    y = clean.astype(float) + rng.normal(0, 0.05, clean.shape)
+    y /= y.max(axis=1, keepdims=True)
+    half = 499.5
+    c = (np.interp(voff, vel, np.arange(1000)) - half) / half          # training units
+    peak = y.max(axis=1)
+    reg1 = np.column_stack([c, width / dv, peak])
+    reg2 = np.column_stack([c, c + 5 / half, width / dv, width / dv, 0.7 * peak, 0.3 * peak])
+    dchi2, npix = clover.nh3_two_component_evidence(y, reg1, reg2, freq_hz=freq)
+    assert np.all(npix == 1)
+    assert np.median(dchi2) < 6 and np.percentile(dchi2, 90) < 14, np.percentile(dchi2, [50, 90])
+    starts = [np.column_stack([np.log(peak * (1 + 1 / t)), np.full(n, np.log(t)), np.log(width * 1.2), voff + 0.05])
+              for t in (0.3, 3.0)]
+    q, _ = clover.fit_nh3_slabs(y, starts, freq)
+    bright = clean.max(axis=1) / 0.05 >= 15
+    assert bright.sum() > 20
+    assert np.all(np.abs(q[bright, 3] - voff[bright]) < 0.03), np.abs(q[bright, 3] - voff[bright]).max()
+    assert np.all(np.abs(q[:, 3] - voff) < 0.1), q[:, 3] - voff
+
+
 def test_settle_nh3_classes_hand_worked():
     """Only emission rows with |ln(P2/P1)| < window and a finite dchi2 change, by the sign of
     ln(P2/P1) + weight (dchi2 - offset)."""
