@@ -143,6 +143,7 @@ __all__ = [
     "OUTPUT_MAPS",
     "simulate_gaussian",
     "simulate_nh3",
+    "simulated_neighbours",
     "nh3_spectra",
     "nh3_spectra_fast",
     "build_network",
@@ -1101,6 +1102,14 @@ def simulate_nh3(n, rng, classes=None, chunk=1500, windows=False):
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def simulated_neighbours(sim):
+    """``neighbours`` callable of :func:`predict_spectra` for a simulated set made with
+    ``windows=True``: the 8 non-central spectra of each window on the central spectrum's
+    scale (as :func:`predict` hands them over from a cube)."""
+    others = [j for j in range(9) if j != 4]
+    return lambda rows: sim["windows"][rows][:, others] / sim["tmax"][rows, None, None]
+
+
 def _nh3_parameters(m, rng):
     """Per-component (m, 2) Tkin, logN, width, centroid of the NH3 training set."""
     r = NH3_RANGES
@@ -1759,14 +1768,15 @@ def nh3_two_component_evidence(spectra, reg1, reg2, neighbours=None, freq_hz=Non
 
     Parameters
     ----------
-    spectra : ndarray, shape (n, 1000)
-        Central spectra on the training axis (as the networks' first input channel).
+    spectra : ndarray, shape (n, nchan)
+        Central spectra, velocity increasing with index (the networks' first input
+        channel).
     reg1, reg2 : ndarray, shape (n, 3) and (n, 6)
         One- and two-component regressor output (training units): the starting values.
-    neighbours : ndarray, shape (n, m, 1000), optional
+    neighbours : ndarray, shape (n, m, nchan), optional
         The other spectra of each pixel's 3x3 neighbourhood on the same scale as
         ``spectra`` (rows with a non-finite value are left out: borders, blanks).
-    freq_hz : ndarray, shape (1000,), optional
+    freq_hz : ndarray, shape (nchan,), optional
         Frequency axis of the spectra (the cube's; default the training axis): the
         hyperfine pattern is fitted in frequency, so the fits stay right when the
         cube's channels are not the training set's 5.72 kHz.
@@ -1800,9 +1810,7 @@ def nh3_two_component_evidence(spectra, reg1, reg2, neighbours=None, freq_hz=Non
     the sum's spread is larger.
 
     Only the channels within 5 dispersions + 1 km/s of the starting components'
-    hyperfine lines enter the fits (both models vanish elsewhere); the noise of each
-    spectrum is then estimated from the residuals of the two-component fit (first
-    differences overestimate the noise of bright, wide lines).
+    hyperfine lines enter the fits (both models vanish elsewhere).
     """
     spectra = np.asarray(spectra, np.float64)
     axis = _nh3_freq(freq_hz)
@@ -2448,7 +2456,9 @@ def _half_max_sigma(spec, peak):
 def _predict_blocks(cube, models, batch_size, block_pixels, progress, refine=True, velocity=None):
     """Run the networks over row blocks of a (nchan, ny, nx) cube; return flat maps.
     ``velocity`` (km/s): the cube's axis, for the NH3 fits (default the training axis)."""
-    freq = None if velocity is None else NH3_11_REST_HZ * (1 - np.asarray(velocity, float) / C_KMS)
+    freq = None
+    if velocity is not None and models.line == "nh3":
+        freq = NH3_11_REST_HZ * (1 - np.asarray(velocity, float) / C_KMS)
     nchan, ny, nx = cube.shape
     rows = max(1, block_pixels // max(nx, 1))
     starts = list(range(0, ny, rows))
@@ -2794,10 +2804,7 @@ def evaluate(line, models, n=9000, seed=1, batch_size=2048, refine=True):
     rng = np.random.default_rng(seed)
     simulate = LINE_TYPES[line]["simulate"]
     sim = simulate(n, rng, windows=True) if line == "nh3" else simulate(n, rng)
-    near = None
-    if "windows" in sim:
-        others = [j for j in range(9) if j != 4]
-        near = lambda rows: sim["windows"][rows][:, others] / sim["tmax"][rows, None, None]  # noqa: E731
+    near = simulated_neighbours(sim) if "windows" in sim else None
     res = predict_spectra(sim["x"], models, batch_size, refine=refine, neighbours=near)
     pred, network = res["class"], res["probs"].argmax(axis=1)
     truth = sim["label"].astype(int)

@@ -41,8 +41,7 @@ def main(argv=None):
     sim = clover.simulate_nh3(args.n, np.random.default_rng(args.seed), windows=True)
     models = clover.CloverModels("nh3", nproc=args.nproc)
     clover.predict_spectra(sim["x"][:64], models, refine=False)            # warm-up (graph tracing)
-    others = [j for j in range(9) if j != 4]
-    near = lambda rows: sim["windows"][rows][:, others] / sim["tmax"][rows, None, None]  # noqa: E731
+    near = clover.simulated_neighbours(sim)
     label = sim["label"].astype(int)
     snr = np.where(label == clover.CLASS_CODES["two"], sim["snr_min"], sim["snr"])
     runs = [("networks (refine=False)", {"refine": False}),

@@ -49,8 +49,7 @@ def main(argv=None):
     start = time.perf_counter()
     reg1, _ = models.regress("reg1", sim["x"][rows])
     reg2, _ = models.regress("reg2", sim["x"][rows])
-    others = [j for j in range(9) if j != 4]
-    near = sim["windows"][rows][:, others] / sim["tmax"][rows, None, None]
+    near = clover.simulated_neighbours(sim)(rows)
     dchi2, npix = np.full(args.n, np.nan), np.ones(args.n, int)
     dchi2[rows], npix[rows] = clover.nh3_two_component_evidence(sim["x"][rows, :, 0], reg1, reg2, near)
     seconds = time.perf_counter() - start
