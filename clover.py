@@ -1990,7 +1990,9 @@ def _settle_rows(x, probs, models, batch_size, neighbours=None, freq_hz=None):
     dchi2, npix = np.full(len(x), np.nan), np.ones(len(x), int)
     rows = np.flatnonzero(uncertain_emission(probs))
     if rows.size:
-        log.debug("NH3 model fits of %d spectra with uncertain one/two-component odds", rows.size)
+        log.info("NH3 model fits of %d pixels with uncertain one/two-component odds (roughly %.0f s "
+                 "on one core; --no-refine skips them)", rows.size,
+                 0.013 * rows.size * (1 if neighbours is None else 3))
         reg1, _ = models.regress("reg1", x[rows], batch_size)
         reg2, _ = models.regress("reg2", x[rows], batch_size)
         dchi2[rows], npix[rows] = nh3_two_component_evidence(
