@@ -1600,9 +1600,9 @@ def _refine_rows(x, mu, err, nchan):
 # the spectra; the best of the scanned grid (window 6: 0.998 / 0.997) fits 33 %.
 NH3_SETTLE = {"window": 3.0, "weight": 0.1, "offset": 7.0}
 # bounds of the slab parameters: ln A (A in units of the spectrum's maximum), ln tau,
-# ln sigma (km/s), centroid (km/s)
-_SLAB_BOUNDS = (np.array([-7.0, np.log(0.01), np.log(0.03), -35.0]),
-                np.array([7.0, np.log(60.0), np.log(3.0), 35.0]))
+# ln sigma (km/s); the centroid's are the fitted axis' velocity range (_slab_bounds)
+_SLAB_BOUNDS = (np.array([-7.0, np.log(0.01), np.log(0.03), -np.inf]),
+                np.array([7.0, np.log(60.0), np.log(3.0), np.inf]))
 
 
 def nh3_slab_spectra(q, freq_hz=None):
@@ -1715,7 +1715,7 @@ def fit_nh3_slabs(spectra, starts, freq_hz=None, n_iter=25, chunk=256, weight=No
 def _fit_slab_chunk(y, w, q, freq, n_iter):
     """Levenberg-Marquardt of slab models; ``w`` (m, nchan) weights, ``freq`` (nchan,) or (m, nchan)."""
     k = q.shape[1] // 4
-    lo, hi = np.tile(_SLAB_BOUNDS[0], k), np.tile(_SLAB_BOUNDS[1], k)
+    lo, hi = _slab_bounds(freq, len(q), k)
     q = np.clip(np.nan_to_num(q), lo, hi)
     model, jac = _slabs_and_jacobian(q, freq)
     chi = (((y - model) * w) ** 2).sum(axis=1)
@@ -1735,6 +1735,16 @@ def _fit_slab_chunk(y, w, q, freq, n_iter):
         q[better], model[better], chi[better], jac[better] = trial[better], t_model[better], t_chi[better], t_jac[better]
         lam = np.where(better, lam / 3.0, lam * 4.0)
     return q, chi
+
+
+def _slab_bounds(freq, m, k):
+    """Per-row bounds (m, 4k) of k slab components on the axis ``freq`` ((nchan,) or
+    (m, nchan)): :data:`_SLAB_BOUNDS`, centroids within the axis' velocity range."""
+    vel = np.atleast_2d(_nh3_velocity(freq))
+    lo, hi = np.tile(_SLAB_BOUNDS[0], (m, k)), np.tile(_SLAB_BOUNDS[1], (m, k))
+    lo[:, 3::4] = np.broadcast_to(vel.min(axis=1), (m,))[:, None]
+    hi[:, 3::4] = np.broadcast_to(vel.max(axis=1), (m,))[:, None]
+    return lo, hi
 
 
 def _slab_starts(mu, k, freq, taus=(0.1, 1.0, 5.0)):

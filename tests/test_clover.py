@@ -239,13 +239,14 @@ def test_nh3_two_component_evidence_separates_injected_classes():
 
 
 def test_nh3_fits_follow_the_cubes_own_channel_width():
-    """On a 0.1 km/s axis (not the training set's 0.072) the fits, given that axis, still
-    recover the centroid and give one-component spectra chi^2(4)-like evidence."""
+    """On a 0.1 km/s axis (not the training set's 0.072) centred on 45 km/s (a source far
+    from 0 km/s) the fits, given that axis, still recover the centroid and give
+    one-component spectra chi^2(4)-like evidence."""
     rng = np.random.default_rng(TEST_SEED)
     n, dv = 40, 0.1
-    vel = (np.arange(1000) - 499) * dv
+    vel = (np.arange(1000) - 499) * dv + 45.0
     freq = clover.NH3_11_REST_HZ * (1 - vel / clover.C_KMS)
-    width, voff = rng.uniform(0.2, 0.6, n), rng.uniform(-2, 2, n)
+    width, voff = rng.uniform(0.2, 0.6, n), 45.0 + rng.uniform(-2, 2, n)
     clean = clover.nh3_spectra(freq, rng.uniform(12, 25, n), rng.uniform(13.3, 14.2, n), width, voff)
     y = clean.astype(float) + rng.normal(0, 0.05, clean.shape)
     y /= y.max(axis=1, keepdims=True)
