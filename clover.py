@@ -927,7 +927,7 @@ def nh3_template_axis():
     increases with index.
     """
     freq = NH3_11_REST_HZ + np.arange(499, -501, -1) * NH3_CHANNEL_HZ
-    return freq, C_KMS * (1 - freq / NH3_11_REST_HZ)
+    return freq, _nh3_velocity(freq)
 
 
 def gaussian_template_axis():
@@ -2485,11 +2485,11 @@ def _predict_blocks(cube, models, batch_size, block_pixels, progress, refine=Tru
     for r0 in starts:
         r1 = min(ny, r0 + rows)
         h0, h1 = max(0, r0 - 1), min(ny, r1 + 1)        # one-row halo for the 3x3 mean
-        x, tmax, valid = make_features(cube[:, h0:h1])
+        block = np.asarray(cube[:, h0:h1], np.float32)
+        x, tmax, valid = make_features(block)
         inner = np.zeros_like(valid)
         inner[r0 - h0:r1 - h0] = True
         keep = inner[valid]
-        block = np.asarray(cube[:, h0:h1], np.float32)
         near = _cube_neighbours(block, valid, np.argwhere(valid)[keep], tmax[keep])
         res = predict_spectra(x[keep], models, batch_size, refine, near, freq)
         for key, arr in res.items():
