@@ -7,8 +7,12 @@ catalogue files, or Vizier queries cached on disk), flux-ratio and positional
 diagnostics, transient candidates with forced (priorized) Aegean photometry, kvis/DS9
 annotations, postage stamps and an SQL database (SQLite by default, PostgreSQL + Q3C).
 
-Everything that scales with the number of sources is vectorised (a KD-tree on unit
-vectors does the crossmatch; no Python loops over table rows).
+Images come as ASKAP writes them: 2-D, 3-D or 4-D FITS (degenerate axes squeezed; a
+cube's channel, or an MFS plane, chosen with ``channel``), the beam from a beam table,
+BMAJ/BMIN or ``beam``, the frequency from the FREQ axis, RESTFRQ/RESTFREQ or
+``frequency``.  Without an image, an existing ASKAP catalogue gives a catalogue-only run;
+without a survey catalogue, a source-finding-only run.  Everything that scales with the
+number of sources is vectorised (a KD-tree on unit vectors does the crossmatch).
 
 Use
 ---
@@ -16,17 +20,18 @@ As a module::
 
     import racs_pipeline
     racs_pipeline.main(["process", "-c", "parset.in", "image.fits"])
-    summary = racs_pipeline.process_image("image.fits", racs_pipeline.load_config(
-        racs_pipeline.CONFIG_SCHEMA, "parset.in"))
+    summary = racs_pipeline.process_image("image.fits", racs_pipeline.load_parset("parset.in"))
 
 From the shell::
 
     python racs_pipeline.py process -c parset.in image.fits [image2.fits ...]
-    python racs_pipeline.py process --sumss-csv sumss.csv --transients image.fits
+    python racs_pipeline.py process --sumss-csv sumss.csv --transients --channel mfs cube.fits
+    python racs_pipeline.py process --help      # every key, the image and catalogue formats
 
 Every parset key also exists as a ``--flag`` (``transient_max_separation`` ->
 ``--transient-max-separation 20``); booleans take true/false/yes/no/on/off/1/0 and a bare
-``--transients`` means true.  The command line overrides the parset.
+``--transients`` means true.  The command line overrides the parset; paths in a parset are
+relative to its folder.
 
 Inside a CASA 6 session: ``execfile("racs_pipeline.py")`` defines the functions and
 runs nothing.
@@ -38,8 +43,9 @@ A parset (INI) with the sections ``[GENERAL]``, ``[ANALYSIS]``, ``[CATALOGUES]``
 (``--write-config FILE`` writes a template; ``configs/racs_pipeline.in``).
 Aegean settings come from an optional ``[aegean]`` file (``aegean_settings_config``).
 
-Outputs go to ``<image>_results[_<output_tag>]/``; each stage writes named products and
-is skipped (logged) when they exist, unless ``clobber``/``--overwrite`` is set.
+Outputs go to ``<image>_results[_<output_tag>]/``; each stage records its settings and
+the checksums of its inputs in ``racs_stages.json`` and is redone only when they change
+(or with ``clobber``/``--overwrite``).
 """
 import argparse
 import configparser
@@ -65,6 +71,23 @@ __all__ = [
     "InputError",
     "OutputExistsError",
     "RacsDataWarning",
+    "CatalogueUnavailableError",
+    "CATALOGUE_FORMATS_HELP",
+    "load_parset",
+    "resolve_parset_paths",
+    "image_layout",
+    "read_beam_table",
+    "plane_header",
+    "check_convolvable",
+    "import_casa",
+    "aegean_numpy_compat",
+    "read_table_file",
+    "read_table",
+    "column_unit",
+    "catalogue_footprint",
+    "resolve_scaled_defaults",
+    "file_digest",
+    "StageLedger",
     "ConfigKey",
     "Config",
     "load_config",
@@ -103,7 +126,7 @@ __all__ = [
     "process_image",
     "process_images",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 log = logging.getLogger("racs_pipeline")
 
@@ -576,6 +599,24 @@ class RacsDataWarning(UserWarning):
     """A recoverable problem in the input data (filter with ``warnings.filterwarnings``)."""
 
 
+class CatalogueUnavailableError(InputError):
+    """A survey catalogue could not be obtained (Vizier unreachable and no local file)."""
+
+
+def _data_warning(message):
+    """Report a recoverable data problem: a :class:`RacsDataWarning` and, when this tool's
+    log is set up (command line, per-run log file), the same text in the log.
+
+    AegeanTools turns Python warnings into log records of its own at import
+    (``logging.captureWarnings``), so warnings alone would vanish from the console.
+    """
+    if any(getattr(h, "_toolkit_handler", False) or getattr(h, "_racs_run_handler", False)
+           for h in log.handlers):
+        log.warning("%s", message)
+    import warnings
+    warnings.warn(message, RacsDataWarning, stacklevel=3)
+
+
 # ===========================================================================
 # Configuration schema (the only keys accepted; see --write-config)
 # ===========================================================================
@@ -585,10 +626,14 @@ CONFIG_SCHEMA = (
     ConfigKey("GENERAL", "output_dir", "path", None, help="parent directory of the results (default: beside each image)"),
     ConfigKey("GENERAL", "log_level", "str", "INFO", ("DEBUG", "INFO", "WARNING"), "logging level (-v/-q win)"),
     ConfigKey("GENERAL", "nice", "int", 10, (0, 19), "process niceness (never lowered)", bounds=True),
-    ConfigKey("GENERAL", "clobber", "bool", False, help="recompute and overwrite existing products (same as --overwrite)"),
+    ConfigKey("GENERAL", "clobber", "bool", False, help="recompute every stage even when its recorded inputs and settings are unchanged (same as --overwrite)"),
     ConfigKey("GENERAL", "sumss_only", "bool", False, help="crossmatch with SUMSS only"),
     ConfigKey("GENERAL", "nvss_only", "bool", False, help="crossmatch with NVSS only"),
-    ConfigKey("ANALYSIS", "frequency", "float", None, _POS, "image frequency (Hz) when the header has no RESTFRQ/CRVAL3", bounds=True),
+    ConfigKey("ANALYSIS", "frequency", "float", None, _POS, "image frequency (Hz), used when the header has none (FREQ axis, then RESTFRQ/RESTFREQ); required for a catalogue without an image", bounds=True),
+    ConfigKey("ANALYSIS", "force_frequency", "bool", False, help="use frequency even when the header has one (--force)"),
+    ConfigKey("ANALYSIS", "channel", "str", None, help="plane of a cube: a channel number (0-based) or 'mfs' (inverse-variance weighted mean of the good channels at their common beam)"),
+    ConfigKey("ANALYSIS", "stokes", "str", "I", ("I", "Q", "U", "V"), "Stokes plane of an image with several"),
+    ConfigKey("ANALYSIS", "beam", "floatlist", [], help="restoring beam 'bmaj, bmin, bpa' (arcsec, arcsec, deg) when the image header / catalogue has none"),
     ConfigKey("ANALYSIS", "weight_crop", "bool", False, help="blank pixels whose weight is low"),
     ConfigKey("ANALYSIS", "weight_crop_value", "float", 0.04, (0.0, 1.0), "relative weight (x max) at or below which pixels are blanked", bounds=True),
     ConfigKey("ANALYSIS", "weight_crop_image", "path", None, help="weight image for cropping ({stem} = image name without .fits)"),
@@ -598,24 +643,27 @@ CONFIG_SCHEMA = (
     ConfigKey("ANALYSIS", "convolved_non_conv_askap_csv", "path", None, help="component catalogue of the image before convolution"),
     ConfigKey("ANALYSIS", "convolved_non_conv_askap_islands_csv", "path", None, help="island catalogue of the image before convolution"),
     ConfigKey("ANALYSIS", "sourcefinder", "str", "aegean", ("aegean", "pybdsf", "selavy"), "source finder"),
+    ConfigKey("ANALYSIS", "find_negative", "bool", False, help="also report negative components (by default only positive ones, as the aegean command)"),
     ConfigKey("ANALYSIS", "aegean_settings_config", "path", None, help="[aegean] settings file (copied to <sf>_settings_used.cfg)"),
     ConfigKey("ANALYSIS", "pybdsf_settings_config", "path", None, help="[pybdsf] settings file (process_image keywords)"),
     ConfigKey("ANALYSIS", "selavy_settings_config", "path", None, help="[selavy] settings file"),
     ConfigKey("ANALYSIS", "boundary_value", "str", "nan", ("nan", "zero"), "value of blanked pixels outside the image"),
     ConfigKey("ANALYSIS", "askap_flux_error", "float", 0.0, _POS, "fractional flux error added in quadrature (0.1 = 10 %)", bounds=True),
-    ConfigKey("ANALYSIS", "rms_box", "int", 200, (8, None), "box (pixels) of the sigma-clipped rms/background map", bounds=True),
-    ConfigKey("ANALYSIS", "edge_margin", "int", 24, (0, None), "pixels: a blank or off-image pixel this close marks an edge source", bounds=True),
-    ConfigKey("CATALOGUES", "askap_csv", "path", None, help="existing ASKAP component catalogue ({stem} allowed, for batches)"),
+    ConfigKey("ANALYSIS", "rms_image", "path", None, help="an existing rms map (e.g. from BANE; {stem} allowed) on the image's pixel grid; default: computed"),
+    ConfigKey("ANALYSIS", "bkg_image", "path", None, help="an existing background map (e.g. from BANE; {stem} allowed); default: computed"),
+    ConfigKey("ANALYSIS", "rms_box", "int", None, (8, None), "box (pixels) of the sigma-clipped rms/background map (default: 30 beams, at most a third of the image)", bounds=True),
+    ConfigKey("ANALYSIS", "edge_margin", "int", None, (0, None), "pixels: a blank or off-image pixel this close marks an edge source (default: 1 arcmin or 4 beams, whichever is larger)", bounds=True),
+    ConfigKey("CATALOGUES", "askap_csv", "path", None, help="existing ASKAP component catalogue ({stem} allowed, for batches; without an image: catalogue-only run)"),
     ConfigKey("CATALOGUES", "askap_islands_csv", "path", None, help="existing ASKAP island catalogue ({stem} allowed)"),
-    ConfigKey("CATALOGUES", "sumss_csv", "path", None, help="local SUMSS catalogue (Vizier columns; file, or directory holding sumss.csv)"),
-    ConfigKey("CATALOGUES", "nvss_csv", "path", None, help="local NVSS catalogue (Vizier columns; file, or directory holding nvss.csv)"),
+    ConfigKey("CATALOGUES", "sumss_csv", "path", None, help="local SUMSS catalogue (Vizier columns, see --help; file, or directory holding sumss.csv)"),
+    ConfigKey("CATALOGUES", "nvss_csv", "path", None, help="local NVSS catalogue (Vizier columns, see --help; file, or directory holding nvss.csv)"),
     ConfigKey("CATALOGUES", "catalogue_cache_dir", "path", None, help="directory caching Vizier downloads (reused offline)"),
     ConfigKey("CATALOGUES", "vizier_timeout", "int", 60, (1, None), "seconds before a Vizier query gives up", bounds=True),
     ConfigKey("CATALOGUES", "askap_csv_format", "str", "aegean", ("aegean", "selavy"), "format of askap_csv"),
     ConfigKey("CATALOGUES", "write_ann", "bool", False, help="write kvis .ann and DS9 .reg files"),
     ConfigKey("CATALOGUES", "produce_overlays", "bool", True, help="write overlay plots of the sources on the image"),
-    ConfigKey("CROSSMATCHING", "diagnostic_max_separation", "float", 5.0, _POS, "match radius of the diagnostics (arcsec)", bounds=True),
-    ConfigKey("CROSSMATCHING", "transient_max_separation", "float", 45.0, _POS, "match radius of the transient search (arcsec)", bounds=True),
+    ConfigKey("CROSSMATCHING", "diagnostic_max_separation", "float", None, _POS, "match radius of the diagnostics (arcsec; default: 5\" or a third of the beam, whichever is larger)", bounds=True),
+    ConfigKey("CROSSMATCHING", "transient_max_separation", "float", None, _POS, "match radius of the transient search (arcsec; default: the 45\" survey beam or the image beam, whichever is larger)", bounds=True),
     ConfigKey("CROSSMATCHING", "remove_extended", "bool", False, help="leave extended sources out of the diagnostics"),
     ConfigKey("CROSSMATCHING", "askap_ext_thresh", "float", 1.2, _POS, "ASKAP extended threshold (x beam, either axis)", bounds=True),
     ConfigKey("CROSSMATCHING", "sumss_ext_thresh", "float", 1.2, _POS, "SUMSS extended threshold (x beam, either axis)", bounds=True),
@@ -624,6 +672,7 @@ CONFIG_SCHEMA = (
     ConfigKey("CROSSMATCHING", "spectral_index", "float", SPECTRAL_INDEX, help="spectral index alpha (S ~ nu^alpha) of the flux extrapolation"),
     ConfigKey("TRANSIENTS", "transients", "bool", False, help="run the transient search"),
     ConfigKey("TRANSIENTS", "transients_askap_snr_thresh", "float", 5.0, _POS, "S/N (x local rms) a catalogue source must reach in ASKAP to count as missing", bounds=True),
+    ConfigKey("TRANSIENTS", "catalogue_only_sigma", "float", 5.0, _POS, "a catalogue source without an ASKAP component is a candidate only if its forced ASKAP flux lies this many sigma (both errors) below the scaled catalogue flux", bounds=True),
     ConfigKey("TRANSIENTS", "transients_catalogue_snr_thresh", "float", 5.0, _POS, "S/N an ASKAP source must reach in the survey to count as new", bounds=True),
     ConfigKey("TRANSIENTS", "transients_large_flux_ratio_thresh", "float", 3.0, (1.0, None), "flux ratio (>= 1) flagging a variable match", bounds=True),
     ConfigKey("TRANSIENTS", "forced_photometry", "bool", True, help="priorized Aegean fits at catalogue positions without an ASKAP source"),
@@ -633,7 +682,7 @@ CONFIG_SCHEMA = (
     ConfigKey("POSTAGESTAMPS", "postage_stamps", "bool", False, help="make postage stamps"),
     ConfigKey("POSTAGESTAMPS", "postage_stamp_selection", "str", "all", ("all", "transients"), "which crossmatch rows get stamps"),
     ConfigKey("POSTAGESTAMPS", "postage_stamp_ncores", "int", None, (1, None), "parallel processes for stamps (default: half the CPUs)", bounds=True),
-    ConfigKey("POSTAGESTAMPS", "postage_stamp_radius", "float", 13.0, _POS, "stamp size (arcmin, full width as in the original)", bounds=True),
+    ConfigKey("POSTAGESTAMPS", "postage_stamp_radius", "float", None, _POS, "stamp size (arcmin, full width as in the original; default: 13' or 52 beams, whichever is larger)", bounds=True),
     ConfigKey("POSTAGESTAMPS", "postage_stamp_zscale_contrast", "float", 0.2, (0.0, 1.0), "zscale contrast of the stamps", bounds=True),
     ConfigKey("POSTAGESTAMPS", "sumss_mosaic_dir", "path", None, help="directory of SUMSS mosaic FITS files"),
     ConfigKey("POSTAGESTAMPS", "nvss_mosaic_dir", "path", None, help="directory of NVSS mosaic FITS files"),
@@ -665,10 +714,20 @@ def _cross_key_checks(config):
                           "run Selavy yourself and give its catalogue with askap_csv = FILE and "
                           "askap_csv_format = selavy, or use sourcefinder = aegean or pybdsf")
     for section, key in (("ANALYSIS", "aegean_settings_config"), ("ANALYSIS", "pybdsf_settings_config"),
-                         ("ANALYSIS", "selavy_settings_config")):
+                         ("ANALYSIS", "selavy_settings_config"), ("TRANSIENTS", "bright_sources_csv")):
         path = config[section][key]
         if path is not None and not Path(path).is_file():
             errors.append("[%s] %s = %s does not exist" % (section, key, path))
+    channel = analysis["channel"]
+    if channel is not None and channel.lower() != "mfs" and not channel.isdigit():
+        errors.append("[ANALYSIS] channel = %r is invalid: expected a channel number (0, 1, ...) or "
+                      "'mfs'" % channel)
+    if analysis["beam"] and (len(analysis["beam"]) not in (2, 3) or min(analysis["beam"][:2]) <= 0):
+        errors.append("[ANALYSIS] beam = %s is invalid: expected 'bmaj, bmin[, bpa]' with positive "
+                      "axes in arcsec and the position angle in deg, e.g. beam = 15, 12, 30"
+                      % ", ".join("%g" % v for v in analysis["beam"]))
+    if analysis["force_frequency"] and analysis["frequency"] is None:
+        errors.append("[ANALYSIS] force_frequency = true needs frequency = HZ")
     return errors
 
 
@@ -697,7 +756,7 @@ SURVEYS = {
         "beam_arcsec": 45.0, "beam_cosec_dec": False, "dec_range": (-40.0, 90.0),
     },
 }
-_ALT_COLUMNS = {"_RAJ2000": ("RAJ2000", "ra", "RA"), "_DEJ2000": ("DEJ2000", "dec", "DEC", "Dec")}
+_ALT_COLUMNS = {"_RAJ2000": ("RAJ2000", "ra", "RA", "RA_deg"), "_DEJ2000": ("DEJ2000", "dec", "DEC", "Dec", "DEC_deg")}
 
 
 def survey_rms(survey, dec):
@@ -781,7 +840,7 @@ def scale_flux(flux, from_hz, to_hz, alpha=SPECTRAL_INDEX):
     Examples
     --------
     >>> round(float(scale_flux(1.0, 843e6, 1.4e9)), 4)   # (1400/843)^-0.8
-    0.6666
+    0.6664
     """
     return np.asarray(flux, dtype=float) * (to_hz / from_hz) ** alpha
 
@@ -1021,15 +1080,25 @@ def flag_extended(major, minor, beam_major, beam_minor, thresh):
 
 
 # ===========================================================================
-# Images
+# Images: any FITS layout -> one 2-D plane with its beam and frequency
 # ===========================================================================
+_STOKES_CODES = {"I": 1, "Q": 2, "U": 3, "V": 4}
+_BLANK_BEAM_ARCSEC = 1e-3   # beam-table axes below this are blank (0, or WSClean's 1.18e-38 "NaN")
+MFS_BEAM_TOLERANCE = 0.25   # MFS: channels whose beam x frequency deviates more than this are left out
+MFS_RMS_LIMIT = 3.0         # MFS: channels noisier than this x the median channel are left out
+
+
 @dataclass
 class ImageInfo:
-    """An ASKAP image reduced to what the pipeline needs.
+    """One 2-D image plane reduced to what the pipeline needs.
 
     Build it with :func:`load_image`.  ``beam`` is (bmaj, bmin, bpa) in degrees,
     ``frequency`` in Hz, ``ra``/``dec`` the centre pixel (deg), ``radius`` the
-    half-diagonal (deg), ``pixel_scale`` deg/pixel.
+    half-diagonal (deg), ``pixel_scale`` deg/pixel.  ``path`` is the file the source
+    finder reads; ``source_path`` the file given by the user (the same for a plain 2-D
+    image); ``plane`` says which plane of a cube this is; ``needs_plane_file`` is true
+    when the source finder cannot read ``source_path`` as it is (3-D/4-D, beam or
+    frequency not in the header, zero boundary), so the pipeline writes the plane.
     """
 
     path: Path
@@ -1045,6 +1114,10 @@ class ImageInfo:
     boundary_value: str = "nan"
     rms: float = float("nan")
     extra: dict = field(default_factory=dict)
+    source_path: Path = None
+    plane: str = "2-D"
+    date_obs: str = ""
+    needs_plane_file: bool = False
 
     def blank_mask(self):
         """True where a pixel is outside the observed area (NaN, or 0 with boundary zero)."""
@@ -1060,75 +1133,473 @@ class ImageInfo:
         x, y = self.wcs.all_world2pix(np.asarray(ra, float), np.asarray(dec, float), 0)
         return x, y
 
+    def with_origin(self, source_path, plane, date_obs):
+        """This plane, labelled as ``plane`` of the user's file ``source_path``."""
+        self.source_path, self.plane, self.date_obs = Path(source_path), plane, date_obs or self.date_obs
+        return self
+
+    @property
+    def beam_pixels(self):
+        """Major axis of the beam in pixels."""
+        return self.beam[0] / self.pixel_scale
+
     def __repr__(self):
-        return ("ImageInfo(%s, shape=%s, beam=%.1f\"x%.1f\" pa %.0f, freq=%.4g Hz, centre=(%.4f, %.4f))"
-                % (self.path.name, self.data.shape, self.beam[0] * 3600, self.beam[1] * 3600,
-                   self.beam[2], self.frequency, self.ra, self.dec))
+        return ("ImageInfo(%s, %s, shape=%s, beam=%.1f\"x%.1f\" pa %.0f, freq=%.4g Hz, centre=(%.4f, %.4f))"
+                % (self.path.name if self.path else None, self.plane, self.data.shape, self.beam[0] * 3600,
+                   self.beam[1] * 3600, self.beam[2], self.frequency, self.ra, self.dec))
 
 
-def _image_frequency(header, fallback):
-    if header.get("RESTFRQ"):
-        return float(header["RESTFRQ"])
-    for axis in range(3, 5):
-        if str(header.get("CTYPE%d" % axis, "")).upper().startswith("FREQ"):
-            return float(header["CRVAL%d" % axis])
-    if header.get("CRVAL3"):
-        return float(header["CRVAL3"])
-    if fallback:
-        return float(fallback)
-    raise InputError("the image header has no RESTFRQ or frequency axis (CRVAL3); give the image "
-                     "frequency in Hz with [ANALYSIS] frequency = 887.5e6 or --frequency")
-
-
-def load_image(path, frequency=None, boundary_value="nan"):
-    """Read a (2-D or degenerate 3-/4-D) FITS image with its beam and frequency.
-
-    Raises
-    ------
-    InputError
-        When the file is missing or not an image, the header has no BMAJ/BMIN, or no
-        frequency can be found and none is given.
-    """
+def _open_fits(path):
     from astropy.io import fits
-    from astropy.wcs import WCS
     path = Path(path)
     if not path.is_file():
         raise InputError("image %s does not exist" % path)
     try:
-        with fits.open(path, memmap=False) as hdul:
-            header = hdul[0].header.copy()
-            data = hdul[0].data
-    except OSError as exc:
+        return fits.open(path, memmap=True)
+    except (OSError, ValueError) as exc:
         raise InputError("%s is not a readable FITS file: %s" % (path, exc)) from None
-    if data is None or data.ndim < 2:
-        raise InputError("%s has no 2-D image in its primary HDU" % path)
-    data = np.asarray(data, dtype=np.float32).reshape(data.shape[-2:]) if data.ndim > 2 \
-        else np.asarray(data, dtype=np.float32)
-    if "BMAJ" not in header or "BMIN" not in header:
-        raise InputError("%s has no beam: the header lacks BMAJ/BMIN (deg). Add them, e.g. "
-                         "astropy.io.fits.setval(%r, 'BMAJ', value=15/3600) and the same for "
-                         "BMIN and BPA" % (path, str(path)))
-    beam = (float(header["BMAJ"]), float(header["BMIN"]), float(header.get("BPA", 0.0)))
-    wcs = WCS(header).celestial
+
+
+def _image_hdu(hdul, path):
+    """Index of the first HDU holding an image of two or more axes."""
+    for k, hdu in enumerate(hdul):
+        if hdu.is_image and hdu.header.get("NAXIS", 0) >= 2:
+            return k
+    raise InputError("%s holds no image of 2 or more axes (NAXIS >= 2) in any HDU" % path)
+
+
+def _quiet_wcs(header):
+    import warnings
+    from astropy.wcs import WCS, FITSFixedWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header)
+
+
+def _axis_values(header, axis):
+    """World values (CRVAL + (i + 1 - CRPIX) CDELT) of every pixel of FITS axis ``axis``."""
+    n = int(header.get("NAXIS%d" % axis, 1))     # 1: a 2-D file that kept a third axis' keywords
+    crval, crpix = float(header.get("CRVAL%d" % axis, 0.0)), float(header.get("CRPIX%d" % axis, 1.0))
+    cdelt = float(header.get("CDELT%d" % axis, 1.0))
+    return crval + (np.arange(n) + 1.0 - crpix) * cdelt
+
+
+def image_layout(header, path="image", channel=None, stokes="I"):
+    """Which plane of a FITS image to analyse.
+
+    Parameters
+    ----------
+    header : astropy.io.fits.Header
+        Header of the image HDU (NAXIS >= 2; RA/Dec must be FITS axes 1 and 2).
+    path : str
+        File name for messages.
+    channel : str or None
+        ``None`` for an image whose frequency axis has one plane, a channel number
+        ('3', 0-based) or 'mfs' for a cube.
+    stokes : {'I', 'Q', 'U', 'V'}
+        Plane of a Stokes axis with several planes.
+
+    Returns
+    -------
+    dict
+        ``index`` (numpy index of the plane, with ``None`` at the frequency axis for
+        'mfs'), ``freq_axis`` (FITS axis number or None), ``nchan``, ``channel`` (int,
+        'mfs' or None), ``stokes_index`` and a ``label`` such as 'channel 3 of 36'.
+
+    Raises
+    ------
+    InputError
+        Celestial axes not first, a non-degenerate axis other than FREQ/STOKES, a cube
+        without a ``channel`` choice (the message lists the channels), a channel out of
+        range, or a Stokes plane that the image does not have.
+    """
+    naxis = int(header["NAXIS"])
+    wcs = _quiet_wcs(header)
+    lng, lat = wcs.wcs.lng, wcs.wcs.lat
+    if lng < 0 or lat < 0:
+        raise InputError("%s has no celestial WCS (CTYPE1/CTYPE2 such as RA---SIN/DEC--SIN); give a "
+                         "sky image" % path)
+    if sorted((lng, lat)) != [0, 1]:
+        raise InputError("%s has its celestial axes at FITS axes %d and %d; racs_pipeline needs RA and "
+                         "Dec as axes 1 and 2 (as ASKAP, WSClean and CASA write images); reorder the "
+                         "axes first (e.g. CASA imtrans)" % (path, lng + 1, lat + 1))
+    index = [0] * naxis                     # FITS axis order; reversed for numpy at the end
+    index[0] = index[1] = slice(None)
+    out = {"freq_axis": None, "nchan": 1, "channel": None, "stokes_index": 0, "label": "2-D"}
+    labels = []
+    for axis in range(3, naxis + 1):
+        n = int(header["NAXIS%d" % axis])
+        ctype = str(header.get("CTYPE%d" % axis, "")).strip().upper()
+        if ctype.startswith("FREQ"):
+            out["freq_axis"], out["nchan"] = axis, n
+        if n == 1:
+            continue
+        if ctype == "STOKES":
+            codes = np.rint(_axis_values(header, axis)).astype(int)
+            want = _STOKES_CODES[stokes.upper()]
+            if want not in codes:
+                raise InputError("%s has no Stokes %s plane (its STOKES axis holds %s); choose one with "
+                                 "--stokes" % (path, stokes, ", ".join(
+                                     {v: k for k, v in _STOKES_CODES.items()}.get(c, str(c)) for c in codes)))
+            out["stokes_index"] = index[axis - 1] = int(np.flatnonzero(codes == want)[0])
+            labels.append("Stokes %s" % stokes.upper())
+        elif ctype.startswith("FREQ"):
+            index[axis - 1] = _channel_index(header, axis, n, channel, path)
+            out["channel"] = "mfs" if index[axis - 1] is None else index[axis - 1]
+            labels.insert(0, "MFS of %d channels" % n if index[axis - 1] is None
+                          else "channel %d of %d" % (index[axis - 1], n))
+        else:
+            raise InputError("%s: axis %d (%s) has %d planes; only a FREQ axis (choose with --channel) "
+                             "and a STOKES axis (--stokes) may have more than one" % (path, axis, ctype or "?", n))
+    if channel is not None and out["channel"] is None:
+        log.info("%s has a single frequency plane; channel = %s ignored", path, channel)
+    out["index"] = tuple(reversed(index))
+    out["label"] = ", ".join(labels) if labels else ("2-D" if naxis == 2 else "%d-D, degenerate axes squeezed" % naxis)
+    return out
+
+
+def _channel_index(header, axis, n, channel, path):
+    """0-based channel of a cube (None = MFS); a clear error when none or a wrong one is chosen."""
+    freqs = _axis_values(header, axis)
+    span = "%.1f-%.1f MHz" % (freqs.min() / 1e6, freqs.max() / 1e6)
+    if channel is None:
+        raise InputError("%s is a cube of %d channels (%s); choose the plane to search with --channel N "
+                         "(0-%d) or --channel mfs (weighted mean of the good channels at their common "
+                         "beam), or [ANALYSIS] channel = ..." % (path, n, span, n - 1))
+    if str(channel).lower() == "mfs":
+        return None
+    k = int(channel)
+    if not 0 <= k < n:
+        raise InputError("%s: channel %d does not exist; the cube has channels 0-%d (%s)" % (path, k, n - 1, span))
+    return k
+
+
+def read_beam_table(hdul):
+    """Per-channel restoring beams of a cube (CASA/WSClean ``BEAMS`` binary table).
+
+    Returns
+    -------
+    dict or None
+        ``bmaj``, ``bmin`` (deg), ``bpa`` (deg), ``chan``, ``pol`` arrays (one row per
+        table row) and ``valid`` (false where an axis is blank: NaN, 0, or WSClean's
+        1.18e-38 marker); None when the file has no beam table.
+    """
+    import astropy.units as u
+    from astropy.io import fits
+    for hdu in hdul[1:]:
+        if not isinstance(hdu, fits.BinTableHDU):
+            continue
+        names = {name.upper(): name for name in hdu.columns.names}
+        if not {"BMAJ", "BMIN"} <= set(names):
+            continue
+        table = {}
+        for key, default in (("BMAJ", "arcsec"), ("BMIN", "arcsec"), ("BPA", "deg")):
+            if key not in names:
+                table[key.lower()] = np.zeros(len(hdu.data))
+                continue
+            unit = u.Unit(hdu.columns[names[key]].unit or default)
+            table[key.lower()] = (np.asarray(hdu.data[names[key]], float) * unit).to_value(u.deg)
+        n = len(hdu.data)
+        table["chan"] = np.asarray(hdu.data[names["CHAN"]], int) if "CHAN" in names else np.arange(n)
+        table["pol"] = np.asarray(hdu.data[names["POL"]], int) if "POL" in names else np.zeros(n, int)
+        blank = _BLANK_BEAM_ARCSEC / 3600.0
+        table["valid"] = (np.isfinite(table["bmaj"]) & np.isfinite(table["bmin"]) & (table["bmaj"] > blank)
+                          & (table["bmin"] > blank))
+        return table
+    return None
+
+
+def _header_beam(header):
+    """(bmaj, bmin, bpa) in deg from BMAJ/BMIN/BPA or AIPS history (radio-beam); None if absent."""
+    if "BMAJ" in header and "BMIN" in header:
+        beam = (float(header["BMAJ"]), float(header["BMIN"]), float(header.get("BPA", 0.0)))
+        return beam if beam[0] > 0 and beam[1] > 0 else None
+    try:
+        from radio_beam import Beam
+        found = Beam.from_fits_header(header)
+    except Exception:  # noqa: BLE001 - radio-beam raises several kinds when there is no beam
+        return None
+    return (found.major.to_value("deg"), found.minor.to_value("deg"), found.pa.to_value("deg"))
+
+
+def _plane_beam(header, table, layout, option, path):
+    """Beam of the chosen plane: beam table row, else header, else the ``beam`` option."""
+    given = None
+    if option:
+        given = (option[0] / 3600.0, option[1] / 3600.0, float(option[2]) if len(option) > 2 else 0.0)
+    found, where = None, None
+    if table is not None and isinstance(layout["channel"], int):
+        rows = np.flatnonzero((table["chan"] == layout["channel"]) & (table["pol"] == layout["stokes_index"]))
+        if not len(rows):
+            rows = np.flatnonzero(table["chan"] == layout["channel"])
+        if len(rows):
+            if not table["valid"][rows[0]]:
+                raise InputError("%s: channel %d has no valid beam in its beam table (a flagged channel); "
+                                 "choose another channel or --channel mfs" % (path, layout["channel"]))
+            found = tuple(float(table[k][rows[0]]) for k in ("bmaj", "bmin", "bpa"))
+            where = "beam table"
+    if found is None:
+        found, where = _header_beam(header), "header"
+    if found is None:
+        if given is None:
+            raise InputError("%s has no beam: the header lacks BMAJ/BMIN (deg) and there is no beam table. "
+                             "Give it with [ANALYSIS] beam = BMAJ, BMIN, BPA (arcsec, arcsec, deg) or "
+                             "--beam 15,12,0" % path)
+        return given, "beam option"
+    if given is not None and not np.allclose(given[:2], found[:2], rtol=1e-3):
+        _data_warning("%s: beam = %.2f\", %.2f\" given, but the %s has %.2f\" x %.2f\"; using the %s"
+                      % (path, given[0] * 3600, given[1] * 3600, where, found[0] * 3600, found[1] * 3600, where))
+    return found, where
+
+
+def _header_frequency(header, layout):
+    """Frequency (Hz) of the plane from the header: FREQ axis, then RESTFRQ/RESTFREQ."""
+    axis = layout["freq_axis"]
+    if axis is None and str(header.get("CTYPE3", "")).upper().startswith("FREQ") and "CRVAL3" in header:
+        axis = 3                      # a 2-D file that kept its FREQ keywords (e.g. BANE output)
+    if axis is not None:
+        import astropy.units as u
+        values = _axis_values(header, axis) * u.Unit(str(header.get("CUNIT%d" % axis, "Hz")).strip() or "Hz")
+        channel = layout["channel"] if isinstance(layout["channel"], int) else 0
+        return float(values[min(channel, len(values) - 1)].to_value(u.Hz)), "FREQ axis"
+    for key in ("RESTFRQ", "RESTFREQ"):
+        if header.get(key):
+            return float(header[key]), key
+    return None, None
+
+
+def _plane_frequency(header, layout, option, force, path):
+    found, where = _header_frequency(header, layout)
+    if found is None:
+        if option:
+            return float(option), "frequency option"
+        raise InputError("%s: the header has no frequency (no FREQ axis, RESTFRQ or RESTFREQ); give the "
+                         "image frequency in Hz with [ANALYSIS] frequency = 887.5e6 or --frequency" % path)
+    if option and not math.isclose(float(option), found, rel_tol=1e-9):
+        if force:
+            log.info("%s: using frequency = %.6g Hz (--force) instead of the header's %.6g Hz (%s)",
+                     path, option, found, where)
+            return float(option), "frequency option (forced)"
+        _data_warning("%s: frequency = %.6g Hz was given but the header says %.6g Hz (%s); using the "
+                      "header (add --force to use the given value)" % (path, option, found, where))
+    return found, where
+
+
+def load_image(path, frequency=None, boundary_value="nan", channel=None, stokes="I", beam=None,
+               force_frequency=False, need_frequency=True):
+    """Read one 2-D plane of a FITS image (2-D, 3-D or 4-D) with its beam and frequency.
+
+    Degenerate axes are squeezed; a cube needs ``channel`` (a number, or 'mfs'); a
+    Stokes axis with several planes gives the ``stokes`` plane.
+
+    Parameters
+    ----------
+    path : path
+        FITS image; RA/Dec must be FITS axes 1 and 2 (any projection; negative CRVAL1
+        is fine).
+    frequency : float, optional
+        Hz; used when the header has none (FREQ axis value, then RESTFRQ/RESTFREQ), or
+        instead of the header's with ``force_frequency``.
+    boundary_value : {'nan', 'zero'}
+        'zero': pixels equal to 0 are blank (converted to NaN).
+    channel : str or int, optional
+    stokes : {'I', 'Q', 'U', 'V'}
+    beam : sequence, optional
+        (bmaj, bmin[, bpa]) in arcsec, arcsec, deg, used when there is no beam table
+        and no BMAJ/BMIN in the header.
+    need_frequency : bool
+        False: a plane without a frequency gets NaN instead of an error (for internal
+        reads of derived maps, where the frequency is not used).
+
+    Returns
+    -------
+    ImageInfo
+
+    Raises
+    ------
+    InputError
+        Missing/unreadable file, an axis layout it cannot use, a cube without a channel
+        choice, no beam, no frequency.
+    """
+    path = Path(path)
+    with _open_fits(path) as hdul:
+        k = _image_hdu(hdul, path)
+        header = hdul[k].header.copy()
+        layout = image_layout(header, path, None if channel is None else str(channel), stokes)
+        table = read_beam_table(hdul)
+        if layout["channel"] == "mfs":
+            data, plane_beam, freq, layout["label"] = _mfs_plane(hdul[k], header, layout, table, beam, path)
+            where_beam, where_freq = "MFS common beam", "MFS weighted mean"
+        else:
+            data = np.asarray(hdul[k].section[layout["index"]], dtype=np.float32)
+            plane_beam, where_beam = _plane_beam(header, table, layout, beam, path)
+            if need_frequency:
+                freq, where_freq = _plane_frequency(header, layout, frequency, force_frequency, path)
+            else:
+                freq, where_freq = _header_frequency(header, layout)
+                freq = float("nan") if freq is None else freq
+    info = _image_info(path, data, header, plane_beam, freq, boundary_value)
+    info.plane = layout["label"]
+    info.needs_plane_file = (int(header["NAXIS"]) != 2 or where_beam not in ("header",)
+                             or where_freq not in ("RESTFRQ", "RESTFREQ", "FREQ axis") or boundary_value == "zero"
+                             or k != 0)
+    log.debug("%s: %s; beam from %s, frequency from %s", path.name, info.plane, where_beam, where_freq)
+    return info
+
+
+def _image_info(path, data, header, beam, frequency, boundary_value):
+    from astropy.wcs.utils import proj_plane_pixel_scales
+    wcs = _quiet_wcs(header).celestial
     ny, nx = data.shape
     centre = wcs.all_pix2world([[(nx - 1) / 2.0, (ny - 1) / 2.0]], 0)[0]
-    from astropy.wcs.utils import proj_plane_pixel_scales
     scale = float(np.mean(np.abs(proj_plane_pixel_scales(wcs))))   # deg/pixel (CUNIT deg)
-    info = ImageInfo(path, data, header, wcs, beam, _image_frequency(header, frequency),
-                     float(centre[0]) % 360.0, float(centre[1]), 0.5 * math.hypot(nx, ny) * scale,
-                     scale, boundary_value)
     if boundary_value == "zero":
-        info.data = np.where(info.data == 0, np.nan, info.data).astype(np.float32)
+        data = np.where(data == 0, np.nan, data).astype(np.float32)
+    info = ImageInfo(path, data, plane_header(header, beam, frequency), wcs, tuple(beam), float(frequency),
+                     float(centre[0]) % 360.0, float(centre[1]), 0.5 * math.hypot(nx, ny) * scale, scale,
+                     boundary_value, source_path=path, date_obs=_date_obs(header))
     info.rms = robust_rms(info.data)
     return info
+
+
+def _date_obs(header):
+    if header.get("DATE-OBS"):
+        return str(header["DATE-OBS"]).strip()
+    if header.get("MJD-OBS"):
+        from astropy.time import Time
+        return Time(float(header["MJD-OBS"]), format="mjd").isot
+    return ""
+
+
+def plane_header(header, beam, frequency):
+    """2-D header of an analysis plane: celestial WCS, beam (deg) and frequency (RESTFRQ, Hz).
+
+    The observing frequency goes into RESTFRQ, as the original pipeline's convolved
+    images carried it, so that Aegean, PyBDSF and this tool read the plane alone.
+    """
+    new = _quiet_wcs(header).celestial.to_header()
+    for key in ("BUNIT", "TELESCOP", "OBJECT", "DATE-OBS", "BTYPE"):
+        if key in header:
+            new[key] = header[key]
+    new["BMAJ"], new["BMIN"], new["BPA"] = float(beam[0]), float(beam[1]), float(beam[2])
+    if np.isfinite(frequency):
+        new["RESTFRQ"] = (float(frequency), "observing frequency of this plane (Hz)")
+    return new
+
+
+def _mfs_plane(hdu, header, layout, table, beam_option, path):
+    """Inverse-variance weighted mean of the good channels of a cube at their common beam.
+
+    Channels are left out when their beam is blank (flagged), when beam x frequency
+    deviates by more than ``MFS_BEAM_TOLERANCE`` from the median (a bad PSF fit; beams
+    scale as 1/frequency), when they are blank or constant, or when their rms exceeds
+    ``MFS_RMS_LIMIT`` x the median.  Each kept channel is convolved to the common beam
+    (radio-beam ``Beams.common_beam``), rescaled to Jy/common beam and weighted by
+    1/rms^2 of the convolved plane; the frequency is the same weighted mean.
+    """
+    import astropy.units as u
+    from radio_beam import Beam, Beams
+    nchan, axis = layout["nchan"], layout["freq_axis"]
+    numpy_axis = int(header["NAXIS"]) - axis
+    freqs = _axis_values(header, axis) * u.Unit(str(header.get("CUNIT%d" % axis, "Hz")).strip() or "Hz")
+    freqs = freqs.to_value(u.Hz)
+
+    def read(c):
+        index = list(layout["index"])
+        index[numpy_axis] = c
+        return np.asarray(hdu.section[tuple(index)], dtype=np.float64)
+
+    beams = np.zeros((nchan, 3))
+    valid = np.ones(nchan, bool)
+    if table is None:                     # one beam for every channel (header or option)
+        beams[:] = _plane_beam(header, None, layout, beam_option, path)[0]
+    for c in range(nchan if table is not None else 0):
+        try:
+            beams[c] = _plane_beam(header, table, dict(layout, channel=c), None, path)[0]
+        except InputError:
+            valid[c] = False
+    reasons = {c: "blank beam" for c in np.flatnonzero(~valid)}
+    scale = beams[:, :2] * freqs[:, None]
+    if valid.any():
+        deviation = np.abs(scale / np.median(scale[valid], axis=0) - 1.0).max(axis=1)
+        for c in np.flatnonzero(valid & (deviation > MFS_BEAM_TOLERANCE)):
+            reasons[c] = "beam outlier"
+    rms = np.full(nchan, np.nan)
+    for c in range(nchan):
+        if c not in reasons:
+            rms[c] = robust_rms(read(c))
+            if not (np.isfinite(rms[c]) and rms[c] > 0):
+                reasons[c] = "blank or constant"
+    keep = np.array([c not in reasons for c in range(nchan)])
+    if keep.any():
+        for c in np.flatnonzero(keep & (rms > MFS_RMS_LIMIT * np.nanmedian(rms[keep]))):
+            reasons[c] = "noisy"
+    keep = np.array([c not in reasons for c in range(nchan)])
+    if not keep.any():
+        raise InputError("%s: no channel of the cube can enter an MFS plane (%s)" % (path, _channel_reasons(reasons)))
+    kept = Beams(major=beams[keep, 0] * u.deg, minor=beams[keep, 1] * u.deg, pa=beams[keep, 2] * u.deg)
+    try:
+        common = kept.common_beam()
+    except Exception:  # noqa: BLE001 - radio-beam's solver can fail for very different beams
+        common = Beam(major=kept.major.max(), minor=kept.major.max(), pa=0 * u.deg)
+    data, weight = _weighted_mean_at_beam(read, np.flatnonzero(keep), beams, common,
+                                          _pixel_scale_deg(header) * u.deg)
+    freq = float(np.sum(weight * freqs[np.flatnonzero(keep)]) / np.sum(weight))
+    label = "MFS of %d of %d channels" % (keep.sum(), nchan)
+    if reasons:
+        label += " (left out: %s)" % _channel_reasons(reasons)
+    log.info("%s: %s; common beam %.2f\" x %.2f\" pa %.1f, %.4g Hz", path.name, label,
+             common.major.to_value(u.arcsec), common.minor.to_value(u.arcsec), common.pa.to_value(u.deg), freq)
+    return data, (common.major.to_value(u.deg), common.minor.to_value(u.deg), common.pa.to_value(u.deg)), freq, label
+
+
+def _channel_reasons(reasons):
+    by_reason = {}
+    for c, why in sorted(reasons.items()):
+        by_reason.setdefault(why, []).append(str(c))
+    return "; ".join("%s %s" % (why, ",".join(chans)) for why, chans in by_reason.items())
+
+
+def _pixel_scale_deg(header):
+    from astropy.wcs.utils import proj_plane_pixel_scales
+    return float(np.mean(np.abs(proj_plane_pixel_scales(_quiet_wcs(header).celestial))))
+
+
+def _weighted_mean_at_beam(read, channels, beams, common, pixel_scale):
+    """Sum of the channels convolved to ``common``, weighted by 1/rms^2; returns (plane, weights)."""
+    import astropy.units as u
+    from astropy.convolution import convolve_fft
+    from radio_beam import Beam
+    total = weights = None
+    used = []
+    for c in channels:
+        plane = read(c)
+        beam = Beam(major=beams[c, 0] * u.deg, minor=beams[c, 1] * u.deg, pa=beams[c, 2] * u.deg)
+        try:
+            kernel = common.deconvolve(beam).as_kernel(pixel_scale)
+        except Exception:  # noqa: BLE001 - radio-beam BeamError: this channel has the common beam
+            kernel = None
+        if kernel is not None:
+            plane = convolve_fft(plane, kernel, normalize_kernel=True, nan_treatment="fill",
+                                 preserve_nan=True, allow_huge=True)
+            plane *= float(common.sr / beam.sr)
+        w = 1.0 / robust_rms(plane) ** 2
+        finite = np.isfinite(plane)
+        if total is None:
+            total, weights = np.zeros(plane.shape), np.zeros(plane.shape)
+        total[finite] += w * plane[finite]
+        weights[finite] += w
+        used.append(w)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(weights > 0, total / weights, np.nan)
+    return mean.astype(np.float32), np.asarray(used)
 
 
 def write_fits_2d(path, data, header):
     """Write a 2-D image with the celestial part of ``header`` (plus beam and frequency)."""
     from astropy.io import fits
-    from astropy.wcs import WCS
-    new = WCS(header).celestial.to_header()
-    for key in ("BMAJ", "BMIN", "BPA", "BUNIT", "RESTFRQ", "TELESCOP", "OBJECT"):
+    new = _quiet_wcs(header).celestial.to_header()
+    for key in ("BMAJ", "BMIN", "BPA", "BUNIT", "RESTFRQ", "TELESCOP", "OBJECT", "DATE-OBS"):
         if key in header:
             new[key] = header[key]
     path = Path(path)
@@ -1137,25 +1608,73 @@ def write_fits_2d(path, data, header):
     return path
 
 
-def weight_crop(image_path, weight_path, value, out_path):
+def _read_2d(path, like_shape, what, channel=None, like_wcs=None):
+    """A 2-D auxiliary map (weights, rms, background): degenerate axes squeezed; a cube of
+    maps gives ``channel`` (or the mean over its planes for MFS).  With ``like_wcs`` the
+    map's celestial WCS must put its pixels where the image's are (within 0.1 pixel)."""
+    with _open_fits(path) as hdul:
+        hdu = hdul[_image_hdu(hdul, path)]
+        header, data = hdu.header, np.squeeze(np.asarray(hdu.data, dtype=np.float32))
+    if data.ndim == 3:
+        data = data[int(channel)] if isinstance(channel, int) and channel < len(data) else np.nanmean(data, axis=0)
+    if data.shape != tuple(like_shape):
+        raise InputError("%s %s has shape %s but the image plane has %s; give the %s of this image (same "
+                         "pixel grid)" % (what, path, data.shape, tuple(like_shape), what))
+    wcs = _quiet_wcs(header)
+    if like_wcs is not None and wcs.has_celestial:
+        ny, nx = data.shape
+        probe = np.array([[0.0, 0.0], [nx - 1.0, ny - 1.0], [(nx - 1) / 2.0, 0.0]])
+        mine, theirs = wcs.celestial.all_pix2world(probe, 0), like_wcs.all_pix2world(probe, 0)
+        offset = _arcsec_from_chord(np.linalg.norm(_unit_vectors(*mine.T) - _unit_vectors(*theirs.T), axis=1))
+        pixel = _pixel_scale_deg(header) * 3600.0
+        if np.nanmax(offset) > 0.1 * pixel:
+            raise InputError("%s %s has the image's shape but not its sky grid (pixels %.1f\" off); give "
+                             "the %s made from this image" % (what, path, np.nanmax(offset), what))
+    return data
+
+
+def weight_crop(image_path, weight_path, value, out_path, channel=None):
     """Blank (NaN) the pixels whose weight is <= ``value`` x max(weight).
 
     Output ``<image>.weightcrop_<value>.fits`` (original ``weight_crop``); the weight image
-    must have the image's pixel grid.
+    must have the image's pixel grid (degenerate axes are squeezed).
     """
     from astropy.io import fits
-    with fits.open(image_path) as hdul:
-        header, data = hdul[0].header.copy(), np.asarray(hdul[0].data, dtype=np.float32)
     weight_path = Path(weight_path)
     if not weight_path.is_file():
         raise InputError("weight image %s does not exist (set [ANALYSIS] weight_crop_image)" % weight_path)
-    weights = np.squeeze(fits.getdata(weight_path)).astype(np.float32)
-    image2d = data.reshape(data.shape[-2:])
-    if weights.shape != image2d.shape:
-        raise InputError("weight image %s has shape %s but the image has %s; give the weight "
-                         "image of this mosaic" % (weight_path, weights.shape, image2d.shape))
+    with fits.open(image_path) as hdul:
+        header = hdul[0].header.copy()
+        image2d = np.squeeze(np.asarray(hdul[0].data, dtype=np.float32))
+    if image2d.ndim != 2:
+        raise InputError("weight_crop needs a 2-D image plane; %s has shape %s" % (image_path, image2d.shape))
+    weights = _read_2d(weight_path, image2d.shape, "weight image", channel)
     cropped = np.where(weights <= value * np.nanmax(weights), np.nan, image2d)
     return write_fits_2d(out_path, cropped, header)
+
+
+def check_convolvable(current, target, what):
+    """Raise InputError when ``current`` beam cannot be convolved to ``target``.
+
+    Both are (bmaj, bmin, bpa) in arcsec, arcsec, deg.  Returns False when the beams
+    are already equal (nothing to do), True otherwise.
+    """
+    import astropy.units as u
+    from radio_beam import Beam
+    cur = Beam(current[0] * u.arcsec, current[1] * u.arcsec, current[2] * u.deg)
+    tgt = Beam(target[0] * u.arcsec, target[1] * u.arcsec, target[2] * u.deg)
+    if np.allclose(current[:2], target[:2], rtol=1e-4) and (abs(current[0] - current[1]) < 1e-6 * current[0]
+                                                           or abs((current[2] - target[2] + 90) % 180 - 90) < 0.01):
+        return False
+    try:
+        tgt.deconvolve(cur)
+    except Exception:  # noqa: BLE001 - radio-beam BeamError: the target is not larger everywhere
+        raise InputError("cannot convolve %s to the %.1f\" x %.1f\" (pa %.0f deg) beam: its own beam "
+                         "%.1f\" x %.1f\" (pa %.0f deg) is larger in at least one direction. Crossmatch "
+                         "at the image's resolution (convolve = false), or give an image convolved "
+                         "elsewhere with convolved_image = FILE" % (what, target[0], target[1], target[2],
+                                                                    current[0], current[1], current[2])) from None
+    return True
 
 
 def convolve_to_beam(image_path, target_beam, out_path, method="auto"):
@@ -1164,33 +1683,50 @@ def convolve_to_beam(image_path, target_beam, out_path, method="auto"):
     ``method='casa'`` runs CASA ``imsmooth(targetres=True)``; ``'astropy'`` convolves
     with the radio-beam deconvolved kernel and rescales Jy/beam by the beam-area ratio;
     ``'auto'`` uses CASA when casatasks is installed.  RESTFRQ is kept.
+
+    Raises
+    ------
+    InputError
+        When the image beam is already larger than the target in some direction.
     """
+    from astropy.io import fits
+    header = fits.getheader(image_path)
+    current = _header_beam(header)
+    if current is None:
+        raise InputError("cannot convolve %s: its header has no beam (BMAJ/BMIN)" % image_path)
+    current_arcsec = (current[0] * 3600.0, current[1] * 3600.0, current[2])
+    if not check_convolvable(current_arcsec, target_beam, Path(image_path).name):
+        log.info("%s has the target beam already; copied unchanged", Path(image_path).name)
+        info = load_image(image_path, need_frequency=False)
+        return write_fits_2d(out_path, info.data, info.header)
     if method in ("auto", "casa"):
         try:
-            import casatasks  # noqa: F401
+            casatasks = import_casa()
         except ImportError:
             if method == "casa":
                 raise InputError("convolve_method = casa but casatasks is not installed; use "
                                  "convolve_method = astropy") from None
         else:
-            return _convolve_casa(image_path, target_beam, out_path)
+            return _convolve_casa(casatasks, image_path, target_beam, out_path)
     return _convolve_astropy(image_path, target_beam, out_path)
 
 
-def _convolve_casa(image_path, target_beam, out_path):
+def _convolve_casa(casatasks, image_path, target_beam, out_path):
     import shutil
-    from casatasks import exportfits, imsmooth
     work = Path(out_path).with_suffix(".casaimage")
     shutil.rmtree(work, ignore_errors=True)
-    imsmooth(imagename=str(image_path), kernel="gauss", targetres=True,
-             major="%.3farcsec" % target_beam[0], minor="%.3farcsec" % target_beam[1],
-             pa="%.3fdeg" % target_beam[2], outfile=str(work), overwrite=True)
-    exportfits(imagename=str(work), fitsimage=str(out_path), overwrite=True, dropdeg=True)
+    casatasks.imsmooth(imagename=str(image_path), kernel="gauss", targetres=True,
+                       major="%.3farcsec" % target_beam[0], minor="%.3farcsec" % target_beam[1],
+                       pa="%.3fdeg" % target_beam[2], outfile=str(work), overwrite=True)
+    if not work.exists():
+        raise ToolError("CASA imsmooth did not write %s (see the CASA log)" % work)
+    with atomic_path(out_path, overwrite=True, suffix=".part.fits") as tmp:
+        casatasks.exportfits(imagename=str(work), fitsimage=str(tmp), overwrite=True, dropdeg=True)
+        from astropy.io import fits
+        restfrq = fits.getheader(image_path).get("RESTFRQ")
+        if restfrq:
+            fits.setval(tmp, "RESTFRQ", value=restfrq)
     shutil.rmtree(work, ignore_errors=True)
-    from astropy.io import fits
-    restfrq = fits.getheader(image_path).get("RESTFRQ")
-    if restfrq:
-        fits.setval(out_path, "RESTFRQ", value=restfrq)
     return Path(out_path)
 
 
@@ -1198,15 +1734,10 @@ def _convolve_astropy(image_path, target_beam, out_path):
     import astropy.units as u
     from astropy.convolution import convolve_fft
     from radio_beam import Beam
-    info = load_image(image_path, frequency=1.0)
+    info = load_image(image_path, need_frequency=False)
     current = Beam(info.beam[0] * u.deg, info.beam[1] * u.deg, info.beam[2] * u.deg)
     target = Beam(target_beam[0] * u.arcsec, target_beam[1] * u.arcsec, target_beam[2] * u.deg)
-    try:
-        kernel_beam = target.deconvolve(current)
-    except ValueError:
-        raise InputError("cannot convolve %s: its beam %s is larger than the target %s"
-                         % (image_path, current, target)) from None
-    kernel = kernel_beam.as_kernel(info.pixel_scale * u.deg)
+    kernel = target.deconvolve(current).as_kernel(info.pixel_scale * u.deg)
     smoothed = convolve_fft(info.data, kernel, normalize_kernel=True, nan_treatment="fill",
                             preserve_nan=True, allow_huge=True)
     smoothed *= float(target.sr / current.sr)   # Jy/beam: flux per (larger) beam
@@ -1217,9 +1748,62 @@ def _convolve_astropy(image_path, target_beam, out_path):
     return write_fits_2d(out_path, smoothed, header)
 
 
+def import_casa():
+    """Import and return ``casatasks`` configured for offline use, safely.
+
+    casaconfig parses ``sys.argv`` when CASA is first imported and *executes* a file
+    given as ``--configfile`` (which ``--config``, this tool's parset option, abbreviates),
+    so ``sys.argv`` is hidden during the import.  The repository's offline site config
+    is used through ``CASASITECONFIG`` (unless set already); when TensorFlow is loaded
+    already the import uses ``RTLD_DEEPBIND`` (bundled protobuf clash).
+
+    Raises
+    ------
+    ImportError
+        When casatasks is not installed.
+    """
+    here = globals().get("__file__")
+    siteconfig = Path(here).resolve().parent / "configs" / "casasiteconfig.py" if here else None
+    if siteconfig is not None and siteconfig.is_file():
+        os.environ.setdefault("CASASITECONFIG", str(siteconfig))
+    saved_argv, saved_flags = sys.argv, sys.getdlopenflags()
+    sys.argv = sys.argv[:1]
+    try:
+        if "tensorflow" in sys.modules or "keras" in sys.modules:
+            sys.setdlopenflags(os.RTLD_NOW | os.RTLD_DEEPBIND)
+        import casatasks
+    finally:
+        sys.argv = saved_argv
+        sys.setdlopenflags(saved_flags)
+    return casatasks
+
+
 # ===========================================================================
 # Reference catalogues (SUMSS / NVSS)
 # ===========================================================================
+CATALOGUE_FORMATS_HELP = """\
+Catalogue files
+  --sumss-csv / --nvss-csv: the survey catalogue as Vizier writes it (CSV, TSV, ECSV,
+  VOTable or FITS table; '#' comment lines, a units row and a dashes row are skipped).
+    SUMSS (VIII/81B/sumss212 + VIII/82/mgpscat): _RAJ2000, _DEJ2000 (deg; or RAJ2000
+          'hh mm ss.ss' and DEJ2000 '+dd mm ss.s', ':' also accepted), St, e_St (mJy);
+          optional Sp (mJy), MajAxis, MinAxis (arcsec), PA (deg), Mosaic.
+    NVSS  (VIII/65/nvss): _RAJ2000, _DEJ2000 (or RAJ2000, DEJ2000 as above), S1.4, e_S1.4
+          (mJy); optional MajAxis, MinAxis (arcsec), PA (deg; blank = 0).
+    Columns with units (ECSV, VOTable, FITS) are converted from their units; plain CSV
+    columns are taken to be in the units above.  Rows without a position or flux are
+    dropped with a warning that says how many.
+  --askap-csv: Aegean components (ra, dec deg; peak_flux, err_peak_flux, int_flux,
+    err_int_flux, local_rms Jy; a, b arcsec; pa deg; optional island, source, flags,
+    psf_a, psf_b, psf_pa) or, with --askap-csv-format selavy, a Selavy component
+    catalogue (CSV or its fixed-width text; fluxes mJy).  Without an image this is a
+    catalogue-only run (crossmatch, ratios, candidates; no forced photometry); give
+    --frequency and, when the catalogue has no psf_a/psf_b, --beam.
+  Tables written by this tool are ECSV (CSV with a '# %ECSV' header carrying units;
+  pandas: read_csv(path, comment='#')), FITS and VOTable.
+"""
+
+
 def _resolve_local_catalogue(survey, local):
     path = Path(local)
     if path.is_dir():
@@ -1230,12 +1814,63 @@ def _resolve_local_catalogue(survey, local):
     return path
 
 
+def read_table_file(path, what="catalogue"):
+    """Read a table file into a DataFrame and a ``{column: unit}`` dict.
+
+    ECSV (also a ``.csv`` starting with ``# %ECSV``), VOTable and FITS tables keep their
+    units; CSV/TSV (separator sniffed) have none.  A units row and a row of dashes
+    right after the header (Vizier's ASCII output) are skipped.
+    """
+    import pandas as pd
+    path = Path(path)
+    try:
+        with path.open("rb") as stream:
+            start = stream.read(64)
+        suffix = path.suffix.lower()
+        if suffix in (".fits", ".fit", ".vot", ".xml", ".ecsv") or start.startswith(b"# %ECSV") \
+                or start.startswith(b"SIMPLE") or b"<?xml" in start:
+            from astropy.table import Table
+            table = Table.read(path, format="ascii.ecsv" if start.startswith(b"# %ECSV") else None)
+            units = {name: str(table[name].unit) for name in table.colnames if table[name].unit is not None}
+            for name in table.colnames:
+                if table[name].dtype.kind == "S":
+                    table[name] = table[name].astype(str)
+            return table.to_pandas(), units
+        raw = pd.read_csv(path, comment="#", sep=_delimiter(path), engine="python", skipinitialspace=True)
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise InputError("cannot read %s %s: %s" % (what, path, exc)) from None
+    raw.columns = [str(c).strip() for c in raw.columns]
+    skip = 0
+    for k in range(min(2, len(raw))):          # Vizier ASCII: units row, then dashes row
+        row = raw.iloc[k].astype(str).str.strip()
+        if row.str.fullmatch(r"-+|[A-Za-z\[\]/.0-9\"']*[A-Za-z\[\]\"'][A-Za-z\[\]/.0-9\"']*|").all() and \
+                pd.to_numeric(raw.iloc[k], errors="coerce").isna().all():
+            skip = k + 1
+    return raw.iloc[skip:].reset_index(drop=True), {}
+
+
+def _delimiter(path):
+    """Separator of a text table from its header line: tab, ';', ',' or white space."""
+    with Path(path).open(errors="replace") as stream:
+        for line in stream:
+            if line.strip() and not line.lstrip().startswith("#"):
+                break
+        else:
+            return ","
+    for sep in ("\t", ";", ","):
+        if sep in line:
+            return sep
+    return r"\s+"
+
+
 def read_survey_catalogue(survey, path):
-    """Read a local SUMSS/NVSS catalogue (Vizier column names; fluxes mJy) into pipeline form.
+    """Read a local SUMSS/NVSS catalogue (Vizier column names) into pipeline form.
 
     Required columns: SUMSS ``_RAJ2000, _DEJ2000, St, e_St``; NVSS ``_RAJ2000, _DEJ2000,
-    S1.4, e_S1.4`` (``RAJ2000``/``ra`` are accepted for the positions, in degrees).
-    Optional: ``MajAxis, MinAxis`` (arcsec), ``PA`` (deg), SUMSS ``Sp``, ``Mosaic``.
+    S1.4, e_S1.4`` (``RAJ2000``/``DEJ2000`` in degrees or sexagesimal, and ``ra``/``dec``
+    are accepted for the positions).  Optional: ``MajAxis, MinAxis`` (arcsec), ``PA``
+    (deg), SUMSS ``Sp``, ``Mosaic``.  Fluxes are mJy unless the file says otherwise
+    (ECSV/VOTable/FITS units).  See ``CATALOGUE_FORMATS_HELP``.
 
     Returns
     -------
@@ -1243,21 +1878,54 @@ def read_survey_catalogue(survey, path):
         Columns name, ra, dec, flux, flux_err (Jy), peak_flux (Jy), maj, min (arcsec),
         pa (deg), mosaic, survey.
     """
+    raw, units = read_table_file(path, "%s catalogue" % survey.upper())
+    return normalise_survey_table(survey, raw, str(path), units)
+
+
+def _to_unit(series, unit, target, where, column):
+    """Numeric values of ``series`` converted from ``unit`` (None = already ``target``)."""
+    import astropy.units as u
     import pandas as pd
-    path = Path(path)
+    values = pd.to_numeric(series, errors="coerce").astype(float)
+    if not unit:
+        return values
     try:
-        raw = pd.read_csv(path, comment="#")
-    except (OSError, ValueError) as exc:
-        raise InputError("cannot read %s catalogue %s: %s" % (survey.upper(), path, exc)) from None
-    return normalise_survey_table(survey, raw, str(path))
+        factor = u.Unit(unit).to(target)
+    except (ValueError, u.UnitsError):
+        raise InputError("%s: column %s has unit %r, which cannot be converted to %s"
+                         % (where, column, unit, target)) from None
+    return values * factor
 
 
-def normalise_survey_table(survey, raw, where):
-    """Rename a Vizier-style table (DataFrame) to the pipeline's columns and units."""
+def _sexagesimal(series, hours):
+    """Degrees from 'hh mm ss.s' / '+dd:mm:ss' strings (vectorised); NaN where unparsable."""
     import pandas as pd
+    text = series.astype(str).str.strip().str.replace(r"[hmsd:°'\"]", " ", regex=True)
+    parts = text.str.split(expand=True).reindex(columns=range(3))
+    a, b, c = (pd.to_numeric(parts[k], errors="coerce") for k in range(3))
+    value = a.abs() + b.fillna(0) / 60.0 + c.fillna(0) / 3600.0
+    value = np.where(text.str.startswith("-"), -value, value)
+    return value * (15.0 if hours else 1.0)
+
+
+def _position_column(raw, column, hours, units, where):
+    """A position column in degrees: numeric (unit-converted) or sexagesimal text."""
+    import pandas as pd
+    values = _to_unit(raw[column], units.get(column), "deg", where, column)
+    text = raw[column].dropna().astype(str).str.strip()
+    if len(text) and values.isna().mean() > 0.5 and text.str.contains(r"[\s:]").mean() > 0.5:
+        log.info("%s: column %s is sexagesimal (%s); converted to degrees", where, column,
+                 "hh mm ss" if hours else "dd mm ss")
+        return pd.Series(_sexagesimal(raw[column], hours), index=raw.index)
+    return values
+
+
+def normalise_survey_table(survey, raw, where, units=None):
+    """Rename a Vizier-style table (DataFrame) to the pipeline's columns and units (Jy, deg)."""
+    import pandas as pd
+    units = units or {}
     spec = SURVEYS[survey]
-    columns = {}
-    missing = []
+    columns, missing = {}, []
     for name, column in spec["columns"].items():
         options = (column,) + _ALT_COLUMNS.get(column, ())
         found = next((c for c in options if c in raw.columns), None)
@@ -1266,27 +1934,34 @@ def normalise_survey_table(survey, raw, where):
         columns[name] = found
     if missing:
         raise InputError("%s catalogue %s lacks the column(s) %s; it has %s. A %s catalogue needs "
-                         "%s (positions in deg, fluxes in mJy, as downloaded from Vizier %s)"
+                         "%s (positions in deg or sexagesimal RAJ2000/DEJ2000, fluxes in mJy, as "
+                         "downloaded from Vizier %s; see python racs_pipeline.py process --help)"
                          % (survey.upper(), where, ", ".join(missing), ", ".join(map(str, raw.columns)),
                             survey.upper(), ", ".join(spec["columns"].values()), spec["vizier"][0]))
-    out = pd.DataFrame({"ra": pd.to_numeric(raw[columns["ra"]], errors="coerce"),
-                        "dec": pd.to_numeric(raw[columns["dec"]], errors="coerce")})
-    out["flux"] = pd.to_numeric(raw[columns["flux"]], errors="coerce") / 1e3
-    out["flux_err"] = pd.to_numeric(raw[columns["flux_err"]], errors="coerce") / 1e3
+    out = pd.DataFrame({"ra": _position_column(raw, columns["ra"], True, units, where),
+                        "dec": _position_column(raw, columns["dec"], False, units, where)})
+    out["flux"] = _to_unit(raw[columns["flux"]], units.get(columns["flux"], "mJy"), "Jy", where, columns["flux"])
+    out["flux_err"] = _to_unit(raw[columns["flux_err"]], units.get(columns["flux_err"], "mJy"), "Jy", where,
+                               columns["flux_err"])
     optional = spec["optional"]
-    out["peak_flux"] = (pd.to_numeric(raw[optional["peak_flux"]], errors="coerce") / 1e3
-                        if optional.get("peak_flux") in raw.columns else out["flux"])
-    for name in ("maj", "min", "pa"):
+    peak = optional.get("peak_flux")
+    out["peak_flux"] = (_to_unit(raw[peak], units.get(peak, "mJy"), "Jy", where, peak)
+                        if peak in raw.columns else out["flux"])
+    for name, target in (("maj", "arcsec"), ("min", "arcsec"), ("pa", "deg")):
         column = optional.get(name)
-        out[name] = pd.to_numeric(raw[column], errors="coerce") if column in raw.columns else np.nan
+        out[name] = _to_unit(raw[column], units.get(column), target, where, column) \
+            if column in raw.columns else np.nan
     out["pa"] = out["pa"].fillna(0.0)      # NVSS leaves PA blank for unresolved sources
     mosaic = optional.get("mosaic")
     out["mosaic"] = (raw[mosaic].astype(str).str.strip() if mosaic in raw.columns else "")
     bad = ~(np.isfinite(out["ra"]) & np.isfinite(out["dec"]) & np.isfinite(out["flux"]))
+    if bad.all() and len(out):
+        raise InputError("%s catalogue %s: none of its %d rows has a usable position and flux in the "
+                         "columns %s, %s, %s; see python racs_pipeline.py process --help for the formats"
+                         % (survey.upper(), where, len(out), columns["ra"], columns["dec"], columns["flux"]))
     if bad.any():
-        import warnings
-        warnings.warn("%s catalogue %s: %d rows without position or flux dropped"
-                      % (survey.upper(), where, int(bad.sum())), RacsDataWarning)
+        _data_warning("%s catalogue %s: %d of %d rows without position or flux dropped"
+                      % (survey.upper(), where, int(bad.sum()), len(out)))
         out = out[~bad].reset_index(drop=True)
     out["flux_err"] = out["flux_err"].fillna(0.0)
     out["ra"] = np.mod(out["ra"], 360.0)
@@ -1305,11 +1980,14 @@ def fetch_survey_catalogue(survey, ra, dec, radius, local=None, cache_dir=None, 
     local : path, optional
         Local catalogue file (or directory holding ``<survey>.csv``); no network then.
     cache_dir : path, optional
-        Vizier results are written here as ``<survey>_<ra>_<dec>_<radius>.csv`` and reused.
+        Vizier results are written here as ``<survey>_<ra>_<dec>_<radius>.csv`` (atomic,
+        so parallel jobs can share the directory) and reused.
 
     Raises
     ------
     InputError
+        A local file that is missing or unreadable.
+    CatalogueUnavailableError
         When Vizier cannot be reached (or astroquery is missing) and no local file is
         given; the message says how to supply one.
     """
@@ -1330,21 +2008,21 @@ def fetch_survey_catalogue(survey, ra, dec, radius, local=None, cache_dir=None, 
         from astropy.coordinates import SkyCoord
         from astroquery.vizier import VizierClass
     except ImportError as exc:
-        raise InputError("astroquery is needed to download %s (%s); %s"
-                         % (survey.upper(), exc, how)) from None
+        raise CatalogueUnavailableError("astroquery is needed to download %s (%s); %s"
+                                        % (survey.upper(), exc, how)) from None
     vizier = VizierClass(columns=["_r", "_RAJ2000", "_DEJ2000", "**"], row_limit=-1, timeout=timeout)
     try:
         tables = vizier.query_region(SkyCoord(ra, dec, unit="deg"), radius=radius * u.deg,
                                      catalog=list(SURVEYS[survey]["vizier"]))
     except Exception as exc:  # noqa: BLE001 - any network/HTTP/parse failure means "unreachable"
-        raise InputError("Vizier could not be reached for %s (%s: %s); %s"
-                         % (survey.upper(), type(exc).__name__, exc, how)) from None
+        raise CatalogueUnavailableError("Vizier could not be reached for %s (%s: %s); %s"
+                                        % (survey.upper(), type(exc).__name__, exc, how)) from None
     frames = [t.to_pandas() for t in tables]
     raw = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
         columns=list(SURVEYS[survey]["columns"].values()))
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        raw.to_csv(cached, index=False)
+        with atomic_output(cached, overwrite=True) as stream:
+            raw.to_csv(stream, index=False)
     return normalise_survey_table(survey, raw, "Vizier " + ",".join(SURVEYS[survey]["vizier"]))
 
 
@@ -1362,7 +2040,7 @@ def trim_to_footprint(table, image, margin=0):
 # ===========================================================================
 AEGEAN_COLUMNS = ("island", "source", "local_rms", "ra", "dec", "err_ra", "err_dec", "peak_flux",
                   "err_peak_flux", "int_flux", "err_int_flux", "a", "err_a", "b", "err_b", "pa",
-                  "err_pa", "flags")
+                  "err_pa", "flags", "psf_a", "psf_b", "psf_pa")
 _REQUIRED_AEGEAN = ("ra", "dec", "peak_flux", "err_peak_flux", "int_flux", "err_int_flux",
                     "local_rms", "a", "b", "pa")
 # Selavy component catalogue (mJy, arcsec) -> Aegean-style columns (Jy, arcsec).
@@ -1424,41 +2102,96 @@ def read_aegean_settings(path=None):
 def _components_frame(components):
     import pandas as pd
     from AegeanTools.models import ComponentSource
-    rows = [{name: getattr(c, name) for name in AEGEAN_COLUMNS}
+    rows = [{name: getattr(c, name, np.nan) for name in AEGEAN_COLUMNS}
             for c in components if isinstance(c, ComponentSource)]
-    return pd.DataFrame(rows, columns=list(AEGEAN_COLUMNS))
+    frame = pd.DataFrame(rows, columns=list(AEGEAN_COLUMNS))
+    return frame.astype({c: (int if c in ("island", "source", "flags") else float) for c in AEGEAN_COLUMNS})
 
 
-def _quiet_aegean():
-    """AegeanTools logs every step at INFO through its own handler; keep it to warnings
-    unless this tool runs at DEBUG level."""
+def aegean_numpy_compat():
+    """Make AegeanTools 2.3.5 work with NumPy >= 2 (call before it fits anything).
+
+    ``AegeanTools.fitting.covar_errors`` catches ``np.linalg.linalg.LinAlgError``, a
+    private module path NumPy 2 removed: any failed covariance estimate (a singular or
+    non-finite Jacobian, e.g. an island on a zero-filled region or zero rms) then raises
+    ``AttributeError`` instead of being handled, and the run crashes.  This puts back a
+    ``numpy.linalg.linalg`` namespace holding the public ``LinAlgError`` (nothing else
+    changes; a no-op on NumPy versions that still have it).
+
+    Returns
+    -------
+    bool
+        True when the shim was installed by this call.
+    """
+    import types
+    import numpy.linalg
+    if hasattr(numpy.linalg, "linalg"):
+        return False
+    shim = types.ModuleType("numpy.linalg.linalg", "AegeanTools 2.3.5 compatibility (racs_pipeline)")
+    shim.LinAlgError = numpy.linalg.LinAlgError
+    numpy.linalg.linalg = shim
+    return True
+
+
+def _import_source_finder():
+    """AegeanTools' SourceFinder, made safe and quiet.
+
+    The NumPy shim goes in first; AegeanTools logs every step at INFO through its own
+    handler (kept to warnings here) and, at import, routes all Python warnings into the
+    logging system (``logging.captureWarnings(True)``), which is undone so that warnings
+    stay visible.
+    """
+    aegean_numpy_compat()
+    first = "AegeanTools.source_finder" not in sys.modules
+    from AegeanTools.source_finder import SourceFinder
+    if first:
+        logging.captureWarnings(False)
     logging.getLogger("AegeanTools").setLevel(logging.WARNING)
+    return SourceFinder
 
 
-def find_sources_aegean(image_path, rms_path, bkg_path, settings_path=None):
-    """Run AegeanTools on an image with the given rms/background maps.
+def _positive_only(table, find_negative, what):
+    """Drop negative components unless asked for them (Aegean's API reports them by default)."""
+    if find_negative or not len(table):
+        return table
+    negative = table["peak_flux"].to_numpy(dtype=float) < 0
+    if negative.any():
+        log.info("%s: %d negative component(s) left out (set find_negative = true to keep them)",
+                 what, int(negative.sum()))
+    return table[~negative].reset_index(drop=True)
+
+
+def find_sources_aegean(image_path, rms_path, bkg_path, settings_path=None, find_negative=False):
+    """Run AegeanTools on a 2-D image with the given rms/background maps.
+
+    Only positive components are returned unless ``find_negative`` (or ``negative =
+    true`` in the ``[aegean]`` settings) asks for negative ones too, as the ``aegean``
+    command does.
 
     Returns
     -------
     pandas.DataFrame
-        Aegean component columns (``AEGEAN_COLUMNS``; fluxes Jy, a/b arcsec, pa deg).
+        Aegean component columns (``AEGEAN_COLUMNS``; fluxes Jy, a/b arcsec, pa deg);
+        empty (with the columns) when nothing is detected.
     """
-    from AegeanTools.source_finder import SourceFinder
-    _, kwargs = read_aegean_settings(settings_path)
+    SourceFinder = _import_source_finder()
+    settings, kwargs = read_aegean_settings(settings_path)
     kwargs.setdefault("cores", 1)
+    want_negative = find_negative or parse_bool(settings.get("negative", False))
+    kwargs["nonegative"] = not want_negative
     log.info("Aegean on %s with %s", Path(image_path).name, kwargs)
-    _quiet_aegean()
     finder = SourceFinder()
     components = finder.find_sources_in_image(str(image_path), rmsin=str(rms_path),
                                               bkgin=str(bkg_path), progress=False, **kwargs)
-    return _components_frame(components)
+    return _positive_only(_components_frame(components), want_negative, Path(image_path).name)
 
 
-def find_sources_pybdsf(image_path, frequency, settings_path=None):
+def find_sources_pybdsf(image_path, frequency, settings_path=None, find_negative=False):
     """Run PyBDSF and convert its Gaussian list to Aegean-style columns.
 
     Sizes are FWHM in arcsec and PA in degrees (the original multiplied PA by 3600).
     ``[pybdsf]`` keys of the settings file are passed to ``bdsf.process_image``.
+    Negative Gaussians are dropped unless ``find_negative``.
     """
     import bdsf
     import pandas as pd
@@ -1481,9 +2214,12 @@ def find_sources_pybdsf(image_path, frequency, settings_path=None):
         "a": [g.size_sky[0] * 3600 for g in gaussians], "err_a": [g.size_skyE[0] * 3600 for g in gaussians],
         "b": [g.size_sky[1] * 3600 for g in gaussians], "err_b": [g.size_skyE[1] * 3600 for g in gaussians],
         "pa": [g.size_sky[2] for g in gaussians], "err_pa": [g.size_skyE[2] for g in gaussians],
-    }, columns=[c for c in AEGEAN_COLUMNS if c != "flags"])
+    }, columns=[c for c in AEGEAN_COLUMNS if c not in ("flags", "psf_a", "psf_b", "psf_pa")])
     frame["flags"] = 0
-    return frame
+    beam = getattr(img, "beam", None)
+    if beam is not None and len(beam) >= 3:
+        frame["psf_a"], frame["psf_b"], frame["psf_pa"] = beam[0] * 3600.0, beam[1] * 3600.0, beam[2]
+    return _positive_only(frame, find_negative, Path(image_path).name)
 
 
 def _guess_type(text):
@@ -1539,7 +2275,11 @@ def prepare_askap_catalogue(table, image, opts):
     distance_from_centre (deg), nn_d2d (arcsec), island_size, extended, edge, x, y.
     Keeps only Aegean flag 0 unless ``use_all_fits``.
     """
+    import pandas as pd
     cat = table.copy()
+    for column in AEGEAN_COLUMNS:        # an empty or text-typed table still has numeric columns
+        if column in cat.columns and column not in ("island", "source", "flags"):
+            cat[column] = pd.to_numeric(cat[column], errors="coerce").astype(float)
     if not opts["use_all_fits"]:
         cat = cat[cat["flags"] == 0]
     cat = cat[np.isfinite(cat["ra"]) & np.isfinite(cat["dec"])].reset_index(drop=True)
@@ -1558,7 +2298,7 @@ def prepare_askap_catalogue(table, image, opts):
                                     opts["askap_ext_thresh"])
     x, y = image.world_to_pixel(cat["ra"].to_numpy(), cat["dec"].to_numpy())
     cat["x"], cat["y"] = x, y
-    cat["edge"] = edge_flags(image, x, y, opts["edge_margin"])
+    cat["edge"] = edge_flags(image, x, y, _with_defaults(opts, image, "edge_margin")["edge_margin"])
     return cat
 
 
@@ -1589,7 +2329,7 @@ def prepare_survey_catalogue(cat, survey, image, opts, rms_image):
     x, y = image.world_to_pixel(cat["ra"].to_numpy(), cat["dec"].to_numpy())
     cat["x"], cat["y"] = x, y
     cat["askap_local_rms"] = sample_map(rms_image, x, y)
-    cat["edge"] = edge_flags(image, x, y, opts["edge_margin"])
+    cat["edge"] = edge_flags(image, x, y, _with_defaults(opts, image, "edge_margin")["edge_margin"])
     cat["distance_from_centre"] = _separation_deg(cat["ra"], cat["dec"], image.ra, image.dec)
     return cat
 
@@ -1603,6 +2343,8 @@ def _separation_deg(ra, dec, ra0, dec0):
 def edge_flags(image, x, y, margin):
     """True where a blank or off-image pixel lies within +-``margin`` px (original: 24 px)."""
     from scipy.ndimage import maximum_filter
+    if "beyond_hull" in image.extra:       # catalogue-only run: the true edge is unknown
+        return sample_map(image.extra["beyond_hull"], x, y, fill=1.0) > 0
     key = ("edge_mask", margin)
     if key not in image.extra:
         blank = image.blank_mask().astype(np.uint8)
@@ -1611,49 +2353,102 @@ def edge_flags(image, x, y, margin):
     return sample_map(image.extra[key], x, y, fill=1.0) > 0
 
 
-def forced_photometry(image_path, ra, dec, beam, rms_path, bkg_path):
+_FORCED_COLUMNS = ["peak_flux", "err_peak_flux", "int_flux", "err_int_flux", "local_rms"]
+
+
+def forced_photometry(image_path, ra, dec, beam, rms_path, bkg_path, image=None):
     """Forced (priorized) Aegean fits of point sources at fixed positions.
 
     Each position gets a component with the image's beam shape; AegeanTools'
     ``priorized_fit_islands`` (stage 1: flux only, no flood clipping, no regrouping)
-    fits its flux.
+    fits its flux.  Positions with no data under the beam (blank or zero-filled) are
+    not fitted; when the joint fit raises, the positions are fitted one by one so a
+    single bad fit cannot stop the others.
+
+    Parameters
+    ----------
+    image_path, rms_path, bkg_path : path
+        2-D image plane and its rms and background maps (same grid).
+    ra, dec : array (deg)
+    beam : tuple
+        (bmaj, bmin, bpa) in deg.
+    image : ImageInfo, optional
+        The plane already in memory (saves reading it for the blank-data check).
 
     Returns
     -------
     pandas.DataFrame
         One row per input position, in input order: peak_flux, err_peak_flux, int_flux,
-        err_int_flux, local_rms (Jy); NaN where Aegean returned nothing.
+        err_int_flux, local_rms (Jy) and ``forced_status``: 'ok', 'blank' (no data under
+        the beam), 'no fit' (Aegean returned nothing) or 'failed: <error>'.
     """
     import pandas as pd
-    from AegeanTools.models import ComponentSource
-    from AegeanTools.source_finder import SourceFinder
     n = len(ra)
-    out = pd.DataFrame(np.nan, index=np.arange(n),
-                       columns=["peak_flux", "err_peak_flux", "int_flux", "err_int_flux", "local_rms"])
+    out = pd.DataFrame(np.nan, index=np.arange(n), columns=_FORCED_COLUMNS)
+    out["forced_status"] = "ok"
     if n == 0:
         return out
+    ra, dec = np.asarray(ra, float), np.asarray(dec, float)
+    if image is None:
+        image = load_image(image_path, need_frequency=False)
+    blank = _no_data_under_beam(image, ra, dec)
+    out.loc[blank, "forced_status"] = "blank"
+    todo = np.flatnonzero(~blank)
+    SourceFinder = _import_source_finder()
+    finder = SourceFinder()
+    try:
+        _fit_positions(finder, image_path, rms_path, bkg_path, ra, dec, beam, todo, out)
+    except Exception as exc:  # noqa: BLE001 - any failure inside AegeanTools/lmfit: retry one by one
+        log.warning("forced photometry of %d positions failed as one fit (%s: %s); fitting them one by one",
+                    len(todo), type(exc).__name__, exc)
+        for i in todo:
+            try:
+                _fit_positions(finder, image_path, rms_path, bkg_path, ra, dec, beam, [i], out)
+            except Exception as exc_one:  # noqa: BLE001 - record the failure, keep the others
+                out.loc[i, "forced_status"] = "failed: %s" % type(exc_one).__name__
+                log.debug("forced fit at (%.5f, %.5f) failed: %r", ra[i], dec[i], exc_one)
+    lost = (out["forced_status"] == "ok") & out["int_flux"].isna()
+    out.loc[lost, "forced_status"] = "no fit"
+    return out
+
+
+def _no_data_under_beam(image, ra, dec):
+    """True where every pixel within half a beam of the position is NaN or exactly 0."""
+    from scipy.ndimage import maximum_filter
+    key = "data_under_beam"
+    if key not in image.extra:
+        usable = (np.isfinite(image.data) & (image.data != 0)).astype(np.uint8)
+        size = 2 * max(1, int(round(0.5 * image.beam_pixels))) + 1
+        image.extra[key] = maximum_filter(usable, size=size, mode="constant", cval=0)
+    x, y = image.world_to_pixel(ra, dec)
+    return ~(sample_map(image.extra[key], x, y, fill=0.0) > 0)
+
+
+def _fit_positions(finder, image_path, rms_path, bkg_path, ra, dec, beam, rows, out):
+    """Priorized stage-1 fits at ``rows`` of (ra, dec); results written into ``out``."""
+    from AegeanTools.models import ComponentSource
+    rows = np.asarray(rows, dtype=int)
+    if not len(rows):
+        return
     priors = []
-    for i, (r, d) in enumerate(zip(np.asarray(ra, float), np.asarray(dec, float))):
+    for i in rows:
         comp = ComponentSource()
-        comp.ra, comp.dec = float(r), float(d)
+        comp.ra, comp.dec = float(ra[i]), float(dec[i])
         comp.a, comp.b, comp.pa = beam[0] * 3600.0, beam[1] * 3600.0, float(beam[2])
         comp.psf_a, comp.psf_b, comp.psf_pa = comp.a, comp.b, comp.pa
         comp.peak_flux, comp.int_flux = 1e-3, 1e-3
-        comp.island, comp.source = i, 0
+        comp.island, comp.source = int(i), 0
         priors.append(comp)
-    _quiet_aegean()
-    finder = SourceFinder()
     fitted = finder.priorized_fit_islands(str(image_path), catalogue=priors, rmsin=str(rms_path),
                                           bkgin=str(bkg_path), stage=1, outerclip=-1,
                                           doregroup=False, docov=False, cores=1, progress=False)
     fitted = [c for c in fitted if isinstance(c, ComponentSource)]
     if fitted:
         found = _components_frame(fitted)      # positions are fixed at stage 1: match back
-        idx, _ = crossmatch_nearest(found["ra"], found["dec"], ra, dec, max_sep=1.0)
+        idx, _ = crossmatch_nearest(found["ra"], found["dec"], ra[rows], dec[rows], max_sep=1.0)
         ok = idx >= 0
-        for column in out.columns:
-            out.loc[idx[ok], column] = found[column].to_numpy()[ok]
-    return out
+        for column in _FORCED_COLUMNS:
+            out.loc[rows[idx[ok]], column] = found[column].to_numpy()[ok]
 
 
 # ===========================================================================
@@ -1667,6 +2462,7 @@ def diagnostic_crossmatch(askap, cat, survey, image, opts):
     (scaled ASKAP / catalogue) and its error, and ``good`` (d2d <= diagnostic radius).
     """
     import pandas as pd
+    opts = _with_defaults(opts, image, "diagnostic_max_separation")
     idx, d2d = crossmatch_nearest(cat["ra"], cat["dec"], askap["ra"], askap["dec"])
     ok = idx >= 0
     left = cat[ok].add_prefix(survey + "_").reset_index(drop=True)
@@ -1752,24 +2548,12 @@ def _survey_rows(askap, cat, survey, image, opts, forced):
     rows["askap_extended"] = np.where(hit, a["ext_tag"].to_numpy(), False)
     rows["edge"] = rows["edge"].astype(bool) | np.where(hit, a["edge"].to_numpy(), False)
     miss = np.flatnonzero(~hit)
+    rows["forced_status"] = np.where(hit, "", "not measured")
     if len(miss) and forced is not None:
-        phot = forced(cat["ra"].to_numpy()[miss], cat["dec"].to_numpy()[miss])
-        flux = phot["int_flux"].to_numpy()
-        rms = np.where(np.isfinite(phot["local_rms"]) & (phot["local_rms"] > 0), phot["local_rms"],
-                       rows["askap_local_rms"].to_numpy()[miss])
-        # Aegean's formal error treats pixels as independent and so underestimates the
-        # error of a fixed-shape point-source amplitude in beam-correlated noise: that is
-        # the local rms (Jy/beam); use whichever is larger.
-        err = np.fmax(phot["err_int_flux"].to_numpy(), rms)
-        rows.loc[miss, "forced_flux"] = flux
-        rows.loc[miss, "forced_flux_err"] = err
-        limit = ~np.isfinite(flux) | (flux <= 0) | (flux < 3 * rms)
-        rows.loc[miss, "askap_iflux"] = np.where(limit, 3 * rms, flux)
-        rows.loc[miss, "askap_iflux_err"] = np.where(limit, rms, err)
-        rows.loc[miss, "askap_local_rms"] = rms
-        rows.loc[miss, "aegean_rms_used"] = limit
+        _forced_rows(rows, miss, forced(cat["ra"].to_numpy()[miss], cat["dec"].to_numpy()[miss]))
     elif len(miss):
-        rms = rows["askap_local_rms"].to_numpy()[miss]
+        rms = _valid_rms(rows["askap_local_rms"].to_numpy()[miss])
+        rows.loc[miss, "askap_local_rms"] = rms
         rows.loc[miss, "askap_iflux"] = 3 * rms
         rows.loc[miss, "askap_iflux_err"] = rms
         rows.loc[miss, "aegean_rms_used"] = True
@@ -1778,6 +2562,41 @@ def _survey_rows(askap, cat, survey, image, opts, forced):
     with np.errstate(divide="ignore", invalid="ignore"):
         rows["predicted_snr"] = np.where(hit, np.nan, rows["catalog_scaled_flux"] / rows["askap_local_rms"])
     return rows
+
+
+def _valid_rms(values):
+    """An rms that can divide: NaN where it is not finite or not positive (zero-filled maps)."""
+    values = np.asarray(values, dtype=float)
+    return np.where(np.isfinite(values) & (values > 0), values, np.nan)
+
+
+def _forced_rows(rows, miss, phot):
+    """Fill the no-ASKAP-match rows ``miss`` from forced photometry ``phot``.
+
+    The forced flux, its error and ``forced_sigma`` = (scaled catalogue flux - forced
+    flux) / hypot(both errors) are recorded; fluxes below 3 x the local rms (or not
+    measured) are replaced by that 3-sigma limit for the ratio (``aegean_rms_used``).
+    """
+    flux = phot["int_flux"].to_numpy(dtype=float)
+    rms = _valid_rms(phot["local_rms"])
+    rms = np.where(np.isfinite(rms), rms, _valid_rms(rows["askap_local_rms"].to_numpy()[miss]))
+    # Aegean's formal error treats pixels as independent and so underestimates the error
+    # of a fixed-shape point-source amplitude in beam-correlated noise: that is the local
+    # rms (Jy/beam); use whichever is larger (Aegean writes -1/-2 when it has none).
+    aegean_err = phot["err_int_flux"].to_numpy(dtype=float)
+    err = np.fmax(np.where(aegean_err > 0, aegean_err, np.nan), rms)
+    rows.loc[miss, "forced_flux"] = flux
+    rows.loc[miss, "forced_flux_err"] = err
+    rows.loc[miss, "forced_status"] = phot["forced_status"].to_numpy()
+    expected = rows["catalog_scaled_flux"].to_numpy()[miss]
+    expected_err = rows["catalog_scaled_flux_err"].to_numpy()[miss]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rows.loc[miss, "forced_sigma"] = (expected - flux) / np.hypot(expected_err, err)
+    limit = ~np.isfinite(flux) | (flux <= 0) | ~(flux >= 3 * rms)
+    rows.loc[miss, "askap_iflux"] = np.where(limit, 3 * rms, flux)
+    rows.loc[miss, "askap_iflux_err"] = np.where(limit, rms, err)
+    rows.loc[miss, "askap_local_rms"] = rms
+    rows.loc[miss, "aegean_rms_used"] = limit
 
 
 def _nocatalog_rows(askap, catalogues, base, image, opts):
@@ -1881,7 +2700,10 @@ def transient_search(askap, catalogues, image, opts, forced=None, non_conv=None)
     * match: catalogue source with its nearest ASKAP source within
       ``transient_max_separation`` (closest wins when two share one ASKAP source);
     * noaskapmatch: catalogue source without one; it must be expected at
-      ``transients_askap_snr_thresh`` x the local ASKAP rms (S_cat (nu_askap/nu_cat)^alpha);
+      ``transients_askap_snr_thresh`` x the local ASKAP rms (S_cat (nu_askap/nu_cat)^alpha)
+      and, when forced photometry ran, its forced flux must lie ``catalogue_only_sigma``
+      below that expectation: ``forced_sigma = (S_cat,scaled - S_forced) /
+      hypot(err_cat,scaled, err_forced)`` (else tagged "Forced flux consistent");
     * nocatalogmatch: ASKAP source with no catalogue source within the radius in any
       survey, whose flux scaled to the base survey is >= ``transients_catalogue_snr_thresh``
       x the survey rms;
@@ -1890,6 +2712,7 @@ def transient_search(askap, catalogues, image, opts, forced=None, non_conv=None)
       ``transients_large_flux_ratio_thresh``.
     """
     import pandas as pd
+    opts = _with_defaults(opts, image, "transient_max_separation")
     askap = askap.copy()
     ext = opts["extended_tag_thresh"]
     askap["ext_tag"] = flag_extended(askap["a"], askap["b"], image.beam[0] * 3600,
@@ -1914,6 +2737,11 @@ def transient_search(askap, catalogues, image, opts, forced=None, non_conv=None)
         if column not in master.columns:
             master[column] = False
         master[column] = master[column].fillna(False).astype(bool)
+    for column in ("forced_flux", "forced_flux_err", "forced_sigma"):
+        if column not in master.columns:
+            master[column] = np.nan
+    master["forced_status"] = master["forced_status"].fillna("").astype(str) \
+        if "forced_status" in master.columns else ""
     master["ratio"], master["ratio_e"] = flux_ratio(master["askap_scaled_flux"], master["askap_scaled_flux_err"],
                                                     master["catalog_iflux"], master["catalog_iflux_err"])
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -2012,21 +2840,28 @@ def _tag(master, image, opts):
         low_snr = noaskap & ~(master["predicted_snr"].to_numpy() >= opts["transients_askap_snr_thresh"])
     near_bright = master["near_bright_source"].to_numpy().astype(bool) if "near_bright_source" in master \
         else np.zeros(len(master), dtype=bool)
-    conditions = [
-        ~np.isfinite(master["ratio"].to_numpy()),
-        noaskap & near_bright,
-        noaskap & bright_structure,
-        noaskap & low_snr,
-        nocat & master["likely_double"].to_numpy(),
-        nocat & master["created_convolved"].to_numpy(),
-        nocat & master["inflated_convolved_error"].to_numpy(),
-        extended,
-        (match | nocat) & large_island,
-        edge,
+    status = master["forced_status"].fillna("").astype(str).to_numpy()
+    fit_failed = np.char.startswith(status.astype(str), "failed") | (status == "no fit")
+    with np.errstate(invalid="ignore"):
+        # a catalogue source is only missing if the forced flux is significantly fainter
+        # than expected (a detection below the finder's threshold is not a transient)
+        consistent = (status == "ok") & ~(master["forced_sigma"].to_numpy(dtype=float) >= opts["catalogue_only_sigma"])
+    rules = [
+        (~np.isfinite(master["ratio"].to_numpy()), "Failed"),
+        (noaskap & near_bright, "Likely artefact (bright source)"),
+        (noaskap & (status == "blank"), "No ASKAP data at position"),
+        (noaskap & fit_failed, "Forced fit failed"),
+        (noaskap & consistent, "Forced flux consistent"),
+        (noaskap & bright_structure, "Likely bright extended structure"),
+        (noaskap & low_snr, "Local RMS too high"),
+        (nocat & master["likely_double"].to_numpy(), "Likely double"),
+        (nocat & master["created_convolved"].to_numpy(), "Created convolved source"),
+        (nocat & master["inflated_convolved_error"].to_numpy(), "Inflated convolved flux error"),
+        (extended, "Extended source"),
+        ((match | nocat) & large_island, "Large island source"),
+        (edge, "Edge of ASKAP image"),
     ]
-    labels = ["Failed", "Likely artefact (bright source)", "Likely bright extended structure", "Local RMS too high", "Likely double",
-              "Created convolved source", "Inflated convolved flux error",
-              "Extended source", "Large island source", "Edge of ASKAP image"]
+    conditions, labels = [c for c, _ in rules], [label for _, label in rules]
     master["pipelinetag"] = np.select(conditions, labels, default="Good")
     good = master["pipelinetag"].to_numpy() == "Good"
     large = match & (master["ratio"].to_numpy() >= opts["transients_large_flux_ratio_thresh"])
@@ -2067,22 +2902,82 @@ def _add_sky_columns(master, askap):
 # ===========================================================================
 # Output products: tables, annotations, plots, postage stamps
 # ===========================================================================
+# Units of the columns this tool writes (after stripping an askap_/sumss_/nvss_/catalog_/
+# non_conv_ prefix); any other numeric column whose name holds "flux" is Jy ("peak" ->
+# Jy/beam) and "_rms" is Jy/beam.  Ratios, S/N and metrics are dimensionless.
+_COLUMN_UNITS = {
+    "ra": "deg", "dec": "deg", "err_ra": "deg", "err_dec": "deg", "gal_l": "deg", "gal_b": "deg",
+    "distance_from_centre": "deg", "pa": "deg", "err_pa": "deg", "psf_pa": "deg",
+    "a": "arcsec", "b": "arcsec", "err_a": "arcsec", "err_b": "arcsec", "psf_a": "arcsec", "psf_b": "arcsec",
+    "maj": "arcsec", "min": "arcsec", "beam_maj": "arcsec", "beam_min": "arcsec", "beam": "arcsec",
+    "d2d": "arcsec", "dra": "arcsec", "ddec": "arcsec", "nn_d2d": "arcsec", "d2d_nn_askap_cat": "arcsec",
+    "separation": "arcsec", "x": "pix", "y": "pix",
+}
+_UNIT_PREFIXES = ("askap_", "sumss_", "nvss_", "catalog_", "non_conv_", "master_")
+
+
+def column_unit(name):
+    """Unit string of a column written by this tool ('' when dimensionless)."""
+    base = str(name)
+    if base.endswith("_orig"):
+        base = base[:-5]
+    while base not in _COLUMN_UNITS and base.startswith(_UNIT_PREFIXES):
+        base = base.split("_", 1)[1] if not base.startswith("non_conv_") else base[len("non_conv_"):]
+    if base in _COLUMN_UNITS:
+        return _COLUMN_UNITS[base]
+    if "ratio" in base or "snr" in base or "sigma" in base:
+        return ""
+    if "rms" in base:
+        return "Jy/beam"
+    if "flux" in base or "scaled_to" in base:
+        return "Jy/beam" if "peak" in base else "Jy"
+    return ""
+
+
+def _ecsv_datatype(series):
+    kind = series.dtype.kind
+    return {"b": "bool", "i": "int64", "u": "int64", "f": "float64"}.get(kind, "string")
+
+
+def _ecsv_header(frame):
+    """The ``# %ECSV 1.0`` header (YAML) of a comma-separated ECSV file with units."""
+    lines = ["# %ECSV 1.0", "# ---", "# delimiter: ','", "# datatype:"]
+    for name in frame.columns:
+        dtype = _ecsv_datatype(frame[name])
+        unit = column_unit(name) if dtype in ("float64", "int64") else ""
+        lines.append("# - {name: %s, %sdatatype: %s}" % (json.dumps(str(name)),
+                                                        "unit: %s, " % json.dumps(unit) if unit else "", dtype))
+    lines.append("# schema: astropy-2.0")
+    return "\n".join(lines) + "\n"
+
+
 def write_table(frame, csv_path, formats=("csv", "fits", "vot")):
-    """Write a DataFrame as CSV and (optionally) FITS and VOTable next to it (atomic)."""
+    """Write a DataFrame as ECSV-in-CSV and (optionally) FITS and VOTable next to it.
+
+    The ``.csv`` file is ECSV 1.0 with a comma delimiter: a commented YAML header gives
+    each column's type and unit (astropy, TOPCAT read it; pandas:
+    ``read_csv(path, comment='#')``).  FITS and VOTable carry the same units.  Every
+    file is written atomically.
+    """
     from astropy.table import Table
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     written = []
+    clean = frame.copy()
+    for column in clean.columns:
+        if _ecsv_datatype(clean[column]) == "string":
+            clean[column] = clean[column].where(clean[column].notna(), "").astype(str)
     if "csv" in formats:
         with atomic_output(csv_path, overwrite=True) as stream:
-            frame.to_csv(stream, index=False)
+            stream.write(_ecsv_header(clean))
+            clean.to_csv(stream, index=False)
         written.append(csv_path)
     if set(formats) & {"fits", "vot"}:
-        clean = frame.copy()
-        for column in clean.columns:
-            if clean[column].dtype == object or str(clean[column].dtype).startswith("str"):
-                clean[column] = clean[column].fillna("").astype(str)
         table = Table.from_pandas(clean)
+        for name in table.colnames:
+            unit = column_unit(name) if _ecsv_datatype(clean[name]) in ("float64", "int64") else ""
+            if unit:
+                table[name].unit = unit
         for fmt, suffix, writer in (("fits", ".fits", "fits"), ("vot", ".vot", "votable")):
             if fmt in formats:
                 path = csv_path.with_suffix(suffix)
@@ -2090,6 +2985,12 @@ def write_table(frame, csv_path, formats=("csv", "fits", "vot")):
                     table.write(tmp, format=writer, overwrite=True)
                 written.append(path)
     return written
+
+
+def read_table(path):
+    """Read a table written by :func:`write_table` (or a plain CSV) into a DataFrame."""
+    import pandas as pd
+    return pd.read_csv(path, comment="#", keep_default_na=False, na_values=["", "nan", "NaN"])
 
 
 def write_ann(path, ra, dec, major, minor, pa, colour="BLUE", names=None):
@@ -2154,7 +3055,7 @@ def make_diagnostic_plots(xm_by_survey, askap, catalogues, image, prefix):
             if len(good):
                 ax.axhline(np.nanmedian(good["flux_ratio"]), color="C1", ls="--", label="median")
             ax.axhline(1.0, color="k", lw=0.8, label="unity")
-            if xcol == "askap_int_flux":
+            if xcol == "askap_int_flux" and (good[xcol] > 0).any():
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(plt.NullFormatter())  # labels overlap otherwise
             ax.set_xlabel(label)
@@ -2231,7 +3132,8 @@ def make_overlay(image, tables, path, zscale_contrast=0.2):
             ax.add_patch(Ellipse((xi, yi), mi, ma, angle=pa, fill=False, color=colour,
                                  ls="--" if ext else "-", lw=0.8))
         ax.plot([], [], color=colour, label=label)
-    ax.legend(loc="upper right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right")
     fig.savefig(path, dpi=150, bbox_inches="tight")
     plt.close(fig)
     return Path(path)
@@ -2357,7 +3259,8 @@ _IMAGE_COLUMNS = {"unique_tag": "str", "name": "str", "description": "str", "ra"
                   "number_nvss_sources": "int", "rms": "float", "frequency": "float",
                   "transients_master_total": "int", "number_candidates": "int",
                   "matched_to": "str", "claimed_by": "str", "number_candidates_checked": "int",
-                  "output_dir": "str", "settings": "str"}
+                  "output_dir": "str", "settings": "str", "checksum": "str", "plane": "str",
+                  "date_obs": "str", "analysis_image": "str", "mode": "str"}
 _SOURCE_COLUMNS = {"name": "str", "ra": "float", "dec": "float", "int_flux": "float",
                    "err_int_flux": "float", "peak_flux": "float", "err_peak_flux": "float",
                    "local_rms": "float", "a": "float", "b": "float", "pa": "float",
@@ -2375,7 +3278,11 @@ _CROSSMATCH_COLUMNS = {"master_name": "str", "askap_name": "str", "catalog_name"
                        "distance_from_centre": "float", "pipelinetag": "str",
                        "transient_class": "str", "candidate": "bool", "flagged": "bool",
                        "usertag": "str", "userreason": "str", "checkedby": "str", "ploturl": "str",
-                       "inflated_convolved_flux": "bool", "nearest_sources": "str"}
+                       "inflated_convolved_flux": "bool", "nearest_sources": "str",
+                       "forced_flux": "float", "forced_flux_err": "float", "forced_sigma": "float",
+                       "forced_status": "str"}
+_SCHEMA_LOCK_KEY = 7_225_001      # PostgreSQL advisory lock serialising schema creation/upgrades
+_INJECT_RETRIES = 5
 
 
 class RacsDatabase:
@@ -2392,20 +3299,30 @@ class RacsDatabase:
     formatting).  On PostgreSQL with the ``q3c`` extension, :meth:`cone_search` uses
     ``q3c_radial_query`` and the crossmatch table gets a ``q3c_ang2ipix`` index; elsewhere
     a declination band in SQL is refined with exact great-circle distances.
-    Injecting a run whose (image name, db_tag) exists already replaces that run's rows.
+
+    An image run is identified by the checksum of the image file, the plane analysed
+    (channel, Stokes), the file's path (``url``) and the run's ``db_tag`` (unique index
+    ``racs_images_identity``): injecting the same image and tag again replaces that
+    run's rows; two epochs with the same file name are two runs.  Several processes may inject into one PostgreSQL
+    database at once: schema changes take an advisory lock, each injection is one
+    transaction, and a clash on the identity index (the same run injected twice at the
+    same moment) is retried, so rows are neither lost nor duplicated.
     """
 
     def __init__(self, url):
         import sqlalchemy as sa
         self.sa = sa
-        self.engine = sa.create_engine(url, future=True)
+        sqlite = str(url).startswith("sqlite")
+        self.engine = sa.create_engine(url, future=True, connect_args={"timeout": 60} if sqlite else {})
         self.meta = sa.MetaData()
         t = {"str": sa.Text, "float": sa.Float, "int": sa.Integer, "bool": sa.Boolean}
 
         def cols(spec):
             return [sa.Column(name, t[kind]) for name, kind in spec.items()]
         self.images = sa.Table("racs_images", self.meta, sa.Column("id", sa.Integer, primary_key=True),
-                               *cols(_IMAGE_COLUMNS), sa.UniqueConstraint("name", "description"))
+                               *cols(_IMAGE_COLUMNS))
+        sa.Index("racs_images_identity", self.images.c.checksum, self.images.c.plane, self.images.c.url,
+                 self.images.c.description, unique=True)
         fk = lambda: sa.Column("image_id", sa.Integer, sa.ForeignKey("racs_images.id", ondelete="CASCADE"),  # noqa: E731
                                index=True, nullable=False)
         self.sources = sa.Table("racs_sources", self.meta, sa.Column("id", sa.Integer, primary_key=True),
@@ -2419,31 +3336,67 @@ class RacsDatabase:
                                    sa.Column("master_name", sa.Text), sa.Column("transient_class", sa.Text),
                                    sa.Column("ra", sa.Float), sa.Column("dec", sa.Float),
                                    sa.Column("ratio", sa.Float))
-        self.meta.create_all(self.engine)
-        self._add_missing_columns()
         self.has_q3c = False
-        if self.engine.dialect.name == "postgresql":
-            with self.engine.begin() as conn:
-                self.has_q3c = conn.execute(sa.text(
-                    "SELECT count(*) FROM pg_extension WHERE extname = :name"), {"name": "q3c"}).scalar() > 0
-                if self.has_q3c:
-                    conn.execute(sa.text("CREATE INDEX IF NOT EXISTS racs_crossmatches_q3c "
-                                         "ON racs_crossmatches (q3c_ang2ipix(ra, dec))"))
+        self._create_schema()
 
-    def _add_missing_columns(self):
-        """Schema upgrade: columns added in a later version are appended (never dropped)."""
+    def _create_schema(self):
+        """Create or upgrade the tables (serialised across processes; see the class Notes)."""
         sa = self.sa
-        inspector = sa.inspect(self.engine)
-        with self.engine.begin() as conn:
-            for table in self.meta.sorted_tables:
-                present = {c["name"] for c in inspector.get_columns(table.name)}
-                for column in table.columns:
-                    if column.name not in present:
-                        kind = column.type.compile(dialect=self.engine.dialect)
-                        preparer = self.engine.dialect.identifier_preparer
-                        conn.execute(sa.text("ALTER TABLE %s ADD COLUMN %s %s" % (
-                            preparer.quote(table.name), preparer.quote(column.name), kind)))
-                        log.info("database: added column %s.%s", table.name, column.name)
+        for attempt in range(_INJECT_RETRIES):
+            try:
+                with self.engine.begin() as conn:
+                    if self.engine.dialect.name == "postgresql":
+                        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK_KEY})
+                    self.meta.create_all(conn)
+                    self._upgrade_schema(conn)
+                    if self.engine.dialect.name == "postgresql":
+                        self.has_q3c = conn.execute(sa.text(
+                            "SELECT count(*) FROM pg_extension WHERE extname = :name"), {"name": "q3c"}).scalar() > 0
+                        if self.has_q3c:
+                            conn.execute(sa.text("CREATE INDEX IF NOT EXISTS racs_crossmatches_q3c "
+                                                 "ON racs_crossmatches (q3c_ang2ipix(ra, dec))"))
+                return
+            except sa.exc.OperationalError as exc:      # SQLite: another process created it first
+                if attempt == _INJECT_RETRIES - 1 or "already exists" not in str(exc):
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+
+    def _upgrade_schema(self, conn):
+        """Columns added in a later version are appended (never dropped); version 0.2's
+        unique (name, description) constraint is replaced by the identity index."""
+        sa = self.sa
+        inspector = sa.inspect(conn)
+        preparer = self.engine.dialect.identifier_preparer
+        for table in self.meta.sorted_tables:
+            present = {c["name"] for c in inspector.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in present:
+                    kind = column.type.compile(dialect=self.engine.dialect)
+                    conn.execute(sa.text("ALTER TABLE %s ADD COLUMN %s %s" % (
+                        preparer.quote(table.name), preparer.quote(column.name), kind)))
+                    log.info("database: added column %s.%s", table.name, column.name)
+        legacy = [u for u in inspector.get_unique_constraints("racs_images")
+                  if sorted(u["column_names"]) == ["description", "name"]]
+        if legacy:
+            self._drop_legacy_unique(conn, legacy[0])
+        conn.execute(sa.text("CREATE UNIQUE INDEX IF NOT EXISTS racs_images_identity "
+                             "ON racs_images (checksum, plane, url, description)"))
+
+    def _drop_legacy_unique(self, conn, constraint):
+        sa = self.sa
+        if self.engine.dialect.name == "postgresql":
+            conn.execute(sa.text('ALTER TABLE racs_images DROP CONSTRAINT "%s"'
+                                 % constraint["name"].replace('"', '')))
+        else:       # SQLite cannot drop a constraint: copy into a new table, drop, rename
+            names = ", ".join('"%s"' % c.name for c in self.images.columns)
+            fresh = self.images.to_metadata(sa.MetaData(), name="racs_images_new")
+            fresh.indexes.clear()
+            fresh.create(conn)
+            conn.execute(sa.text("INSERT INTO racs_images_new (%s) SELECT %s FROM racs_images" % (names, names)))
+            conn.execute(sa.text("DROP TABLE racs_images"))
+            conn.execute(sa.text("ALTER TABLE racs_images_new RENAME TO racs_images"))
+        log.info("database: unique (name, description) of racs_images replaced by the identity index "
+                 "(checksum, plane, url, description)")
 
     def __repr__(self):
         return "RacsDatabase(%s, q3c=%s)" % (self.engine.url.render_as_string(hide_password=True), self.has_q3c)
@@ -2476,13 +3429,35 @@ class RacsDatabase:
                     rec[name] = str(value)
         return records
 
+    def _same_run(self, image_row):
+        """Condition selecting earlier rows of this run (identity; name for checksum-less rows)."""
+        c = self.images.c
+        if image_row.get("checksum"):
+            return (c.checksum == image_row["checksum"]) & (c.plane == image_row.get("plane")) & \
+                (c.url == image_row.get("url")) & (c.description == image_row["description"])
+        return c.checksum.is_(None) & (c.name == image_row["name"]) & (c.description == image_row["description"])
+
     def inject(self, image_row, sources, master):
-        """Store one processed image in one transaction; returns the image id."""
+        """Store one processed image in one transaction; returns the image id.
+
+        An earlier injection of the same run (same image checksum, plane and tag) is
+        replaced.  A clash with a concurrent injection of the same run is retried.
+        """
+        sa = self.sa
+        for attempt in range(_INJECT_RETRIES):
+            try:
+                return self._inject_once(image_row, sources, master)
+            except sa.exc.IntegrityError:
+                if attempt == _INJECT_RETRIES - 1:
+                    raise
+                log.info("database: %s is being injected by another process too; retrying",
+                         image_row.get("name"))
+                time.sleep(0.1 * (attempt + 1))
+
+    def _inject_once(self, image_row, sources, master):
         sa = self.sa
         with self.engine.begin() as conn:
-            old = conn.execute(sa.select(self.images.c.id).where(
-                (self.images.c.name == image_row["name"]) &
-                (self.images.c.description == image_row["description"]))).scalars().all()
+            old = conn.execute(sa.select(self.images.c.id).where(self._same_run(image_row))).scalars().all()
             for image_id in old:    # explicit deletes: SQLite does not cascade by default
                 for table in (self.transients, self.crossmatches, self.sources):
                     conn.execute(sa.delete(table).where(table.c.image_id == image_id))
@@ -2491,6 +3466,8 @@ class RacsDatabase:
                                     self._records(_one_row(image_row), _IMAGE_COLUMNS)[0]).scalar_one()
             for table, frame, spec in ((self.sources, sources, _SOURCE_COLUMNS),
                                        (self.crossmatches, master, _CROSSMATCH_COLUMNS)):
+                if frame is None:
+                    continue
                 records = self._records(frame, spec)
                 for rec in records:
                     rec["image_id"] = image_id
@@ -2564,23 +3541,124 @@ def database_url(opts, outdir):
 # ===========================================================================
 # Stages
 # ===========================================================================
-class Products:
-    """Named output files of one image: ``<outdir>/<stem><suffix>``; existence = done."""
+_DIGESTS = {}
 
-    def __init__(self, outdir, stem, overwrite=False):
+
+def file_digest(path):
+    """SHA-256 (hex) of a file's content; cached per (path, size, mtime) within a process."""
+    import hashlib
+    path = Path(path)
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        with path.open("rb") as stream:
+            _DIGESTS[key] = hashlib.file_digest(stream, "sha256").hexdigest()
+    return _DIGESTS[key]
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return value
+
+
+class StageLedger:
+    """How each stage's products were made: ``<outdir>/racs_stages.json``.
+
+    A stage is skipped only when the ledger records it with the same settings and the
+    same input files (SHA-256 of their content) and all its outputs still exist;
+    otherwise it runs again and the log says why (which setting or input changed).
+    Outputs made by another version, or without a record, are never reused.
+    ``overwrite`` (``clobber``/``--overwrite``) reruns every stage.
+    """
+
+    FILE = "racs_stages.json"
+
+    def __init__(self, outdir, overwrite=False):
+        self.path = Path(outdir) / self.FILE
+        self.overwrite = overwrite
+        self.status = {}
+        try:
+            self.entries = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        except (OSError, ValueError):
+            log.warning("stage ledger %s is unreadable; every stage runs again", self.path)
+            self.entries = {}
+
+    @staticmethod
+    def describe(settings, inputs):
+        """``(settings, {name: digest})`` as stored (JSON-able)."""
+        digests = {name: (file_digest(p) if p is not None and Path(p).is_file() else None)
+                   for name, p in sorted(inputs.items())}
+        return json.loads(json.dumps(_jsonable(settings), sort_keys=True, default=str)), digests
+
+    def current(self, stage, outputs, settings, inputs):
+        """True (logged) when ``stage`` can be reused as it is; else False (reason logged)."""
+        settings, digests = self.describe(settings, inputs)
+        entry = self.entries.get(stage)
+        if self.overwrite:
+            reason = "clobber/--overwrite"
+        elif entry is None:
+            reason = "no record of an earlier run" if not any(Path(p).exists() for p in outputs) \
+                else "its outputs exist but there is no record of how they were made"
+        elif entry.get("version") != __version__:
+            reason = "made by racs_pipeline %s" % entry.get("version")
+        elif entry.get("settings") != settings:
+            changed = sorted(k for k in set(settings) | set(entry["settings"])
+                             if settings.get(k) != entry["settings"].get(k))
+            reason = "settings changed (%s)" % ", ".join(
+                "%s: %r -> %r" % (k, entry["settings"].get(k), settings.get(k)) for k in changed[:6])
+        elif entry.get("inputs") != digests:
+            changed = sorted(k for k in set(digests) | set(entry["inputs"])
+                             if digests.get(k) != entry["inputs"].get(k))
+            reason = "input(s) changed: %s" % ", ".join(changed)
+        elif not all(Path(p).exists() for p in outputs):
+            reason = "an output is missing"
+        else:
+            log.info("stage %s: reusing %s (same inputs and settings)", stage,
+                     ", ".join(Path(p).name for p in outputs) or "its result")
+            self.status[stage] = "reused"
+            return True
+        level = logging.INFO if entry is None or self.overwrite else logging.WARNING
+        log.log(level, "stage %s: running (%s)", stage, reason)
+        return False
+
+    def record(self, stage, outputs, settings, inputs, **meta):
+        """Record that ``stage`` made ``outputs`` from ``settings`` and ``inputs``."""
+        settings, digests = self.describe(settings, inputs)
+        self.entries[stage] = {"version": __version__, "settings": settings, "inputs": digests,
+                               "outputs": [Path(p).name for p in outputs],
+                               "made": time.strftime("%Y-%m-%dT%H:%M:%S"), **_jsonable(meta)}
+        self.status[stage] = "ran"
+        with atomic_output(self.path, overwrite=True) as stream:
+            json.dump(self.entries, stream, indent=1, sort_keys=True)
+
+    def meta(self, stage):
+        return self.entries.get(stage, {})
+
+
+class Products:
+    """Named output files of one image: ``<outdir>/<stem><suffix>`` and the stage ledger."""
+
+    def __init__(self, outdir, stem, overwrite=False, ledger=None, stage_prefix=""):
         self.outdir, self.stem, self.overwrite = Path(outdir), stem, overwrite
         self.outdir.mkdir(parents=True, exist_ok=True)
+        self.ledger = ledger if ledger is not None else StageLedger(self.outdir, overwrite)
+        self.stage_prefix = stage_prefix
 
     def path(self, suffix):
         return self.outdir / (self.stem + suffix)
 
-    def done(self, *paths):
-        """True (and logged) when every product exists and overwrite is off."""
-        if self.overwrite or not all(Path(p).exists() for p in paths):
-            return False
-        log.info("skipping: %s exist(s) (use clobber/--overwrite to redo)",
-                 ", ".join(Path(p).name for p in paths))
-        return True
+    def current(self, stage, outputs, settings, inputs):
+        return self.ledger.current(self.stage_prefix + stage, outputs, settings, inputs)
+
+    def record(self, stage, outputs, settings, inputs, **meta):
+        self.ledger.record(self.stage_prefix + stage, outputs, settings, inputs, **meta)
 
 
 def _expand(path, stem):
@@ -2589,7 +3667,10 @@ def _expand(path, stem):
 
 def _image_stem(path):
     name = Path(path).name
-    return name[:-5] if name.lower().endswith(".fits") else Path(path).stem
+    for ending in (".fits", ".fit", ".csv", ".ecsv", ".txt", ".vot", ".xml"):
+        if name.lower().endswith(ending):
+            return name[:-len(ending)]
+    return Path(path).stem
 
 
 def output_directory(image_path, opts):
@@ -2600,51 +3681,190 @@ def output_directory(image_path, opts):
     return parent / name
 
 
-def stage_prepare_image(image_path, opts, products):
-    """Weight crop and convolution; returns (analysis image path, non-convolved path or None)."""
-    stem = products.stem
-    working = Path(image_path)
-    if opts["weight_crop"]:
-        out = products.path(".weightcrop_%s.fits" % opts["weight_crop_value"])
-        if not products.done(out):
-            weight_crop(working, _expand(opts["weight_crop_image"], stem), opts["weight_crop_value"], out)
-            log.info("weight-cropped image: %s", out.name)
-        working = out
+def _pick(opts, *sections, exclude=()):
+    """The options of ``sections`` (schema order) without ``exclude``: what a stage depends on."""
+    return {k.key: opts[k.key] for k in CONFIG_SCHEMA if k.section in sections and k.key not in exclude}
+
+
+_PLANE_KEYS = ("channel", "stokes", "beam", "frequency", "force_frequency", "boundary_value")
+
+
+def stage_image(image_path, opts, products):
+    """The analysis plane: plane of a 3-/4-D image, weight crop and convolution.
+
+    Returns
+    -------
+    image : ImageInfo
+        The plane the source finder reads (``image.path``), with ``source_path``, ``plane``
+        and ``date_obs`` of the file given.
+    non_conv_path : Path or None
+        Convolved mode: the plane before convolution.
+    """
+    image_path = Path(image_path)
+    settings = {k: opts[k] for k in _PLANE_KEYS}
+    plane_path = products.path("_plane.fits")
+    meta = products.ledger.meta("plane")
+    if products.current("plane", [plane_path] if meta.get("outputs") else [], settings, {"image": image_path}):
+        source = load_image(plane_path) if meta.get("outputs") else _load_plane(image_path, opts)
+        source = source.with_origin(image_path, meta.get("plane", source.plane), meta.get("date_obs", source.date_obs))
+    else:
+        source = _load_plane(image_path, opts)
+        outputs = []
+        if source.needs_plane_file:
+            write_fits_2d(plane_path, source.data, source.header)
+            outputs = [plane_path]
+            log.info("analysis plane (%s) written to %s", source.plane, plane_path.name)
+        products.record("plane", outputs, settings, {"image": image_path}, plane=source.plane,
+                        date_obs=source.date_obs)
+        if outputs:          # from the file, so this and later runs see the very same plane and WCS
+            source = load_image(plane_path).with_origin(image_path, source.plane, source.date_obs)
+    working = source.path
+    working = _weight_crop_stage(working, source, opts, products)
+    working, non_conv = _convolve_stage(working, source, opts, products)
+    if working == source.path:
+        return source, non_conv
+    image = load_image(working, boundary_value=opts["boundary_value"])
+    return image.with_origin(image_path, source.plane, source.date_obs), non_conv
+
+
+def _load_plane(image_path, opts):
+    return load_image(image_path, opts["frequency"], opts["boundary_value"], opts["channel"], opts["stokes"],
+                      opts["beam"] or None, opts["force_frequency"])
+
+
+def _weight_crop_stage(working, source, opts, products):
+    if not opts["weight_crop"]:
+        return working
+    out = products.path(".weightcrop_%s.fits" % opts["weight_crop_value"])
+    weights = _expand(opts["weight_crop_image"], products.stem)
+    settings = {"weight_crop_value": opts["weight_crop_value"], "channel": opts["channel"]}
+    inputs = {"image": working, "weights": weights}
+    if not products.current("weight_crop", [out], settings, inputs):
+        channel = int(opts["channel"]) if opts["channel"] and str(opts["channel"]).isdigit() else None
+        weight_crop(working, weights, opts["weight_crop_value"], out, channel)
+        products.record("weight_crop", [out], settings, inputs)
+        log.info("weight-cropped image: %s", out.name)
+    return out
+
+
+def _convolve_stage(working, source, opts, products):
+    """Convolution to the base survey's beam (or a given convolved image)."""
     if not opts["convolve"]:
         return working, None
-    given = _expand(opts["convolved_image"], stem)
+    given = _expand(opts["convolved_image"], products.stem)
     if given is not None:
         if not given.is_file():
             raise InputError("convolved_image %s does not exist" % given)
         return given, working
-    info = load_image(working, opts["frequency"], opts["boundary_value"])
-    survey = determine_catalogues(info.dec, opts["sumss_only"], opts["nvss_only"])[0]
-    out = products.path(".convolve2%s.fits" % survey)
-    if not products.done(out):
-        convolve_to_beam(working, survey_beam(survey, info.dec), out, opts["convolve_method"])
-        log.info("convolved to the %s beam: %s", survey.upper(), out.name)
+    surveys = determine_catalogues(source.dec, opts["sumss_only"], opts["nvss_only"])
+    if not surveys:
+        raise InputError("convolve = true, but no survey covers dec %.2f (SUMSS: dec < -30, NVSS: dec > -40)"
+                         % source.dec)
+    target = survey_beam(surveys[0], source.dec)
+    out = products.path(".convolve2%s.fits" % surveys[0])
+    settings = {"target_beam": target, "convolve_method": opts["convolve_method"]}
+    if not products.current("convolve", [out], settings, {"image": working}):
+        convolve_to_beam(working, target, out, opts["convolve_method"])
+        products.record("convolve", [out], settings, {"image": working})
+        log.info("convolved to the %s beam %.1f\" x %.1f\": %s", surveys[0].upper(), target[0], target[1], out.name)
     return out, working
 
 
+_SCALED_KEYS = ("diagnostic_max_separation", "transient_max_separation", "edge_margin", "rms_box",
+                "postage_stamp_radius")
+
+
+def scaled_default(key, image):
+    """Automatic value of one of ``_SCALED_KEYS`` for ``image`` (see :func:`resolve_scaled_defaults`)."""
+    bmaj = image.beam[0] * 3600.0
+    if key == "diagnostic_max_separation":
+        return round(max(5.0, bmaj / 3.0), 3)
+    if key == "transient_max_separation":
+        return round(max(45.0, bmaj), 3)
+    if key == "postage_stamp_radius":
+        return round(max(13.0, 52.0 * bmaj / 60.0), 3)
+    pix = image.pixel_scale * 3600.0
+    if key == "edge_margin":
+        return int(math.ceil(round(max(60.0, 4.0 * bmaj) / pix, 6)))
+    ny, nx = image.data.shape
+    return int(max(8, min(round(30.0 * bmaj / pix), max(8, min(nx, ny) // 3))))
+
+
+def _with_defaults(opts, image, *keys):
+    """``opts`` with the automatic value of each of ``keys`` that is unset (library calls)."""
+    missing = [k for k in keys if opts.get(k) is None]
+    return dict(opts, **{k: scaled_default(k, image) for k in missing}) if missing else opts
+
+
+def resolve_scaled_defaults(opts, image):
+    """Fill in the options whose default scales with the beam or the image (None = auto).
+
+    * ``diagnostic_max_separation``: 5" or a third of the beam major axis (the original's
+      5" at ASKAP's 15"), whichever is larger;
+    * ``transient_max_separation``: the 45" survey beam or the image beam major axis;
+    * ``edge_margin`` (px): 1 arcmin (the original's 24 px of 2.5") or 4 beams;
+    * ``rms_box`` (px): 30 beams, at most a third of the image's shorter side (so a small
+      image still gets a local, not a global, rms), at least 8 px;
+    * ``postage_stamp_radius`` (arcmin): 13' or 52 beams.
+
+    Values set by the user are kept; a match radius below a quarter of the beam is
+    warned about.  Returns ``(opts, resolved)`` with ``resolved`` the filled-in values.
+    """
+    opts = dict(opts)
+    bmaj = image.beam[0] * 3600.0
+    resolved = {key: scaled_default(key, image) for key in _SCALED_KEYS if opts[key] is None}
+    opts.update(resolved)
+    if resolved:
+        log.info("defaults scaled to the %.1f\" beam, %.2f\" pixels and %d x %d image: %s", bmaj,
+                 image.pixel_scale * 3600.0, image.data.shape[1], image.data.shape[0],
+                 ", ".join("%s = %s" % kv for kv in resolved.items()))
+    for key in ("diagnostic_max_separation", "transient_max_separation"):
+        if key not in resolved and opts[key] < 0.25 * bmaj:
+            _data_warning("%s = %g\" is far below the image beam (%.1f\"): most true counterparts will be "
+                          "missed; leave it unset to scale it with the beam" % (key, opts[key], bmaj))
+    return opts, resolved
+
+
 def stage_rms_maps(image, opts, products):
-    """Background and rms maps ``<stem>_bkg.fits`` / ``<stem>_rms.fits``."""
-    from astropy.io import fits
+    """Background and rms maps ``<stem>_bkg.fits`` / ``<stem>_rms.fits``.
+
+    Computed (:func:`rms_map`, box ``rms_box``) unless ``rms_image``/``bkg_image`` give
+    existing maps (e.g. BANE's), which are checked against the image grid, squeezed to
+    2-D and written alongside (non-positive rms values become blank).
+    """
     bkg_path, rms_path = products.path("_bkg.fits"), products.path("_rms.fits")
-    if products.done(bkg_path, rms_path):
-        rms = np.squeeze(fits.getdata(rms_path)).astype(np.float32)
-    else:
-        bkg, rms = rms_map(image.data, box=opts["rms_box"])
-        write_fits_2d(bkg_path, bkg, image.header)
-        write_fits_2d(rms_path, rms, image.header)
-        rms = np.asarray(rms, dtype=np.float32)      # as written (and as a re-run reads it)
-    return bkg_path, rms_path, rms
+    given = {"rms": _expand(opts["rms_image"], products.stem), "bkg": _expand(opts["bkg_image"], products.stem)}
+    for name, path in given.items():
+        if path is not None and not path.is_file():
+            raise InputError("%s_image %s does not exist" % (name, path))
+    settings = {"rms_box": opts["rms_box"], "rms_image": given["rms"], "bkg_image": given["bkg"]}
+    inputs = {"image": image.path, "rms_image": given["rms"], "bkg_image": given["bkg"]}
+    if products.current("rms", [bkg_path, rms_path], settings, inputs):
+        return bkg_path, rms_path, _read_2d(rms_path, image.data.shape, "rms map")
+    maps = {}
+    if None in given.values():
+        maps["bkg"], maps["rms"] = rms_map(image.data, box=opts["rms_box"])
+    for name, path in given.items():
+        if path is not None:
+            maps[name] = _read_2d(path, image.data.shape, "%s map" % name, like_wcs=image.wcs)
+            log.info("%s map from %s", name, path)
+    bad = ~(maps["rms"] > 0) & np.isfinite(image.data)
+    if bad.any():
+        _data_warning("rms map has %d pixels <= 0 or blank where the image has data (zero-filled "
+                      "regions?); they are blank for source finding and forced photometry" % int(bad.sum()))
+        maps["rms"] = np.where(maps["rms"] > 0, maps["rms"], np.nan)
+    write_fits_2d(bkg_path, maps["bkg"], image.header)
+    write_fits_2d(rms_path, maps["rms"], image.header)
+    products.record("rms", [bkg_path, rms_path], settings, inputs)
+    return bkg_path, rms_path, np.asarray(maps["rms"], dtype=np.float32)
 
 
 def stage_source_finding(image, opts, products, bkg_path, rms_path, askap_csv=None, fmt="aegean"):
     """ASKAP components: a supplied catalogue, or Aegean/PyBDSF -> ``<stem>_comp.csv``."""
     if askap_csv is not None:
         log.info("ASKAP catalogue supplied: %s (%s format)", askap_csv, fmt)
-        return read_askap_csv(askap_csv, fmt), 99.0, 99.0
+        table = _positive_only(read_askap_csv(askap_csv, fmt), opts["find_negative"], Path(askap_csv).name)
+        return table, 99.0, 99.0
     out = products.path("_comp.csv")
     finder = opts["sourcefinder"]
     settings_file = opts["%s_settings_config" % finder]
@@ -2656,24 +3876,33 @@ def stage_source_finding(image, opts, products, bkg_path, rms_path, askap_csv=No
         det, fill = float(settings["seedclip"]), float(settings["floodclip"])
     else:
         det, fill = 5.0, 3.0
-    if products.done(out):
+    key = {"sourcefinder": finder, "find_negative": opts["find_negative"]}
+    inputs = {"image": image.path, "rms": rms_path, "bkg": bkg_path, "settings_file": settings_file}
+    if products.current("sources", [out], key, inputs):
         return read_askap_csv(out, "aegean"), det, fill
     start = time.perf_counter()
     if finder == "aegean":
-        table = find_sources_aegean(image.path, rms_path, bkg_path, settings_file)
+        table = find_sources_aegean(image.path, rms_path, bkg_path, settings_file, opts["find_negative"])
     elif finder == "pybdsf":
-        table = find_sources_pybdsf(image.path, image.frequency, settings_file)
+        table = find_sources_pybdsf(image.path, image.frequency, settings_file, opts["find_negative"])
     else:
         raise InputError("sourcefinder = selavy needs an existing Selavy catalogue: set "
                          "askap_csv = FILE and askap_csv_format = selavy")
     log.info("%s found %d components in %.1f s", finder, len(table), time.perf_counter() - start)
+    if not len(table):
+        _data_warning("%s found no source in %s (%s); the run goes on with zero ASKAP sources "
+                      "(catalogue sources are still searched)" % (finder, image.path.name, image.plane))
     write_table(table, out, formats=("csv",))
+    products.record("sources", [out], key, inputs)
     return table, det, fill
 
 
 def stage_catalogues(image, opts, products):
-    """Trimmed SUMSS/NVSS catalogues ``<stem>_<survey>_comp.csv`` (first = base survey)."""
-    import pandas as pd
+    """Trimmed SUMSS/NVSS catalogues ``<stem>_<survey>_comp.csv`` (first = base survey).
+
+    A survey that cannot be obtained (Vizier unreachable and no local file) is left out
+    with a warning; with none left the run is source finding only.
+    """
     surveys = determine_catalogues(image.dec, opts["sumss_only"], opts["nvss_only"])
     if not surveys:
         raise InputError("no survey covers dec %.2f with sumss_only=%s nvss_only=%s (SUMSS covers "
@@ -2681,27 +3910,46 @@ def stage_catalogues(image, opts, products):
     catalogues = {}
     for survey in surveys:
         out = products.path("_%s_comp.csv" % survey)
-        if products.done(out):
-            catalogues[survey] = pd.read_csv(out, keep_default_na=False, na_values=["", "nan", "NaN"])
-            catalogues[survey]["mosaic"] = catalogues[survey]["mosaic"].astype(str)
+        local = _expand(opts["%s_csv" % survey], products.stem)
+        settings = {"survey": survey, "local": local, "cache_dir": opts["catalogue_cache_dir"],
+                    "query": None if local else [round(image.ra, 4), round(image.dec, 4), round(image.radius * 1.05, 4)]}
+        inputs = {"image": image.path, "catalogue": local if local is not None and Path(local).is_file() else None}
+        if products.current("catalogue_%s" % survey, [out], settings, inputs):
+            catalogues[survey] = read_table(out)
+            mosaic = catalogues[survey]["mosaic"]
+            catalogues[survey]["mosaic"] = np.where(mosaic.notna(), mosaic.astype(str), "")
             continue
-        full = fetch_survey_catalogue(survey, image.ra, image.dec, image.radius * 1.05,
-                                      local=_expand(opts["%s_csv" % survey], products.stem),
-                                      cache_dir=opts["catalogue_cache_dir"], timeout=opts["vizier_timeout"])
+        try:
+            full = fetch_survey_catalogue(survey, image.ra, image.dec, image.radius * 1.05, local=local,
+                                          cache_dir=opts["catalogue_cache_dir"], timeout=opts["vizier_timeout"])
+        except CatalogueUnavailableError as exc:
+            _data_warning("%s is not available, so it is left out of this run: %s" % (survey.upper(), exc))
+            continue
         trimmed = trim_to_footprint(full, image)
         if trimmed.empty:
-            raise InputError("no %s source lies on %s (checked %d catalogue rows); is the right "
-                             "catalogue given?" % (survey.upper(), image.path.name, len(full)))
+            message = ("no %s source lies on %s (checked %d catalogue rows)"
+                       % (survey.upper(), image.path.name, len(full)))
+            if local is not None:
+                raise InputError(message + "; is the right catalogue given?")
+            _data_warning(message + "; %s is left out" % survey.upper())
+            continue
         write_table(trimmed, out, formats=("csv",))
+        products.record("catalogue_%s" % survey, [out], settings, inputs)
         catalogues[survey] = trimmed
         log.info("%s: %d of %d sources on the image", survey.upper(), len(trimmed), len(full))
+    if not catalogues:
+        _data_warning("no survey catalogue could be had for %s: source finding only (its own catalogue is "
+                      "written; give --sumss-csv/--nvss-csv FILE, or a catalogue_cache_dir filled while "
+                      "online, for the crossmatch)" % image.path.name)
     return catalogues
 
 
 def stage_outputs(askap, catalogues, xms, image, opts, products):
     """Diagnostic plots, overlays, kvis/DS9 annotations."""
     written = make_diagnostic_plots(xms, askap, catalogues, image, products.path(""))
-    if opts["produce_overlays"]:
+    if opts["produce_overlays"] and image.extra.get("catalogue_only"):
+        log.info("no overlay plots in a catalogue-only run (there are no image pixels)")
+    elif opts["produce_overlays"]:
         frames = [(askap.assign(major=askap["a"], minor=askap["b"]), "blue", "ASKAP")]
         for survey, cat in catalogues.items():
             frames.append((cat.assign(major=cat["maj"].fillna(cat["beam_maj"]),
@@ -2728,25 +3976,35 @@ _TRANSIENT_FILES = {"transients_master.csv": None,
                     "transients_sources_no_askap_match.csv": "noaskapmatch",
                     "transients_askap_sources_no_match_should_be_seen.csv": "nocatalogmatch",
                     "transients_good_matches.csv": "match"}
+_NOT_TRANSIENT_KEYS = ("weight_crop_image", "convolved_image", "aegean_settings_config", "pybdsf_settings_config",
+                       "selavy_settings_config", "rms_image", "bkg_image", "write_ann", "produce_overlays",
+                       "vizier_timeout", "catalogue_cache_dir", "sumss_csv", "nvss_csv", "askap_csv")
 
 
-def stage_transients(askap, catalogues, image, opts, products, bkg_path, rms_path, non_conv=None):
+def stage_transients(askap, catalogues, image, opts, products, bkg_path, rms_path, non_conv=None,
+                     inputs=None):
     """Transient search -> ``transients/`` (master, per type, candidates; CSV+FITS+VOTable)."""
-    import pandas as pd
     tdir = products.outdir / "transients"
     master_csv = tdir / "transients_master.csv"
-    if products.done(master_csv):
-        return pd.read_csv(master_csv, keep_default_na=False, na_values=["", "nan", "NaN"])
+    outputs = [master_csv, tdir / "transients_candidates.csv"] + [tdir / n for n in _TRANSIENT_FILES]
+    settings = dict(_pick(opts, "ANALYSIS", "CATALOGUES", "CROSSMATCHING", "TRANSIENTS", exclude=_NOT_TRANSIENT_KEYS),
+                    sumss_only=opts["sumss_only"], nvss_only=opts["nvss_only"], surveys=list(catalogues))
+    inputs = dict(inputs or {}, image=image.path, rms=rms_path, bkg=bkg_path,
+                  bright_sources=opts["bright_sources_csv"])
+    if products.current("transients", outputs, settings, inputs):
+        return read_table(master_csv)
 
     def forced(ra, dec):
-        return forced_photometry(image.path, ra, dec, image.beam, rms_path, bkg_path)
-    master = transient_search(askap, catalogues, image, opts,
-                              forced=forced if opts["forced_photometry"] else None, non_conv=non_conv)
+        return forced_photometry(image.path, ra, dec, image.beam, rms_path, bkg_path, image=image)
+    use_forced = opts["forced_photometry"] and not image.extra.get("catalogue_only")
+    master = transient_search(askap, catalogues, image, opts, forced=forced if use_forced else None,
+                              non_conv=non_conv)
     for name, kind in _TRANSIENT_FILES.items():
         if kind is not None:
             write_table(master[master["transient_type"] == kind], tdir / name)
     write_table(master[master["candidate"]], tdir / "transients_candidates.csv")
-    write_table(master, master_csv)   # last: its existence marks the stage done
+    write_table(master, master_csv)
+    products.record("transients", outputs, settings, inputs)
     return master
 
 
@@ -2757,87 +4015,174 @@ def _database_stage(opts, outdir, image_row, askap, master):
     return image_id
 
 
+class _Timer:
+    """Wall time per named step, for the run summary (``timings_s``)."""
+
+    def __init__(self):
+        self.times = {}
+
+    @contextmanager
+    def __call__(self, name):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = round(self.times.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
 def process_image(image_path, config, overwrite=False, askap_csv=None):
     """Run every stage on one image; returns the run summary (also ``<stem>_summary.json``).
 
     Parameters
     ----------
-    image_path : path
-        ASKAP FITS image (beam in the header).
+    image_path : path or None
+        ASKAP FITS image (2-D, 3-D or 4-D).  ``None`` with ``askap_csv`` (or
+        ``[CATALOGUES] askap_csv``): a catalogue-only run.
     config : Config
-        From :func:`load_config` with ``CONFIG_SCHEMA``.
+        From :func:`load_config` (or :func:`load_parset`) with ``CONFIG_SCHEMA``.
     overwrite : bool
-        Redo stages whose products exist (also set by ``clobber``).
+        Redo every stage (also set by ``clobber``); otherwise a stage is redone only when
+        its recorded inputs or settings differ (:class:`StageLedger`).
+    askap_csv : path, optional
+        This image's existing component catalogue (wins over ``[CATALOGUES] askap_csv``).
     """
     start = time.perf_counter()
     opts = flat_options(config)
-    image_path = Path(image_path)
-    stem = _image_stem(image_path)
+    if image_path is None:
+        askap_csv = Path(askap_csv if askap_csv is not None else opts["askap_csv"] or "")
+        if not askap_csv.is_file():
+            raise InputError("no image, and the ASKAP catalogue %s does not exist; give an image, or "
+                             "--askap-csv FILE for a catalogue-only run" % askap_csv)
+    source = Path(image_path) if image_path is not None else Path(askap_csv)
+    stem = _image_stem(source)
     overwrite = overwrite or opts["clobber"]
-    outdir = output_directory(image_path, opts)
+    outdir = output_directory(source, opts)
     products = Products(outdir, stem, overwrite)
     handler = logging.FileHandler(outdir / ("racs_pipeline_%s.log" % time.strftime("%Y%m%d-%H%M%S")))
     handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
     handler.setLevel(logging.DEBUG)
+    handler._racs_run_handler = True
     log.addHandler(handler)
     try:
-        return _process_image(image_path, config, opts, stem, outdir, products, askap_csv, start)
+        return _process_image(None if image_path is None else Path(image_path), config, opts, stem, outdir,
+                              products, askap_csv, start)
+    except Exception as exc:
+        if not isinstance(exc, ToolError):
+            log.debug("traceback:", exc_info=True)       # into this run's log file
+        raise
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
 def _process_image(image_path, config, opts, stem, outdir, products, askap_csv, start):
-    import getpass
-    import shutil
-    import uuid
-    log.info("processing %s -> %s (racs_pipeline %s)", image_path.name, outdir, __version__)
-    analysis_path, non_conv_path = stage_prepare_image(image_path, opts, products)
-    image = load_image(analysis_path, opts["frequency"], opts["boundary_value"])
-    log.info("%r, rms %.3g mJy/beam", image, image.rms * 1e3)
-    bkg_path, rms_path, rms = stage_rms_maps(image, opts, products)
-    askap_csv = askap_csv if askap_csv is not None else _expand(opts["askap_csv"], stem)
-    table, det_sigma, fill_sigma = stage_source_finding(image, opts, products, bkg_path, rms_path,
-                                                        askap_csv, opts["askap_csv_format"])
-    askap = prepare_askap_catalogue(table, image, opts)
+    timer = _Timer()
+    log.info("processing %s -> %s (racs_pipeline %s)", (image_path or askap_csv).name, outdir, __version__)
+    if image_path is None:
+        image, askap, rms, bkg_path, rms_path, det_sigma, fill_sigma, non_conv_path = \
+            _catalogue_only_inputs(Path(askap_csv), opts, timer)
+        non_conv = None
+        opts, resolved = resolve_scaled_defaults(opts, image)
+        askap = prepare_askap_catalogue(askap, image, opts)
+    else:
+        with timer("image"):
+            image, non_conv_path = stage_image(image_path, opts, products)
+        log.info("%r, rms %.3g mJy/beam", image, image.rms * 1e3)
+        opts, resolved = resolve_scaled_defaults(opts, image)
+        with timer("rms_maps"):
+            bkg_path, rms_path, rms = stage_rms_maps(image, opts, products)
+        askap_csv = askap_csv if askap_csv is not None else _expand(opts["askap_csv"], stem)
+        with timer("source_finding"):
+            table, det_sigma, fill_sigma = stage_source_finding(image, opts, products, bkg_path, rms_path,
+                                                                askap_csv, opts["askap_csv_format"])
+        askap = prepare_askap_catalogue(table, image, opts)
     islands_csv = _expand(opts["askap_islands_csv"], stem)
     if islands_csv is not None:
         askap["island_size"] = island_sizes(askap, islands_csv)
+    non_conv = None
     if non_conv_path is not None:
-        askap, non_conv = _link_non_convolved(askap, non_conv_path, opts, products)
-    else:
-        non_conv = None
-    write_table(askap, products.path("_askap_catalogue.csv"))
-    catalogues = {s: prepare_survey_catalogue(c, s, image, opts, rms)
-                  for s, c in stage_catalogues(image, opts, products).items()}
-    xms = {}
-    for survey, cat in catalogues.items():
-        xms[survey] = diagnostic_crossmatch(askap, cat, survey, image, opts)
-        write_table(xms[survey], products.path("_%s_askap_crossmatch_diagnostic.csv" % survey))
-    plots = stage_outputs(askap, catalogues, xms, image, opts, products)
+        with timer("source_finding"):
+            askap, non_conv = _link_non_convolved(askap, non_conv_path, opts, products)
+    askap_catalogue = products.path("_askap_catalogue.csv")
+    write_table(askap, askap_catalogue)
+    with timer("catalogues"):
+        raw = stage_catalogues(image, opts, products)
+        catalogues = {s: prepare_survey_catalogue(c, s, image, opts, rms) for s, c in raw.items()}
+    with timer("crossmatch"):
+        xms = {}
+        for survey, cat in catalogues.items():
+            xms[survey] = diagnostic_crossmatch(askap, cat, survey, image, opts)
+            write_table(xms[survey], products.path("_%s_askap_crossmatch_diagnostic.csv" % survey))
+    with timer("plots"):
+        plots = stage_outputs(askap, catalogues, xms, image, opts, products)
     master = None
-    if opts["transients"]:
-        master = stage_transients(askap, catalogues, image, opts, products, bkg_path, rms_path, non_conv)
-        if opts["postage_stamps"]:
-            selection = master if opts["postage_stamp_selection"] == "all" else master[master["candidate"]]
-            make_postage_stamps(selection, image.path, {"sumss": opts["sumss_mosaic_dir"],
-                                                        "nvss": opts["nvss_mosaic_dir"]},
-                                outdir / "postage-stamps", opts["postage_stamp_radius"],
-                                opts["postage_stamp_zscale_contrast"],
-                                opts["postage_stamp_ncores"] or max(1, (os.cpu_count() or 2) // 2),
-                                image.beam)
-            master = master.copy()
-            stamped = master["master_name"].isin(selection["master_name"])
-            master["ploturl"] = np.where(stamped, "postage-stamps/source_" + master["master_name"].astype(str)
-                                         + "_postagestamps.jpg", "N/A")
+    if opts["transients"] and catalogues:
+        inputs = {"askap_catalogue": askap_catalogue, "islands": islands_csv,
+                  **{"catalogue_%s" % s: products.path("_%s_comp.csv" % s) for s in catalogues}}
+        with timer("transients"):
+            master = stage_transients(askap, catalogues, image, opts, products, bkg_path, rms_path, non_conv,
+                                      inputs)
+        master = _postage_stamps(master, image, opts, outdir, timer)
+    elif opts["transients"]:
+        log.warning("no survey catalogue: the transient search is skipped")
     elif opts["postage_stamps"]:
         log.warning("postage_stamps needs transients = true (the stamps show the transient table)")
+    summary = _run_summary(image_path, image, askap, catalogues, xms, master, plots, opts, outdir,
+                           det_sigma, fill_sigma, resolved, askap_csv)
+    if opts["db_inject"]:
+        with timer("database"):
+            summary["db_image_id"] = _database_stage(opts, outdir, _image_row(summary, image, config, opts,
+                                                                              non_conv_path, master),
+                                                     askap, None if master is None else
+                                                     master.assign(usertag="N/A", userreason="N/A", checkedby="N/A"))
+    _copy_to_website(opts, outdir, summary.get("db_image_id", stem))
+    summary["stages"] = dict(products.ledger.status)
+    summary["timings_s"] = timer.times
+    summary["runtime_s"] = round(time.perf_counter() - start, 2)
+    with atomic_output(products.path("_summary.json"), overwrite=True) as stream:
+        json.dump(_jsonable(summary), stream, indent=2, default=str)
+    with atomic_output(outdir / "config_used.in", overwrite=True) as stream:
+        stream.write("# racs_pipeline %s: %s\n" % (__version__, " ".join(sys.argv)))
+        stream.write("# automatic values: %s\n" % (", ".join("%s = %s" % kv for kv in resolved.items()) or "none"))
+        stream.write(_config_as_ini(config))
+    log.info("%s done in %.1f s: %s", (image_path or askap_csv).name, summary["runtime_s"],
+             {k: summary[k] for k in ("n_askap", "n_candidates") if k in summary})
+    return summary
+
+
+def _postage_stamps(master, image, opts, outdir, timer):
+    if not opts["postage_stamps"]:
+        return master
+    if image.extra.get("catalogue_only"):
+        log.warning("no postage stamps in a catalogue-only run (there is no ASKAP image)")
+        return master
+    selection = master if opts["postage_stamp_selection"] == "all" else master[master["candidate"]]
+    with timer("stamps"):
+        make_postage_stamps(selection, image.path, {"sumss": opts["sumss_mosaic_dir"], "nvss": opts["nvss_mosaic_dir"]},
+                            outdir / "postage-stamps", opts["postage_stamp_radius"],
+                            opts["postage_stamp_zscale_contrast"],
+                            opts["postage_stamp_ncores"] or max(1, (os.cpu_count() or 2) // 2), image.beam)
+    master = master.copy()
+    stamped = master["master_name"].isin(selection["master_name"])
+    master["ploturl"] = np.where(stamped, "postage-stamps/source_" + master["master_name"].astype(str)
+                                 + "_postagestamps.jpg", "N/A")
+    return master
+
+
+def _run_summary(image_path, image, askap, catalogues, xms, master, plots, opts, outdir, det_sigma, fill_sigma,
+                 resolved, askap_csv):
+    mode = ("catalogue only" if image_path is None else "source finding only" if not catalogues else "full")
     summary = {
-        "image": str(image_path), "analysis_image": str(image.path), "output_dir": str(outdir),
+        "image": str(image_path) if image_path is not None else None,
+        "askap_csv": str(askap_csv) if askap_csv is not None else None, "mode": mode,
+        "analysis_image": str(image.path), "plane": image.plane, "date_obs": image.date_obs,
+        "checksum": file_digest(image.source_path), "output_dir": str(outdir),
         "version": __version__, "frequency_hz": image.frequency, "ra": image.ra, "dec": image.dec,
         "beam_arcsec": [image.beam[0] * 3600, image.beam[1] * 3600, image.beam[2]],
         "rms_jy": image.rms, "surveys": list(catalogues), "matched_to": matched_to_label(list(catalogues)),
-        "aegean_det_sigma": det_sigma, "aegean_fill_sigma": fill_sigma,
+        "aegean_det_sigma": det_sigma, "aegean_fill_sigma": fill_sigma, "resolved_defaults": resolved,
+        "diagnostic_max_separation": opts["diagnostic_max_separation"],
+        "transient_max_separation": opts["transient_max_separation"],
         "n_askap": len(askap), **{"n_%s" % s: len(c) for s, c in catalogues.items()},
         "n_good_matches": {s: int(x["good"].sum()) for s, x in xms.items()},
         "median_flux_ratio": {s: float(np.nanmedian(x.loc[x["good"], "flux_ratio"])) if x["good"].any()
@@ -2849,48 +4194,138 @@ def _process_image(image_path, config, opts, stem, outdir, products, askap_csv, 
         summary["transient_types"] = master["transient_type"].value_counts().to_dict()
         summary["n_candidates"] = int(master["candidate"].sum())
         summary["candidates"] = master.loc[master["candidate"], "transient_class"].value_counts().to_dict()
-    if opts["db_inject"]:
-        image_row = {"unique_tag": str(uuid.uuid4()), "name": image_path.name, "description": opts["db_tag"],
-                     "ra": image.ra, "dec": image.dec, "runtime": time.strftime("%Y-%m-%d %H:%M:%S"),
-                     "url": str(image_path), "url_2": str(non_conv_path) if non_conv_path else "N/A",
-                     "runby": getpass.getuser(), "number_askap_sources": len(askap),
-                     "number_sumss_sources": len(catalogues.get("sumss", ())),
-                     "number_nvss_sources": len(catalogues.get("nvss", ())), "rms": image.rms,
-                     "frequency": image.frequency,
-                     "transients_master_total": 0 if master is None else len(master),
-                     "number_candidates": summary.get("n_candidates", 0),
-                     "matched_to": summary["matched_to"], "claimed_by": "Unclaimed",
-                     "number_candidates_checked": 0, "output_dir": str(outdir),
-                     "settings": json.dumps(config.as_dict(), default=str)}
-        if master is not None:
-            master = master.assign(usertag="N/A", userreason="N/A", checkedby="N/A")
-        summary["db_image_id"] = _database_stage(opts, outdir, image_row, askap, master)
-    if opts["website_media_dir"]:
-        media = Path(opts["website_media_dir"]) / str(summary.get("db_image_id", stem))
-        media.mkdir(parents=True, exist_ok=True)
-        for png in outdir.glob("*.png"):
-            shutil.copy2(png, media)
-        if (outdir / "postage-stamps").is_dir():
-            shutil.copytree(outdir / "postage-stamps", media / "stamps", dirs_exist_ok=True)
-    summary["runtime_s"] = round(time.perf_counter() - start, 2)
-    with atomic_output(products.path("_summary.json"), overwrite=True) as stream:
-        json.dump(summary, stream, indent=2, default=str)
-    with atomic_output(outdir / "config_used.in", overwrite=True) as stream:
-        stream.write("# racs_pipeline %s: %s\n" % (__version__, " ".join(sys.argv)))
-        stream.write(_config_as_ini(config))
-    log.info("%s done in %.1f s: %s", image_path.name, summary["runtime_s"],
-             {k: summary[k] for k in ("n_askap", "n_candidates") if k in summary})
     return summary
+
+
+def _image_row(summary, image, config, opts, non_conv_path, master):
+    import getpass
+    import uuid
+    settings = dict(config.as_dict(), resolved_defaults=summary["resolved_defaults"])
+    return {"unique_tag": str(uuid.uuid4()), "name": image.source_path.name, "description": opts["db_tag"],
+            "ra": image.ra, "dec": image.dec, "runtime": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "url": str(Path(image.source_path).resolve()), "url_2": str(non_conv_path) if non_conv_path else "N/A",
+            "runby": getpass.getuser(), "number_askap_sources": summary["n_askap"],
+            "number_sumss_sources": summary.get("n_sumss", 0), "number_nvss_sources": summary.get("n_nvss", 0),
+            "rms": image.rms, "frequency": image.frequency,
+            "transients_master_total": 0 if master is None else len(master),
+            "number_candidates": summary.get("n_candidates", 0), "matched_to": summary["matched_to"],
+            "claimed_by": "Unclaimed", "number_candidates_checked": 0, "output_dir": summary["output_dir"],
+            "settings": json.dumps(_jsonable(settings), default=str), "checksum": summary["checksum"],
+            "plane": image.plane, "date_obs": image.date_obs, "analysis_image": str(image.path),
+            "mode": summary["mode"]}
+
+
+def _copy_to_website(opts, outdir, image_id):
+    import shutil
+    if not opts["website_media_dir"]:
+        return
+    media = Path(opts["website_media_dir"]) / str(image_id)
+    media.mkdir(parents=True, exist_ok=True)
+    for png in outdir.glob("*.png"):
+        shutil.copy2(png, media)
+    if (outdir / "postage-stamps").is_dir():
+        shutil.copytree(outdir / "postage-stamps", media / "stamps", dirs_exist_ok=True)
+
+
+def _catalogue_only_inputs(askap_csv, opts, timer):
+    """Catalogue-only run: the field outlined by the catalogue, its own local rms, no pixels."""
+    with timer("image"):
+        table = _positive_only(read_askap_csv(askap_csv, opts["askap_csv_format"]), opts["find_negative"],
+                               askap_csv.name)
+        image = catalogue_footprint(table, askap_csv, opts)
+        rms = image.extra["rms_map"]
+    log.info("catalogue-only run on %s (%d components): %r; no forced photometry", askap_csv.name, len(table), image)
+    return image, table, rms, None, None, 99.0, 99.0, None
+
+
+def catalogue_footprint(table, path, opts):
+    """A stand-in image for a catalogue without its image.
+
+    The field is the convex hull of the components (tangent-plane projection about their
+    mean position, pixels of a third of the beam, at most ~1000 across), blank outside;
+    the local rms at any point is that of the nearest component (``local_rms``).  The
+    beam comes from the catalogue's psf_a/psf_b/psf_pa (Aegean) or ``beam``; the
+    frequency from ``frequency``.
+
+    Raises
+    ------
+    InputError
+        Fewer than 3 components, no frequency, or no beam.
+    """
+    from astropy.wcs import WCS
+    from scipy.ndimage import distance_transform_edt
+    from scipy.spatial import Delaunay, QhullError, cKDTree
+    if len(table) < 3:
+        raise InputError("%s has %d component(s); a catalogue-only run needs at least 3 to outline the field"
+                         % (path, len(table)))
+    if opts["frequency"] is None:
+        raise InputError("a catalogue-only run needs the image frequency: give [ANALYSIS] frequency = HZ or "
+                         "--frequency 887.5e6 (there is no image header to read it from)")
+    beam = _catalogue_beam(table, opts["beam"], path)
+    v = _unit_vectors(table["ra"], table["dec"]).mean(axis=0)
+    ra0, dec0 = math.degrees(math.atan2(v[1], v[0])) % 360.0, math.degrees(math.atan2(v[2], math.hypot(v[0], v[1])))
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype, wcs.wcs.crval = ["RA---TAN", "DEC--TAN"], [ra0, dec0]
+    wcs.wcs.crpix, wcs.wcs.cdelt = [1.0, 1.0], [1.0, 1.0]          # pixels = tangent-plane degrees
+    x, y = wcs.wcs_world2pix(table["ra"].to_numpy(float), table["dec"].to_numpy(float), 0)
+    extent = max(np.abs(x).max(), np.abs(y).max()) + 2 * beam[0]
+    scale = max(beam[0] / 3.0, extent / 500.0)
+    half = int(math.ceil(extent / scale))
+    wcs.wcs.cdelt, wcs.wcs.crpix = [-scale, scale], [half + 1.0, half + 1.0]
+    px, py = wcs.wcs_world2pix(table["ra"].to_numpy(float), table["dec"].to_numpy(float), 0)
+    gy, gx = np.mgrid[0:2 * half + 1, 0:2 * half + 1]
+    grid = np.column_stack([gx.ravel(), gy.ravel()]).astype(float)
+    try:
+        hull = (Delaunay(np.column_stack([px, py])).find_simplex(grid) >= 0).reshape(gx.shape)
+    except QhullError:
+        raise InputError("%s: the components lie on a line; a catalogue-only run needs a 2-D field" % path) from None
+    tree = cKDTree(np.column_stack([px, py]))
+    # the field reaches about one source spacing beyond the outermost components
+    spacing = float(np.median(tree.query(np.column_stack([px, py]), k=2)[0][:, 1]))
+    inside = distance_transform_edt(~hull) <= spacing
+    _, nearest = tree.query(grid)
+    local = table["local_rms"].to_numpy(float)[nearest]
+    shape = gx.shape
+    data = np.where(inside, 0.0, np.nan).astype(np.float32)
+    header = wcs.to_header()
+    header["BMAJ"], header["BMIN"], header["BPA"] = beam
+    header["RESTFRQ"] = float(opts["frequency"])
+    image = ImageInfo(Path(path), data, header, wcs, beam, float(opts["frequency"]), ra0, dec0,
+                      0.5 * math.hypot(*shape) * scale, scale, "nan", source_path=Path(path), plane="catalogue")
+    image.rms = float(np.nanmedian(_valid_rms(table["local_rms"])))
+    image.extra["rms_map"] = np.where(inside, local.reshape(shape), np.nan).astype(np.float32)
+    image.extra["catalogue_only"] = True
+    image.extra["beyond_hull"] = (~hull).astype(np.uint8)      # "edge": beyond the outermost components
+    log.info("catalogue footprint: convex hull of %d components grown by their median spacing %.1f\"",
+             len(table), spacing * scale * 3600.0)
+    return image
+
+
+def _catalogue_beam(table, option, path):
+    if {"psf_a", "psf_b"} <= set(table.columns) and np.isfinite(table["psf_a"]).any():
+        pa = table["psf_pa"] if "psf_pa" in table.columns else 0.0
+        beam = (float(np.nanmedian(table["psf_a"])) / 3600.0, float(np.nanmedian(table["psf_b"])) / 3600.0,
+                float(np.nanmedian(pa)) if np.size(pa) > 1 else 0.0)
+        if beam[0] > 0 and beam[1] > 0:
+            return beam
+    if option:
+        return (option[0] / 3600.0, option[1] / 3600.0, float(option[2]) if len(option) > 2 else 0.0)
+    raise InputError("%s has no psf_a/psf_b columns; give the restoring beam of its image with "
+                     "[ANALYSIS] beam = BMAJ, BMIN, BPA (arcsec, arcsec, deg) or --beam 15,12,0" % path)
 
 
 def _link_non_convolved(askap, non_conv_path, opts, products):
     """Convolved mode: nearest non-convolved component of every convolved one (non_conv_*)."""
-    info = load_image(non_conv_path, opts["frequency"], opts["boundary_value"])
-    sub = Products(products.outdir, products.stem + ".nonconv", products.overwrite)
-    bkg, rms, _ = stage_rms_maps(info, opts, sub)
+    info = load_image(non_conv_path, boundary_value=opts["boundary_value"])
+    sub = Products(products.outdir, products.stem + ".nonconv", products.overwrite, products.ledger, "nonconv:")
+    sub_opts = dict(opts, rms_box=None, edge_margin=None, diagnostic_max_separation=None,
+                    transient_max_separation=None, postage_stamp_radius=None)
+    sub_opts, _ = resolve_scaled_defaults(sub_opts, info)
+    sub_opts["rms_box"] = opts["rms_box"] if opts["rms_box"] else sub_opts["rms_box"]
+    bkg, rms, _ = stage_rms_maps(info, sub_opts, sub)
     given = _expand(opts["convolved_non_conv_askap_csv"], products.stem)
-    table, _, _ = stage_source_finding(info, opts, sub, bkg, rms, given, opts["askap_csv_format"])
-    non = prepare_askap_catalogue(table, info, opts)
+    table, _, _ = stage_source_finding(info, sub_opts, sub, bkg, rms, given, opts["askap_csv_format"])
+    non = prepare_askap_catalogue(table, info, sub_opts)
     islands = _expand(opts["convolved_non_conv_askap_islands_csv"], products.stem)
     if islands is not None:
         non["island_size"] = island_sizes(non, islands)
@@ -2915,7 +4350,8 @@ def _config_as_ini(config):
     for section, values in config.as_dict().items():
         lines.append("[%s]" % section)
         for key, value in values.items():
-            text = "" if value is None else (str(value).lower() if isinstance(value, bool) else str(value))
+            text = "" if value is None else (str(value).lower() if isinstance(value, bool) else
+                                             ", ".join(map(str, value)) if isinstance(value, list) else str(value))
             lines.append(("%s = %s" % (key, text)).rstrip())
         lines.append("")
     return "\n".join(lines)
@@ -2924,18 +4360,34 @@ def _config_as_ini(config):
 def process_images(images, config, overwrite=False, askap_csvs=None):
     """Process several images; a failing image is logged and the others continue.
 
-    Returns ``(summaries, failures)`` with failures ``[(image, message)]``.
+    Any error of one image (bad input, or an unexpected exception, whose traceback goes
+    to the debug log) is recorded and the batch goes on.
+
+    Returns
+    -------
+    summaries : list of dict
+    failures : list of (image, message)
     """
     summaries, failures = [], []
     for k, image in enumerate(images):
+        label = image if image is not None else askap_csvs[k]
         try:
             summaries.append(process_image(image, config, overwrite,
                                            None if askap_csvs is None else askap_csvs[k]))
         except ToolError as exc:
             if len(images) == 1:
                 raise
-            log.error("%s failed: %s", image, exc)
-            failures.append((str(image), str(exc)))
+            log.error("%s failed: %s", label, exc)
+            failures.append((str(label), str(exc)))
+        except Exception as exc:  # noqa: BLE001 - one broken image must not stop a survey batch
+            message = "%s: %s (traceback in the run's log file)" % (type(exc).__name__, exc)
+            if len(images) == 1:
+                raise ToolError("%s failed: %s" % (label, message)) from exc
+            log.error("%s failed: %s", label, message)
+            failures.append((str(label), message))
+    if len(images) > 1:
+        log.info("batch: %d of %d images processed%s", len(summaries), len(images),
+                 "; failed: " + "; ".join("%s (%s)" % f for f in failures) if failures else "")
     return summaries, failures
 
 
@@ -2955,9 +4407,41 @@ class _SetOption(argparse.Action):
         namespace.set = items
 
 
+_PROCESS_EPILOG = """\
+Modes
+  IMAGE...                 full run per image: source finding, crossmatch, transients
+  --askap-csv FILE, no IMAGE  catalogue-only run (crossmatch, ratios, candidates; no
+                           forced photometry): needs --frequency, and --beam unless the
+                           catalogue has psf_a/psf_b
+  no survey catalogue      (Vizier unreachable, no --sumss-csv/--nvss-csv): source finding
+                           only, with a warning; exit 0
+Images
+  2-D, 3-D or 4-D FITS (RA, Dec first; degenerate FREQ/STOKES axes are squeezed).  A cube
+  needs --channel N or --channel mfs; several Stokes planes: --stokes (default I).  Beam:
+  the beam table (cubes), BMAJ/BMIN/BPA, AIPS history, or --beam BMAJ,BMIN,BPA (arcsec,
+  arcsec, deg).  Frequency: the FREQ axis, then RESTFRQ/RESTFREQ, then --frequency HZ
+  (--frequency against a header that has one: the header wins, with a warning, unless
+  --force).
+Automatic defaults (unset keys scale with the data)
+  diagnostic radius max(5", beam/3); transient radius max(45", beam); edge margin
+  max(1', 4 beams); rms box 30 beams (<= 1/3 of the image); stamps max(13', 52 beams).
+Re-runs
+  Each stage records its settings and the SHA-256 of its inputs in
+  <output>/racs_stages.json and is redone whenever they change; --overwrite redoes all.
+Paths in a parset are relative to the parset's folder; on the command line, to the
+current directory.
+
+""" + CATALOGUE_FORMATS_HELP
+
+
 def _process_arguments(parser):
-    parser.add_argument("images", nargs="*", metavar="IMAGE", help="ASKAP FITS images")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _PROCESS_EPILOG
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="ASKAP FITS images (2-D, 3-D or 4-D); none with --askap-csv: catalogue-only run")
     parser.add_argument("--cite", action="store_true", help="print what to cite and exit")
+    parser.add_argument("--force", action="store_true",
+                        help="use --frequency even when the image header has a frequency (= --force-frequency)")
     group = parser.add_argument_group("parset keys (each overrides the parset)")
     for entry in CONFIG_SCHEMA:
         flag = "--" + entry.key.replace("_", "-")
@@ -2984,20 +4468,24 @@ def _apply_general(opts, args):
 
 
 def _process_command(args, config):
+    import warnings
     if args.cite:
         print(CITATION)
         return EXIT_OK
-    if not args.images:
-        raise InputError("no image given: python racs_pipeline.py process -c parset.in IMAGE.fits [...]")
     opts = flat_options(config)
+    images, csvs = [Path(p) for p in args.images], None
+    if not images:
+        if opts["askap_csv"] is None or "{stem}" in str(opts["askap_csv"]):
+            raise InputError("no image given: python racs_pipeline.py process -c parset.in IMAGE.fits [...], "
+                             "or --askap-csv FILE (and no image) for a catalogue-only run")
+        images, csvs = [None], [opts["askap_csv"]]
     _apply_general(opts, args)
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise InputError("image(s) not found: %s" % ", ".join(missing))
     log.info("racs_pipeline %s; configuration %r", __version__, config)
-    summaries, failures = process_images([Path(p) for p in args.images], config, args.overwrite)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RacsDataWarning)      # already in the log (_data_warning)
+        summaries, failures = process_images(images, config, args.overwrite, csvs)
     if failures:
-        log.error("%d of %d images failed", len(failures), len(args.images))
+        log.error("%d of %d images failed: %s", len(failures), len(images), ", ".join(f[0] for f in failures))
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -3006,6 +4494,63 @@ SUBCOMMANDS = {
     "process": ("process ASKAP images: find sources, crossmatch, search for transients",
                 _process_command, _process_arguments),
 }
+
+
+def _command_line_keys(argv):
+    """Schema keys set on the command line (``--key-name`` or ``--set SECTION.key=``)."""
+    flags = {"--" + k.key.replace("_", "-"): k.key for k in CONFIG_SCHEMA}
+    keys = set()
+    for k, word in enumerate(argv):
+        head = word.split("=", 1)[0]
+        if head in flags:
+            keys.add(flags[head])
+        elif head == "--set":
+            item = word.split("=", 1)[1] if "=" in word and word.startswith("--set=") else \
+                (argv[k + 1] if k + 1 < len(argv) else "")
+            keys.add(item.partition("=")[0].partition(".")[2].strip().lower())
+    return keys
+
+
+def resolve_parset_paths(config, parset, keep=()):
+    """Make the relative path keys read from ``parset`` relative to the parset's folder.
+
+    Keys in ``keep`` (given on the command line) stay relative to the current directory.
+    ``{stem}`` templates are kept.  Modifies and returns ``config``.
+    """
+    base = Path(parset).resolve().parent
+    for entry in config.schema:
+        if entry.type != "path" or entry.key.lower() in keep:
+            continue
+        value = config[entry.section][entry.key]
+        if value is not None and not Path(value).is_absolute():
+            config._values[entry.section][entry.key] = Path(os.path.normpath(base / value))
+    return config
+
+
+def _path_resolver(keep):
+    def validator(config):
+        if config.sources:
+            resolve_parset_paths(config, config.sources[0], keep)
+        return []
+    return validator
+
+
+def load_parset(path=None, overrides=None):
+    """Load and validate a parset the way the command line does (paths relative to it).
+
+    Parameters
+    ----------
+    path : path, optional
+        INI/TOML parset; None for the defaults.
+    overrides : dict, optional
+        ``{(section, key): raw value}``; these stay relative to the current directory.
+
+    Returns
+    -------
+    Config
+    """
+    keep = {key.lower() for _, key in (overrides or {})}
+    return load_config(CONFIG_SCHEMA, path, overrides, (_path_resolver(keep), _cross_key_checks))
 
 
 def main(argv=None):
@@ -3018,11 +4563,13 @@ def main(argv=None):
     """
     parser = build_cli(__doc__.strip().splitlines()[0], SUBCOMMANDS, __version__, CONFIG_SCHEMA)
     argv = _bare_booleans(list(sys.argv[1:] if argv is None else argv))
-    return run_cli(parser, argv, validators=(_cross_key_checks,))
+    validators = (_path_resolver(_command_line_keys(argv)), _cross_key_checks)
+    return run_cli(parser, argv, validators=validators)
 
 
 def _bare_booleans(argv):
-    """``--transients`` alone means ``--transients true``.
+    """``--transients`` alone means ``--transients true``; ``--force`` means
+    ``--force-frequency true``.
 
     A boolean flag takes the next word as its value unless that word is another option
     or an image (ends in .fits or names an existing file); so ``--clobber maybe`` is
@@ -3031,6 +4578,9 @@ def _bare_booleans(argv):
     flags = {"--" + k.key.replace("_", "-") for k in CONFIG_SCHEMA if k.type == "bool"}
     out = []
     for k, word in enumerate(argv):
+        if word == "--force":
+            out += ["--force-frequency", "true"]
+            continue
         out.append(word)
         if word in flags:
             nxt = argv[k + 1] if k + 1 < len(argv) else None

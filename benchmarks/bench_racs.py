@@ -10,8 +10,8 @@ nearest neighbour in catalogue 2 within 45"), side by side:
 * PostgreSQL + Q3C: ``q3c_join`` with a LATERAL nearest-neighbour query on indexed
   tables (loading and indexing timed separately).
 
-Then the whole pipeline (simulate -> Aegean -> crossmatch -> transients -> database) on a
-simulated 4k x 4k ASKAP-like image.
+Then the whole pipeline (simulate -> Aegean -> crossmatch -> transients -> stamps -> database)
+on a simulated 4k x 4k ASKAP-like image, with the time of each step.
 
 Run: ``.venv/bin/python benchmarks/bench_racs.py [--sizes 1e4 1e5 1e6] [--e2e-size 4000]``.
 Without TOOLKIT_PG_URL the script re-runs itself under tests/with_postgres.sh.
@@ -123,22 +123,27 @@ def bench_crossmatch(sizes, pg_url, repeat):
 
 
 def bench_end_to_end(size, workdir):
+    """Simulate a size x size field, run the whole pipeline (stamps of the candidates
+    included) and report where the time goes (the run summary's ``timings_s``)."""
+    import json
     import simulate_racs as sim_mod
     scale = (size / 1000.0) ** 2
     start = time.perf_counter()
     sim = sim_mod.simulate_field(Path(workdir) / "e2e", size=size, n_faint=int(150 * scale),
-                                 n_bright=int(150 * scale), mosaic=False, name="askap_%d" % size)
+                                 n_bright=int(150 * scale), mosaic=True, name="askap_%d" % size)
     t_sim = time.perf_counter() - start
-    parset = sim_mod.write_parset(sim, Path(workdir) / "e2e" / "parset.in", overlays=True, stamps=False)
+    parset = sim_mod.write_parset(sim, Path(workdir) / "e2e" / "parset.in", overlays=True, stamps=True)
     start = time.perf_counter()
     code = racs.main(["process", "-q", "-c", str(parset), "--overwrite", str(sim["image"])])
     t_run = time.perf_counter() - start
-    import json
     stem = Path(sim["image"]).stem
     summary = json.loads((Path(sim["image"]).parent / (stem + "_results") / (stem + "_summary.json")).read_text())
-    return {"image": "%dx%d" % (size, size), "sources": len(sim["truth"]), "simulate_s": t_sim,
-            "pipeline_s": t_run, "exit_code": code, "n_askap": summary["n_askap"],
-            "n_candidates": summary["n_candidates"]}
+    row = {"image": "%dx%d" % (size, size), "sources": len(sim["truth"]), "simulate_s": t_sim,
+           "pipeline_s": t_run, "exit_code": code, "n_askap": summary["n_askap"],
+           "n_candidates": summary["n_candidates"]}
+    row.update({"t_%s" % k: v for k, v in summary["timings_s"].items()})
+    row["t_other"] = t_run - sum(summary["timings_s"].values())      # imports, tables, summary
+    return row
 
 
 def main(argv=None):
@@ -165,6 +170,9 @@ def main(argv=None):
         print("\nEnd to end (simulate, Aegean, crossmatch, transients, plots, SQLite)\n")
         print(markdown_table(e2e, ["image", "sources", "simulate_s", "pipeline_s", "n_askap", "n_candidates",
                                    "exit_code"]))
+        stages = [k for k in e2e[0] if k.startswith("t_")]
+        print("\nWhere the time goes (s)\n")
+        print(markdown_table(e2e, ["image"] + stages))
     if not e2e:      # keep the last end-to-end rows when only the crossmatch was re-run
         import json
         from benchutil import RESULTS_DIR

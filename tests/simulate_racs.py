@@ -39,6 +39,8 @@ def _gaussian_sum(shape, x, y, peak, sx, sy, theta, half=None):
         x0, y0 = int(round(xi)), int(round(yi))
         ys = slice(max(0, y0 - half), min(ny, y0 + half + 1))
         xs = slice(max(0, x0 - half), min(nx, x0 + half + 1))
+        if ys.start >= ys.stop or xs.start >= xs.stop:
+            continue                                  # beyond this image
         yy, xx = np.mgrid[ys, xs]
         dx, dy = xx - xi, yy - yi
         u = dx * ct + dy * st
@@ -84,27 +86,89 @@ def _place(rng, n, size, min_sep_px, radius_px, taken=None, taken_sep_px=0.0):
     return np.array(out)
 
 
+def template_header(template, size):
+    """A real ASKAP header (``template`` FITS file) resized to ``size`` x ``size`` pixels.
+
+    Every card of the real header is kept (4-D layout, FREQ/STOKES axes, DATE-OBS, the
+    reference pixel, negative CRVAL1...) except NAXIS1/NAXIS2, which become ``size``;
+    CRPIX1/2 move by half the size change so the real image position stays at the
+    centre.  Returns ``(header, beam_table)`` with the cube's ``BEAMS`` HDU (or None).
+    """
+    from astropy.io import fits
+    with fits.open(template) as hdul:
+        header = hdul[0].header.copy()
+        beams = hdul["BEAMS"].copy() if "BEAMS" in hdul else None
+    for axis in (1, 2):
+        header["CRPIX%d" % axis] += (size - header["NAXIS%d" % axis]) / 2.0
+        header["NAXIS%d" % axis] = size
+    return header, beams
+
+
+def _template_beams(header, beams, nchan):
+    """(nchan, 3) beams in arcsec/deg and a validity mask, from the beam table or BMAJ/BMIN."""
+    if beams is None:
+        one = (header["BMAJ"] * 3600.0, header["BMIN"] * 3600.0, header.get("BPA", 0.0))
+        return np.tile(one, (nchan, 1)), np.ones(nchan, bool)
+    table = np.column_stack([np.asarray(beams.data[c], float) for c in ("BMAJ", "BMIN", "BPA")])
+    return table, (table[:, 0] > 1e-3) & (table[:, 1] > 1e-3)
+
+
+def _channel_noise_pattern(template, nchan):
+    """Per-channel rms of the real template divided by its median (1 for a single plane)."""
+    from astropy.io import fits
+    if nchan == 1:
+        return np.ones(1)
+    data = np.asarray(fits.getdata(template), float).reshape(nchan, -1)
+    rms = np.nanstd(data, axis=1)
+    return rms / np.nanmedian(rms[rms > 0])
+
+
 def simulate_field(outdir, size=1000, n_faint=150, n_bright=150, n_transients=3, rms=0.25e-3,
                    ra0=0.2, dec0=-35.0, seed=7, pix_arcsec=2.5, beam=(15.0, 12.0, 30.0),
-                   mosaic=True, name="askap_sim"):
+                   mosaic=True, name="askap_sim", template=None, zero_patches=()):
     """Write the simulated image, catalogues, mosaic and truth table to ``outdir``.
+
+    Parameters
+    ----------
+    template : path, optional
+        A real ASKAP FITS file (``tests/data/askap``) whose header the image keeps
+        (:func:`template_header`): its position, pixel size, beam, frequency, axis layout
+        (4-D; a cube gets every channel painted with that channel's beam, flux
+        S(nu) ~ nu^-0.8, the template's per-channel noise pattern, and blank beams as
+        zero-filled planes) replace ``ra0, dec0, pix_arcsec, beam``.
+    zero_patches : sequence of (x0, x1, y0, y1)
+        Pixel boxes set exactly to 0 (zero-filled regions, as mosaics have).
 
     Returns
     -------
     dict
         Paths ('image', 'sumss_csv', 'nvss_csv', 'truth_csv', 'sumss_mosaic_dir') and the
-        truth table ('truth', a DataFrame with ra, dec, kind, askap_flux, sumss_flux,
-        nvss_flux, in_sumss, in_nvss) plus the image 'rms'.
+        truth table ('truth', a DataFrame with ra, dec, kind, askap_flux (at the image's
+        reference frequency), sumss_flux, nvss_flux, in_catalogues) plus the image 'rms',
+        'frequency' (Hz) and, for a cube, 'channel_freqs' and 'channel_beams'.
     """
     import pandas as pd
     from astropy.io import fits
     from astropy.wcs import WCS
-    from scipy.ndimage import gaussian_filter
     rng = np.random.default_rng(seed)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    header = _header(size, pix_arcsec, ra0, dec0, *beam, ASKAP_FREQ)
-    wcs = WCS(header)
+    beam_table = None
+    if template is not None:
+        header, beam_table = template_header(template, size)
+        wcs = WCS(header).celestial
+        pix_arcsec = abs(header["CDELT2"]) * 3600.0
+        nchan = int(header.get("NAXIS3", 1)) if header["NAXIS"] >= 3 else 1
+        freqs = header["CRVAL3"] + (np.arange(nchan) + 1 - header["CRPIX3"]) * header["CDELT3"]
+        channel_beams, good_beam = _template_beams(header, beam_table, nchan)
+        beam = tuple(channel_beams[good_beam][0])
+        ra0, dec0 = wcs.all_pix2world([[(size - 1) / 2, (size - 1) / 2]], 0)[0]
+        image_freq = float(freqs[0])
+    else:
+        header = _header(size, pix_arcsec, ra0, dec0, *beam, ASKAP_FREQ)
+        wcs = WCS(header)
+        nchan, freqs, image_freq = 1, np.array([ASKAP_FREQ]), ASKAP_FREQ
+        channel_beams, good_beam = np.array([beam]), np.ones(1, bool)
     footprint_px = 0.48 * size
     inner_px = footprint_px - 40          # sources away from the blank edge
     min_sep = 60.0 / pix_arcsec
@@ -126,7 +190,7 @@ def simulate_field(outdir, size=1000, n_faint=150, n_bright=150, n_transients=3,
     askap[kinds == "faint"] = rng.uniform(0.8e-3, 2.5e-3, (kinds == "faint").sum())
     askap[kinds == "bright"] = 15e-3 * (500 / 15) ** rng.random((kinds == "bright").sum())
     askap[kinds == "askap_only"] = rng.uniform(30e-3, 60e-3, (kinds == "askap_only").sum())
-    sky_888 = askap.copy()                 # "true" catalogue-epoch flux at 887.5 MHz
+    sky_888 = askap.copy()                 # "true" catalogue-epoch flux at the image frequency
     co = np.flatnonzero(kinds == "catalogue_only")
     sky_888[co] = rng.uniform(60e-3, 90e-3, len(co))
     askap[co] = 0.0
@@ -135,21 +199,32 @@ def simulate_field(outdir, size=1000, n_faint=150, n_bright=150, n_transients=3,
     sky_888[lr] = rng.uniform(20e-3, 40e-3, len(lr))
     askap[lr] = 6.0 * sky_888[lr]
     alpha[kinds != "bright"] = -0.8
-    sumss = sky_888 * (SUMSS_FREQ / ASKAP_FREQ) ** alpha
-    nvss = sky_888 * (NVSS_FREQ / ASKAP_FREQ) ** alpha
+    sumss = sky_888 * (SUMSS_FREQ / image_freq) ** alpha
+    nvss = sky_888 * (NVSS_FREQ / image_freq) ** alpha
     in_cat = np.isin(kinds, ["bright", "catalogue_only", "large_ratio"])
-    # --- ASKAP image
-    fwhm = 2 * np.sqrt(2 * np.log(2))
-    sx, sy = beam[1] / pix_arcsec / fwhm, beam[0] / pix_arcsec / fwhm
-    theta = np.radians(beam[2] + 90.0)     # PA east of north; major axis along sy at PA 0
-    data = _gaussian_sum((size, size), pos[:, 0], pos[:, 1], askap, sx, sy, np.radians(beam[2]))
-    noise = gaussian_filter(rng.normal(size=(size, size)), (sy * 0.6, sx * 0.6))
-    data += noise / noise.std() * rms
+    # --- ASKAP image (one plane per channel)
+    noise_scale = _channel_noise_pattern(template, nchan) if template is not None else np.ones(1)
     yy, xx = np.mgrid[0:size, 0:size]
-    data[np.hypot(xx - size / 2, yy - size / 2) > footprint_px] = np.nan
+    outside = np.hypot(xx - size / 2, yy - size / 2) > footprint_px
+    planes = []
+    for c in range(nchan):
+        if not good_beam[c]:
+            planes.append(np.zeros((size, size)))          # a flagged channel: zero-filled
+            continue
+        flux_c = askap * (freqs[c] / image_freq) ** alpha
+        plane = _paint_plane(size, pos, flux_c, channel_beams[c], pix_arcsec, rms * noise_scale[c], rng)
+        plane[outside] = np.nan
+        for x0, x1, y0, y1 in zero_patches:
+            plane[y0:y1, x0:x1] = 0.0
+        planes.append(plane)
     image_path = outdir / ("%s.fits" % name)
-    fits.PrimaryHDU(data.astype(np.float32), header=header).writeto(image_path, overwrite=True)
-    del theta
+    if template is not None:
+        shape = tuple(header["NAXIS%d" % k] for k in range(header["NAXIS"], 0, -1))
+        data = np.stack(planes).reshape(shape).astype(np.float64 if header["BITPIX"] == -64 else np.float32)
+        hdus = [fits.PrimaryHDU(data, header=header)] + ([beam_table] if beam_table is not None else [])
+        fits.HDUList(hdus).writeto(image_path, overwrite=True)
+    else:
+        fits.PrimaryHDU(planes[0].astype(np.float32), header=header).writeto(image_path, overwrite=True)
     # --- catalogues (plus sources beyond the image, to be trimmed)
     n_out = 40
     footprint_deg = footprint_px * pix_arcsec / 3600.0      # beyond the blank edge: trimmed
@@ -162,7 +237,7 @@ def simulate_field(outdir, size=1000, n_faint=150, n_bright=150, n_transients=3,
     for survey, nu, srms, pos_err, flux in (("sumss", SUMSS_FREQ, SUMSS_RMS, 1.5, sumss),
                                             ("nvss", NVSS_FREQ, NVSS_RMS, 1.0, nvss)):
         sel = np.flatnonzero(in_cat)
-        f = np.concatenate([flux[sel], f_out * (nu / ASKAP_FREQ) ** -0.8])
+        f = np.concatenate([flux[sel], f_out * (nu / image_freq) ** -0.8])
         f_obs = f * (1 + rng.normal(0, 0.05, len(f))) + rng.normal(0, srms, len(f))
         r = np.concatenate([ra[sel], ra_out]) + rng.normal(0, pos_err, len(f)) / 3600 / np.cos(np.radians(dec0))
         d = np.concatenate([dec[sel], dec_out]) + rng.normal(0, pos_err, len(f)) / 3600
@@ -178,15 +253,29 @@ def simulate_field(outdir, size=1000, n_faint=150, n_bright=150, n_transients=3,
         table.to_csv(tables[survey], index=False)
     truth = pd.DataFrame({"ra": np.mod(ra, 360), "dec": dec, "x": pos[:, 0], "y": pos[:, 1], "kind": kinds,
                           "askap_flux": askap, "sky_flux_888": sky_888, "sumss_flux": sumss,
-                          "nvss_flux": nvss, "in_catalogues": in_cat})
+                          "nvss_flux": nvss, "in_catalogues": in_cat, "alpha": alpha})
     truth_path = outdir / ("%s_truth.csv" % name)
     truth.to_csv(truth_path, index=False)
     result = {"image": image_path, "sumss_csv": tables["sumss"], "nvss_csv": tables["nvss"],
-              "truth_csv": truth_path, "truth": truth, "rms": rms, "sumss_mosaic_dir": None}
+              "truth_csv": truth_path, "truth": truth, "rms": rms, "sumss_mosaic_dir": None,
+              "frequency": image_freq, "channel_freqs": freqs, "channel_beams": channel_beams,
+              "good_beams": good_beam}
     if mosaic:
         result["sumss_mosaic_dir"] = _write_mosaic(outdir / "sumss_mosaics", ra0, dec0, ra, dec,
-                                                   sumss * in_cat, rng)
+                                                   sumss * in_cat, rng,
+                                                   size=int(max(300, 1.2 * size * pix_arcsec / 11.0)))
     return result
+
+
+def _paint_plane(size, pos, flux, beam, pix_arcsec, rms, rng):
+    """Point sources of integrated ``flux`` (Jy) in a ``beam`` (arcsec, deg) plus
+    beam-correlated noise of ``rms`` Jy/beam."""
+    from scipy.ndimage import gaussian_filter
+    fwhm = 2 * np.sqrt(2 * np.log(2))
+    sx, sy = beam[1] / pix_arcsec / fwhm, beam[0] / pix_arcsec / fwhm
+    data = _gaussian_sum((size, size), pos[:, 0], pos[:, 1], flux, sx, sy, np.radians(beam[2]))
+    noise = gaussian_filter(rng.normal(size=(size, size)), (sy * 0.6, sx * 0.6))
+    return data + noise / noise.std() * rms
 
 
 def _write_mosaic(directory, ra0, dec0, ra, dec, flux, rng, size=300, pix=11.0):
@@ -279,7 +368,7 @@ def run_demo(outdir, size=1000, seed=7):
         stem = Path(sim["image"]).stem
         results = outdir / (stem + "_results")
         summary = json.loads((results / (stem + "_summary.json")).read_text())
-        master = pd.read_csv(results / "transients" / "transients_master.csv")
+        master = racs.read_table(results / "transients" / "transients_master.csv")
         result.update({"summary": {k: summary[k] for k in ("n_askap", "surveys", "n_candidates",
                                                              "candidates", "median_flux_ratio")},
                        "scoring": score_candidates(master, sim["truth"])})
