@@ -120,6 +120,7 @@ __all__ = [
     "write_ann",
     "write_ds9_region",
     "write_table",
+    "display_plane",
     "make_diagnostic_plots",
     "make_postage_stamps",
     "RacsDatabase",
@@ -3079,11 +3080,16 @@ def make_diagnostic_plots(xm_by_survey, askap, catalogues, image, prefix):
         ax.set_aspect("equal")
         save(fig, "_position_offset_from_%s.png" % survey)
         fig = plt.figure(figsize=(8, 7))
-        ax = fig.add_subplot(projection=image.wcs)
-        ax.imshow(np.where(image.blank_mask(), np.nan, 0.0), origin="lower", cmap="Greys", vmin=-1, vmax=1)
-        x, y = image.world_to_pixel(good["askap_ra"].to_numpy(), good["askap_dec"].to_numpy())
+        data, wcs, _ = display_plane(image)
+        ax = fig.add_subplot(projection=wcs)
+        ax.imshow(np.where(np.isfinite(data) & ~((data == 0) & (image.boundary_value == "zero")), 0.0, np.nan),
+                  origin="lower", cmap="Greys", vmin=-1, vmax=1)
+        x, y = wcs.all_world2pix(good["askap_ra"].to_numpy(float), good["askap_dec"].to_numpy(float), 0) \
+            if len(good) else (np.array([]), np.array([]))
         sc = ax.scatter(x, y, c=good["flux_ratio"], cmap="Reds", s=25, edgecolors="k", linewidths=0.3)
         fig.colorbar(sc, label="scaled ASKAP / %s flux" % survey.upper())
+        ax.set_xlabel("RA (J2000)")
+        ax.set_ylabel("Dec (J2000)")
         save(fig, "_%s_flux_ratio_image_view.png" % survey)
         fig, ax = plt.subplots(figsize=(7, 5))
         ax.hist(xm["d2d"].clip(upper=120), bins=60)
@@ -3111,27 +3117,63 @@ def make_diagnostic_plots(xm_by_survey, askap, catalogues, image, prefix):
     return written
 
 
+def display_plane(image, max_pixels=1800):
+    """A block-averaged copy of ``image.data`` for plotting, its WCS and the factor.
+
+    A 4k x 4k plane drawn into a ~1400-pixel figure is resampled anyway; averaging
+    k x k blocks first (k = ceil(size / max_pixels)) makes the plot several times faster.
+    The WCS is the sliced one with its reference pixel moved to the block centres, so
+    world coordinates (and pixel positions divided by k) stay exact.
+    """
+    ny, nx = image.data.shape
+    k = max(1, int(math.ceil(max(nx, ny) / float(max_pixels))))
+    if k == 1:
+        return image.data, image.wcs, 1
+    import warnings
+    cut = image.data[: ny // k * k, : nx // k * k].reshape(ny // k, k, nx // k, k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)       # all-blank blocks stay NaN
+        small = np.nanmean(cut, axis=(1, 3)).astype(np.float32)
+    wcs = image.wcs.slice((slice(None, None, k), slice(None, None, k)))
+    wcs.wcs.crpix = wcs.wcs.crpix - (k - 1) / (2.0 * k)
+    return small, wcs, k
+
+
 def make_overlay(image, tables, path, zscale_contrast=0.2):
-    """PNG of the image with source ellipses (``tables``: list of (frame, colour, label))."""
+    """PNG of the image with source ellipses (``tables``: list of (frame, colour, label)).
+
+    ``frame`` holds ra, dec (deg), major, minor (FWHM, arcsec), pa (deg) and extended
+    (dashed).  The ellipses are one ``EllipseCollection`` per line style (not one patch
+    each) and the image is block-averaged to the figure's resolution (:func:`display_plane`).
+    """
     plt = _figure()
     from astropy.visualization import ImageNormalize, ZScaleInterval
-    from matplotlib.patches import Ellipse
+    from matplotlib.collections import EllipseCollection
+    data, wcs, k = display_plane(image)
     fig = plt.figure(figsize=(9, 9))
-    ax = fig.add_subplot(projection=image.wcs)
-    norm = ImageNormalize(image.data, interval=ZScaleInterval(contrast=zscale_contrast))
-    ax.imshow(image.data, origin="lower", cmap="gray_r", norm=norm)
-    scale = image.pixel_scale * 3600.0
+    ax = fig.add_subplot(projection=wcs)
+    norm = ImageNormalize(data, interval=ZScaleInterval(contrast=zscale_contrast))
+    ax.imshow(data, origin="lower", cmap="gray_r", norm=norm)
+    scale = image.pixel_scale * 3600.0 * k
     for frame, colour, label in tables:
         if not len(frame):
             continue
-        x, y = image.world_to_pixel(frame["ra"].to_numpy(), frame["dec"].to_numpy())
-        major = frame["major"].to_numpy() / scale
-        minor = frame["minor"].to_numpy() / scale
-        for xi, yi, ma, mi, pa, ext in zip(x, y, major, minor, frame["pa"].to_numpy(),
-                                           frame["extended"].to_numpy()):
-            ax.add_patch(Ellipse((xi, yi), mi, ma, angle=pa, fill=False, color=colour,
-                                 ls="--" if ext else "-", lw=0.8))
+        x, y = wcs.all_world2pix(frame["ra"].to_numpy(float), frame["dec"].to_numpy(float), 0)
+        extended = frame["extended"].to_numpy().astype(bool)
+        for dashed in (False, True):
+            sel = extended == dashed
+            if not sel.any():
+                continue
+            ax.add_collection(EllipseCollection(
+                frame["minor"].to_numpy(float)[sel] / scale, frame["major"].to_numpy(float)[sel] / scale,
+                np.nan_to_num(frame["pa"].to_numpy(float)[sel]), units="xy",
+                offsets=np.column_stack([x[sel], y[sel]]), offset_transform=ax.transData,
+                facecolors="none", edgecolors=colour, linewidths=0.8, linestyles="--" if dashed else "-"))
         ax.plot([], [], color=colour, label=label)
+    ax.set_xlim(-0.5, data.shape[1] - 0.5)
+    ax.set_ylim(-0.5, data.shape[0] - 0.5)
+    ax.set_xlabel("RA (J2000)")
+    ax.set_ylabel("Dec (J2000)")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="upper right")
     fig.savefig(path, dpi=150, bbox_inches="tight")
