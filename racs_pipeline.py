@@ -1844,7 +1844,7 @@ def read_table_file(path, what="catalogue"):
     skip = 0
     for k in range(min(2, len(raw))):          # Vizier ASCII: units row, then dashes row
         row = raw.iloc[k].astype(str).str.strip()
-        if row.str.fullmatch(r"-+|[A-Za-z\[\]/.0-9\"']*[A-Za-z\[\]\"'][A-Za-z\[\]/.0-9\"']*|").all() and \
+        if row.str.fullmatch(r"-+|[A-Za-z\[\]/.:0-9\"']*[A-Za-z\[\]\"'][A-Za-z\[\]/.:0-9\"']*|").all() and \
                 pd.to_numeric(raw.iloc[k], errors="coerce").isna().all():
             skip = k + 1
     return raw.iloc[skip:].reset_index(drop=True), {}
