@@ -2519,7 +2519,6 @@ def _unique_matches(idx, sep):
 
 def _survey_rows(askap, cat, survey, image, opts, forced):
     """Match and no-ASKAP-match rows of one survey (see :func:`transient_search`)."""
-    import pandas as pd
     nu, alpha = SURVEYS[survey]["frequency"], opts["spectral_index"]
     radius = opts["transient_max_separation"]
     idx, sep = crossmatch_nearest(cat["ra"], cat["dec"], askap["ra"], askap["dec"], max_sep=radius)

@@ -125,7 +125,7 @@ def _channel_noise_pattern(template, nchan):
 
 def simulate_field(outdir, size=1000, n_faint=150, n_bright=150, n_transients=3, rms=0.25e-3,
                    ra0=0.2, dec0=-35.0, seed=7, pix_arcsec=2.5, beam=(15.0, 12.0, 30.0),
-                   mosaic=True, name="askap_sim", template=None, zero_patches=()):
+                   mosaic=True, name="askap_sim", template=None):
     """Write the simulated image, catalogues, mosaic and truth table to ``outdir``.
 
     Parameters
@@ -136,8 +136,6 @@ def simulate_field(outdir, size=1000, n_faint=150, n_bright=150, n_transients=3,
         (4-D; a cube gets every channel painted with that channel's beam, flux
         S(nu) ~ nu^-0.8, the template's per-channel noise pattern, and blank beams as
         zero-filled planes) replace ``ra0, dec0, pix_arcsec, beam``.
-    zero_patches : sequence of (x0, x1, y0, y1)
-        Pixel boxes set exactly to 0 (zero-filled regions, as mosaics have).
 
     Returns
     -------
@@ -214,8 +212,6 @@ def simulate_field(outdir, size=1000, n_faint=150, n_bright=150, n_transients=3,
         flux_c = askap * (freqs[c] / image_freq) ** alpha
         plane = _paint_plane(size, pos, flux_c, channel_beams[c], pix_arcsec, rms * noise_scale[c], rng)
         plane[outside] = np.nan
-        for x0, x1, y0, y1 in zero_patches:
-            plane[y0:y1, x0:x1] = 0.0
         planes.append(plane)
     image_path = outdir / ("%s.fits" % name)
     if template is not None:
@@ -364,7 +360,6 @@ def run_demo(outdir, size=1000, seed=7):
     elapsed = time.perf_counter() - start
     result = {"exit_code": code, "output_dir": str(outdir), "wall_s": round(elapsed, 1)}
     if code == 0:
-        import pandas as pd
         stem = Path(sim["image"]).stem
         results = outdir / (stem + "_results")
         summary = json.loads((results / (stem + "_summary.json")).read_text())

@@ -363,7 +363,6 @@ def test_annotation_files(tmp_path):
 # the whole pipeline on the simulated field (real AegeanTools)
 # ---------------------------------------------------------------------------
 def _master(field):
-    import pandas as pd
     return racs.read_table(field["results"] / "transients" / "transients_master.csv")
 
 
@@ -389,7 +388,6 @@ def test_forced_photometry_recovers_faint_fluxes(field):
 
 
 def test_aegean_finds_the_bright_injected_sources(field):
-    import pandas as pd
     comp = racs.read_table(field["results"] / "askap_sim_comp.csv")
     truth = field["sim"]["truth"]
     bright = truth[truth["kind"].isin(["askap_only", "large_ratio"])]
@@ -445,7 +443,6 @@ def test_pybdsf_finds_the_bright_injected_sources(field):
 
 def test_batch_with_manual_catalogues(field, tmp_path):
     """Two images in one run, each with its own existing catalogue via {stem}."""
-    import pandas as pd
     shutil.copy(field["sim"]["image"], tmp_path / "imgA.fits")
     shutil.copy(field["sim"]["image"], tmp_path / "imgB.fits")
     comp = racs.read_table(field["results"] / "askap_sim_comp.csv")
@@ -537,7 +534,6 @@ def test_weight_crop_convolution_and_islands_in_the_pipeline(tmp_path):
     assert np.isnan(cropped[:, :60]).all()
     conv_header = fits.getheader(results / "askap_sim.convolve2sumss.fits")
     assert conv_header["BMAJ"] * 3600 == pytest.approx(45 / np.sin(np.radians(35.0)), rel=1e-3)
-    import pandas as pd
     askap = racs.read_table(results / "askap_sim_askap_catalogue.csv")
     assert {"non_conv_int_flux", "non_conv_d2d"} <= set(askap.columns)
     assert (askap["non_conv_d2d"] < 10).mean() > 0.8

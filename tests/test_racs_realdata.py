@@ -434,7 +434,6 @@ def test_vizier_catalogue_formats(tmp_path):
     with pytest.warns(racs.RacsDataWarning, match=r"1 of 4 rows without position or flux dropped"):
         cat = racs.read_survey_catalogue("nvss", tsv)
     assert len(cat) == 3
-    sep = racs._separation_deg(cat["ra"], cat["dec"], 0, 0)   # noqa: F841  (vectorised helper works)
     for k in range(3):
         assert racs._separation_deg(cat["ra"][k:k + 1], cat["dec"][k:k + 1], deg["_RAJ2000"][k],
                                     deg["_DEJ2000"][k])[0] * 3600 < 0.02
