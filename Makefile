@@ -21,7 +21,7 @@ export MPLBACKEND := Agg
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test test-fast demo lint clean distclean check-python check-space postgres
+.PHONY: help venv test test-fast demo lint clean distclean check-python check-space postgres chromium
 
 help:
 	@echo "make demo       set up .venv and run every tool's demo into $(DEMO_OUT)/"
@@ -78,13 +78,27 @@ postgres:
 	  echo "       server with q3c (PGBIN=... if the binaries are elsewhere)" >&2; \
 	  exit 2; fi
 
-test: $(STAMP) postgres
+# Chromium (Debian package) for the review website's browser tests and demo screenshots;
+# Playwright drives this system browser (it downloads none).
+chromium:
+	@if [ -x /usr/lib/chromium/chromium ] || command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo ">>> installing chromium (apt)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium >/dev/null; \
+	else \
+	  echo "error: the website's browser tests need Chromium; install the Debian/Ubuntu package" >&2; \
+	  echo "       chromium (as root: apt-get install chromium)" >&2; \
+	  exit 2; fi
+
+test: $(STAMP) postgres chromium
 	tests/with_postgres.sh $(VPY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) postgres
+test-fast: $(STAMP) postgres chromium
 	tests/with_postgres.sh $(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
+	@$(MAKE) --no-print-directory chromium || echo "(no Chromium: the racs_web demo screenshots are skipped)"
 	$(VPY) tests/demo.py --outdir $(DEMO_OUT) --overwrite
 
 lint: $(STAMP)

@@ -697,6 +697,18 @@ CONFIG_SCHEMA = (
     ConfigKey("DATABASE", "db_database", "str", "racs", help="database name (sqlite: <db_database>.sqlite in the output directory)"),
     ConfigKey("DATABASE", "db_tag", "str", "RACS Analysis", help="tag of this run; re-running with the same tag replaces its rows"),
     ConfigKey("DATABASE", "website_media_dir", "path", None, help="media directory of the review website (PNG and stamps copied there)"),
+    ConfigKey("WEB", "host", "str", "127.0.0.1", help="address the review website listens on (web serve)"),
+    ConfigKey("WEB", "port", "int", 8005, (1, 65535), "port of the review website", bounds=True),
+    ConfigKey("WEB", "allowed_hosts", "list", ["127.0.0.1", "localhost"], help="host names the website answers to (Django ALLOWED_HOSTS)"),
+    ConfigKey("WEB", "debug", "bool", False, help="Django debug pages (never on a shared machine)"),
+    ConfigKey("WEB", "public_read", "bool", False, help="let visitors browse without logging in (every change still needs a login)"),
+    ConfigKey("WEB", "secret_key_file", "path", None, help="file holding the site's SECRET_KEY, made once with mode 0600 (default ~/.config/racs_web/secret_key; $RACS_WEB_SECRET_KEY wins)"),
+    ConfigKey("WEB", "slack_webhook_url", "str", "", help="Slack incoming-webhook URL of 'send to Slack' (off when empty)"),
+    ConfigKey("WEB", "base_url", "str", "", help="public URL of the site, for the links in Slack messages"),
+    ConfigKey("WEB", "candidate_vs_threshold", "float", 4.3, _POS, "candidates: pipeline tag Good and Vs at least this", bounds=True),
+    ConfigKey("WEB", "candidate_m_threshold", "float", 1.2, _POS, "candidates: |m| at least this", bounds=True),
+    ConfigKey("WEB", "page_size", "int", 50, (1, 1000), "rows per page of the tables", bounds=True),
+    ConfigKey("WEB", "threads", "int", 8, (1, 64), "worker threads of the web server", bounds=True),
 )
 
 
@@ -3237,6 +3249,8 @@ def _stamp_job(job):
             ax.add_patch(Ellipse((ex, ey), bmin / 3600 / scale, bmaj / 3600 / scale, angle=bpa,
                                  fill=False, color=colour, label=label))
         ax.legend(loc="upper right", fontsize=8)
+        ax.set_xlabel("RA (J2000)")
+        ax.set_ylabel("Dec (J2000)")
         ax.set_title("%s %s" % (title, job["name"]))
     fig.text(0.01, 0.01, job["text"], fontsize=10, family="monospace")
     fig.savefig(job["out"], dpi=80, format="jpg" if str(job["out"]).endswith(".jpg") else None)
@@ -3481,8 +3495,10 @@ class RacsDatabase:
     def inject(self, image_row, sources, master):
         """Store one processed image in one transaction; returns the image id.
 
-        An earlier injection of the same run (same image checksum, plane and tag) is
-        replaced.  A clash with a concurrent injection of the same run is retried.
+        An earlier injection of the same run (same image checksum, plane, path and tag)
+        is replaced: its sources and crossmatches are rewritten and its image row is
+        updated in place, so the run keeps its id.  A clash with a concurrent injection
+        of the same run is retried.
         """
         sa = self.sa
         for attempt in range(_INJECT_RETRIES):
@@ -3498,13 +3514,18 @@ class RacsDatabase:
     def _inject_once(self, image_row, sources, master):
         sa = self.sa
         with self.engine.begin() as conn:
-            old = conn.execute(sa.select(self.images.c.id).where(self._same_run(image_row))).scalars().all()
+            old = sorted(conn.execute(sa.select(self.images.c.id).where(self._same_run(image_row))).scalars().all())
             for image_id in old:    # explicit deletes: SQLite does not cascade by default
                 for table in (self.transients, self.crossmatches, self.sources):
                     conn.execute(sa.delete(table).where(table.c.image_id == image_id))
+            for image_id in old[1:]:
                 conn.execute(sa.delete(self.images).where(self.images.c.id == image_id))
-            image_id = conn.execute(sa.insert(self.images).returning(self.images.c.id),
-                                    self._records(_one_row(image_row), _IMAGE_COLUMNS)[0]).scalar_one()
+            record = self._records(_one_row(image_row), _IMAGE_COLUMNS)[0]
+            if old:                 # the run keeps its id (the review website's claims and tags use it)
+                image_id = old[0]
+                conn.execute(sa.update(self.images).where(self.images.c.id == image_id).values(**record))
+            else:
+                image_id = conn.execute(sa.insert(self.images).returning(self.images.c.id), record).scalar_one()
             for table, frame, spec in ((self.sources, sources, _SOURCE_COLUMNS),
                                        (self.crossmatches, master, _CROSSMATCH_COLUMNS)):
                 if frame is None:
@@ -4475,6 +4496,24 @@ current directory.
 """ + CATALOGUE_FORMATS_HELP
 
 
+def _key_flags(parser, sections, title):
+    """One ``--key-name VALUE`` flag per schema key of ``sections`` (each overrides the parset)."""
+    group = parser.add_argument_group(title)
+    for entry in CONFIG_SCHEMA:
+        if entry.section not in sections:
+            continue
+        flag = "--" + entry.key.replace("_", "-")
+        extra = {"metavar": "BOOL" if entry.type == "bool" else entry.key.upper()}
+        group.add_argument(flag, action=_SetOption, entry=entry, dest="_flag_" + entry.key,
+                           default=argparse.SUPPRESS,
+                           help=("[%s] %s (%s)" % (entry.section, entry.help, entry.describe_allowed())
+                                 ).replace("%", "%%"), **extra)
+
+
+_PIPELINE_SECTIONS = ("GENERAL", "ANALYSIS", "CATALOGUES", "CROSSMATCHING", "TRANSIENTS", "POSTAGESTAMPS",
+                      "DATABASE")
+
+
 def _process_arguments(parser):
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _PROCESS_EPILOG
@@ -4483,14 +4522,92 @@ def _process_arguments(parser):
     parser.add_argument("--cite", action="store_true", help="print what to cite and exit")
     parser.add_argument("--force", action="store_true",
                         help="use --frequency even when the image header has a frequency (= --force-frequency)")
-    group = parser.add_argument_group("parset keys (each overrides the parset)")
-    for entry in CONFIG_SCHEMA:
-        flag = "--" + entry.key.replace("_", "-")
-        extra = {"metavar": "BOOL" if entry.type == "bool" else entry.key.upper()}
-        group.add_argument(flag, action=_SetOption, entry=entry, dest="_flag_" + entry.key,
-                           default=argparse.SUPPRESS,
-                           help=("[%s] %s (%s)" % (entry.section, entry.help, entry.describe_allowed())
-                                 ).replace("%", "%%"), **extra)
+    _key_flags(parser, _PIPELINE_SECTIONS, "parset keys (each overrides the parset)")
+
+
+_WEB_EPILOG = """\
+Actions
+  migrate      create or upgrade the pipeline's tables and the site's own (users, tags, claims, comments)
+  createuser   add a user (--username NAME [--staff]; password from --password-stdin, $RACS_WEB_PASSWORD
+               or a prompt); there is no sign-up page
+  serve        run the site with waitress on --host/--port (static files by whitenoise) until Ctrl-C
+The database is the one `process` writes: --db URL, or [DATABASE] db_url / db_engine = postgresql.
+SECRET_KEY: $RACS_WEB_SECRET_KEY, or a 0600 file made once outside the repository (secret_key_file).
+"""
+
+
+def _web_arguments(parser):
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _WEB_EPILOG
+    parser.add_argument("action", choices=("migrate", "createuser", "serve"), help="what to do")
+    parser.add_argument("--db", metavar="URL", help="database URL (sqlite:////path/racs.sqlite or "
+                                                     "postgresql+psycopg://user@host:5432/racs)")
+    parser.add_argument("--username", help="createuser: the new user's name")
+    parser.add_argument("--email", default="", help="createuser: e-mail (optional)")
+    parser.add_argument("--staff", action="store_true", help="createuser: may use the staff-only tags and the admin")
+    parser.add_argument("--password-stdin", action="store_true", help="createuser: read the password from stdin")
+    _key_flags(parser, ("WEB",), "[WEB] keys (each overrides the parset)")
+
+
+def _web_database(args, opts):
+    if args.db:
+        return args.db
+    if opts["db_url"]:
+        return opts["db_url"]
+    if opts["db_engine"] == "postgresql":
+        return database_url(opts, ".").render_as_string(hide_password=False)
+    raise InputError("web: give the database with --db URL (e.g. sqlite:////data/field_results/racs.sqlite, "
+                     "the racs.sqlite of a run's output folder) or [DATABASE] db_url")
+
+
+def _web_password(args):
+    import getpass
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    if os.environ.get("RACS_WEB_PASSWORD"):
+        return os.environ["RACS_WEB_PASSWORD"]
+    if not sys.stdin.isatty():
+        raise InputError("createuser: no password; give --password-stdin, $RACS_WEB_PASSWORD or run it in a terminal")
+    first, second = getpass.getpass("password: "), getpass.getpass("again: ")
+    if first != second:
+        raise InputError("createuser: the two passwords differ")
+    return first
+
+
+def _web_command(args, config):
+    """``web migrate|createuser|serve``: the review website (racs_web, imported only here)."""
+    opts = flat_options(config)
+    url = _web_database(args, opts)
+    try:
+        import django  # noqa: F401  (racs_web itself imports Django only when configured)
+        import racs_web
+        import waitress  # noqa: F401
+        import whitenoise  # noqa: F401
+    except ImportError as exc:
+        raise ToolError("the review website needs Django, waitress and whitenoise (make venv installs them): %s"
+                        % exc) from None
+    web = racs_web.WebOptions(**{k.key: opts[k.key] for k in CONFIG_SCHEMA if k.section == "WEB"})
+    web.secret_key_file = str(web.secret_key_file or "")
+    try:
+        if args.action == "migrate":
+            racs_web.migrate(url, web)
+            log.info("database %s: pipeline and website tables are up to date", _hide_password(url))
+        elif args.action == "createuser":
+            if not args.username:
+                raise InputError("createuser needs --username NAME")
+            racs_web.create_user(url, args.username, _web_password(args), args.email, args.staff, web)
+            log.info("user %s created%s", args.username, " (staff)" if args.staff else "")
+        else:
+            racs_web.serve(url, web, ready=lambda where: log.info("racs_web on %s (database %s); Ctrl-C stops it",
+                                                                  where, _hide_password(url)))
+    except racs_web.WebError as exc:
+        raise InputError(str(exc)) from None
+    return EXIT_OK
+
+
+def _hide_password(url):
+    import sqlalchemy as sa
+    return sa.engine.make_url(str(url)).render_as_string(hide_password=True)
 
 
 def _apply_general(opts, args):
@@ -4534,6 +4651,8 @@ def _process_command(args, config):
 SUBCOMMANDS = {
     "process": ("process ASKAP images: find sources, crossmatch, search for transients",
                 _process_command, _process_arguments),
+    "web": ("the review website: migrate the database, create users, serve it",
+            _web_command, _web_arguments),
 }
 
 

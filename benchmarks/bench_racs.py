@@ -18,7 +18,6 @@ Without TOOLKIT_PG_URL the script re-runs itself under tests/with_postgres.sh.
 """
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(Path(__file__).resolve().parent)]
 
 import racs_pipeline as racs  # noqa: E402
-from benchutil import best_of, markdown_table, write_results  # noqa: E402
+from benchutil import best_of, markdown_table, postgres_or_reexec, write_results  # noqa: E402
 
 RADIUS = 45.0   # arcsec
 
@@ -154,11 +153,9 @@ def main(argv=None):
     parser.add_argument("--e2e-size", type=int, default=4000, help="0 = skip the end-to-end run")
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args(argv)
-    pg_url = None if args.no_postgres else os.environ.get("TOOLKIT_PG_URL")
-    if not args.no_postgres and not pg_url and not os.environ.get("_RACS_BENCH_REEXEC"):
-        env = dict(os.environ, _RACS_BENCH_REEXEC="1")
-        return subprocess.call([str(ROOT / "tests" / "with_postgres.sh"), sys.executable, __file__]
-                               + (argv if argv is not None else sys.argv[1:]), env=env)
+    pg_url, code = postgres_or_reexec(__file__, argv, skip=args.no_postgres)
+    if code is not None:
+        return code
     rows = bench_crossmatch([int(n) for n in args.sizes], pg_url, args.repeat)
     if not rows:          # only the end-to-end run: keep the last crossmatch rows
         import json

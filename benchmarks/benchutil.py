@@ -6,7 +6,7 @@ import subprocess
 import time
 from pathlib import Path
 
-__all__ = ["best_of", "markdown_table", "write_results", "RESULTS_DIR"]
+__all__ = ["best_of", "markdown_table", "write_results", "postgres_or_reexec", "RESULTS_DIR"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -52,3 +52,18 @@ def write_results(name, rows, **extra):
                               indent=2, default=str))
     tmp.replace(path)
     return path
+
+
+def postgres_or_reexec(script, argv, skip=False):
+    """``(pg_url, None)`` with TOOLKIT_PG_URL, or ``(None, exit code)`` after re-running ``script``
+    under tests/with_postgres.sh (a throwaway server); ``(None, None)`` when ``skip``."""
+    import sys
+    if skip:
+        return None, None
+    url = os.environ.get("TOOLKIT_PG_URL")
+    if url or os.environ.get("_BENCH_POSTGRES_REEXEC"):
+        return url, None
+    env = dict(os.environ, _BENCH_POSTGRES_REEXEC="1")
+    wrapper = RESULTS_DIR.parents[1] / "tests" / "with_postgres.sh"
+    return None, subprocess.call([str(wrapper), sys.executable, str(script)]
+                                 + list(argv if argv is not None else sys.argv[1:]), env=env)

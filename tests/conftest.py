@@ -6,9 +6,14 @@ copies abort the process.  This file therefore points casaconfig at the reposito
 offline site config and imports casatools (if installed) before any test module runs.
 """
 import os
+import shutil
+import socket
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,3 +40,76 @@ def repo_root():
 def venv_python():
     """The interpreter running the tests (the project's .venv under `make test`)."""
     return sys.executable
+
+
+# ---------------------------------------------------------------------------
+# PostgreSQL (+ Q3C) for the racs_pipeline database and website tests
+# ---------------------------------------------------------------------------
+PGBIN = Path(os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin"))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def pg_url():
+    """A PostgreSQL URL: TOOLKIT_PG_URL, else a throwaway cluster (as tests/with_postgres.sh)."""
+    url = os.environ.get("TOOLKIT_PG_URL")
+    if url:
+        yield url
+        return
+    in_ci = os.environ.get("CI", "").lower() == "true"
+    if not (PGBIN / "initdb").exists():
+        message = ("no PostgreSQL server: set TOOLKIT_PG_URL or install postgresql-15 "
+                   "postgresql-15-q3c (make postgres)")
+        if in_ci:
+            pytest.fail(message)
+        pytest.skip(message)
+    workdir = Path(tempfile.mkdtemp(prefix="toolkit-pg."))
+    as_pg = []
+    if os.geteuid() == 0:
+        shutil.chown(workdir, "postgres", "postgres")
+        as_pg = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    data = workdir / "data"
+    try:
+        subprocess.run(as_pg + [str(PGBIN / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres"],
+                       check=True, capture_output=True)
+        subprocess.run(as_pg + [str(PGBIN / "pg_ctl"), "-D", str(data), "-l", str(workdir / "log"), "-w",
+                                "-o", "-p %d -c listen_addresses=127.0.0.1 -c unix_socket_directories=%s"
+                                % (port, workdir), "start"], check=True, capture_output=True)
+        subprocess.run([str(PGBIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                        "toolkit_test"], check=True, capture_output=True)
+        subprocess.run([str(PGBIN / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d",
+                        "toolkit_test", "-c", "CREATE EXTENSION IF NOT EXISTS q3c"], capture_output=True)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        message = "could not start a throwaway PostgreSQL: %s" % getattr(exc, "stderr", exc)
+        if in_ci:
+            pytest.fail(message)
+        pytest.skip(message)
+    try:
+        yield "postgresql+psycopg://postgres@127.0.0.1:%d/toolkit_test" % port
+    finally:
+        subprocess.run(as_pg + [str(PGBIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh_pg_database(pg_url):
+    """A new, empty database on the test server (schema creation races included), dropped after."""
+    import sqlalchemy as sa
+    name = "racs_fresh_%d_%d" % (os.getpid(), np.random.default_rng().integers(1e9))
+    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text('CREATE DATABASE "%s"' % name))
+    yield pg_url.rsplit("/", 1)[0] + "/" + name
+    with admin.connect() as conn:
+        conn.execute(sa.text('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name))
+    admin.dispose()
+
+

@@ -114,6 +114,8 @@ DEMOS = {
                  "simulate_autospec:run_demo", 6),
     "racs_pipeline": ("ASKAP-like field with injected transients -> crossmatch, candidates",
                       "simulate_racs:run_demo", 7),
+    "racs_web": ("the review website on the RACS demo database -> screenshots",
+                 "simulate_racs:run_web_demo", 13),
     "ir_blobs": ("WFC3/IR difference image -> blob tiles", None, None),
 }
 

@@ -340,27 +340,36 @@ def score_candidates(master, truth, radius=20.0):
     return out
 
 
-def run_demo(outdir, size=1000, seed=7):
+def run_demo(outdir, size=1000, seed=7, db_url=None, stamps="transients"):
     """Simulate a field, run ``racs_pipeline process`` on it, and summarise the recovery.
+
+    Parameters
+    ----------
+    db_url : str, optional
+        Database to write (default: the SQLite file in the output folder).
+    stamps : {'transients', 'all'}
+        Which rows get postage stamps.
 
     Returns
     -------
     dict
-        exit code, output directory, pipeline summary, candidate scoring (per injected kind:
-        injected / found; false candidates) and the wall time.
+        exit code, output directory, database URL, pipeline summary, candidate scoring
+        (per injected kind: injected / found; false candidates) and the wall time.
     """
     import time
     import racs_pipeline as racs
     outdir = Path(outdir)
     sim = simulate_field(outdir / "input", size=size, seed=seed)
     parset = write_parset(sim, outdir / "input" / "demo_parset.in", stamps=True)
+    stem = Path(sim["image"]).stem
+    db_url = db_url or "sqlite:///%s" % (outdir / (stem + "_results") / "racs.sqlite").resolve()
     start = time.perf_counter()
-    code = racs.main(["process", "-q", "-c", str(parset), "--output-dir", str(outdir),
-                      "--overwrite", str(sim["image"])])
+    code = racs.main(["process", "-q", "-c", str(parset), "--output-dir", str(outdir), "--db-url", db_url,
+                      "--postage-stamp-selection", stamps, "--overwrite", str(sim["image"])])
     elapsed = time.perf_counter() - start
-    result = {"exit_code": code, "output_dir": str(outdir), "wall_s": round(elapsed, 1)}
+    result = {"exit_code": code, "output_dir": str(outdir), "wall_s": round(elapsed, 1), "db_url": db_url,
+              "truth_csv": str(sim["truth_csv"])}
     if code == 0:
-        stem = Path(sim["image"]).stem
         results = outdir / (stem + "_results")
         summary = json.loads((results / (stem + "_summary.json")).read_text())
         master = racs.read_table(results / "transients" / "transients_master.csv")
@@ -368,6 +377,158 @@ def run_demo(outdir, size=1000, seed=7):
                                                              "candidates", "median_flux_ratio")},
                        "scoring": score_candidates(master, sim["truth"])})
     return result
+
+
+# ---------------------------------------------------------------------------
+# the review website: set up, serve in a subprocess, drive headless Chromium
+# (shared by tests/test_racs_web_browser.py, the demo and benchmarks/bench_racs_web.py)
+# ---------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+WEB_PASSWORD = "vetting-2026"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless=new", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_executable():
+    """The system Chromium (Debian package ``chromium``), or None."""
+    import shutil
+    for path in ("/usr/lib/chromium/chromium", "/usr/bin/chromium", shutil.which("chromium"),
+                 shutil.which("chromium-browser")):
+        if path and Path(path).exists():
+            return str(path)
+    return None
+
+
+def web_environment(tmp_dir):
+    """Environment of a racs_web subprocess: offline CASA config, a test SECRET_KEY, no proxies."""
+    import os
+    env = dict(os.environ, CASASITECONFIG=str(ROOT / "configs" / "casasiteconfig.py"), MPLBACKEND="Agg",
+               RACS_WEB_SECRET_KEY="test-only-secret-" + "x" * 32, XDG_CONFIG_HOME=str(Path(tmp_dir) / "xdg"))
+    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env.pop(key, None)
+    return env
+
+
+def web_cli(args, env, stdin=None):
+    """``racs_pipeline.py web ...`` in a subprocess; raises with its output when it fails."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(ROOT / "racs_pipeline.py"), "web", *map(str, args)], env=env,
+                          input=stdin, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        raise RuntimeError("web %s failed (%d): %s" % (" ".join(map(str, args)), done.returncode,
+                                                     done.stdout + done.stderr))
+    return done
+
+
+def web_setup(db_url, env, users=(("vetter", True), ("helper", False))):
+    """Migrate ``db_url`` and create users (password ``WEB_PASSWORD``) through the command line."""
+    web_cli(["migrate", "--db", db_url], env)
+    for name, staff in users:
+        web_cli(["createuser", "--db", db_url, "--username", name, "--password-stdin"]
+                + (["--staff"] if staff else []), env, stdin=WEB_PASSWORD + "\n")
+
+
+class WebServer:
+    """``racs_pipeline.py web serve`` in a subprocess on a free loopback port (a context manager)."""
+
+    def __init__(self, db_url, env, extra=(), log_path=None):
+        self.db_url, self.env, self.extra = db_url, env, list(extra)
+        self.log_path = log_path
+        self.process = None
+        self.url = None
+
+    def __enter__(self):
+        import socket
+        import subprocess
+        import sys
+        import time
+        import urllib.request
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.url = "http://127.0.0.1:%d/" % port
+        out = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "racs_pipeline.py"), "web", "serve", "--db",
+                                         self.db_url, "--port", str(port), *self.extra], env=self.env,
+                                        stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError("web serve exited with %s" % self.process.returncode)
+            try:
+                urllib.request.urlopen(self.url + "accounts/login/", timeout=2).read()
+                return self
+            except OSError:
+                time.sleep(0.3)
+        self.__exit__(None, None, None)
+        raise RuntimeError("web serve did not answer on %s" % self.url)
+
+    def __exit__(self, *exc):
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except Exception:  # noqa: BLE001 - it did not stop: kill it
+                self.process.kill()
+        return False
+
+
+def browser_login(page, base_url, username="vetter", password=WEB_PASSWORD):
+    """Log in through the site's login form."""
+    page.goto(base_url + "accounts/login/")
+    page.fill("#id_username", username)
+    page.fill("#id_password", password)
+    page.click("#login-form button[type=submit]")
+    page.wait_for_url(base_url)
+
+
+def web_screenshots(db_url, outdir, tmp_dir=None):
+    """Serve ``db_url`` for a moment and save screenshots of the candidates page and a source page.
+
+    Returns the written PNG paths (nothing when no Chromium is installed).
+    """
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    browser_path = chromium_executable()
+    if browser_path is None:
+        return []
+    from playwright.sync_api import sync_playwright
+    env = web_environment(tmp_dir or outdir)
+    web_setup(db_url, env, users=(("demo", True),))
+    written = []
+    with WebServer(db_url, env, log_path=outdir / "serve.log") as server, sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        browser_login(page, server.url, "demo")
+        page.click("#runs a >> nth=0")
+        page.click("text=Candidates")
+        written.append(outdir / "candidates.png")
+        page.screenshot(path=str(written[-1]), full_page=True)
+        page.click("a.source-link >> nth=0")
+        written.append(outdir / "source.png")
+        page.screenshot(path=str(written[-1]), full_page=True)
+        browser.close()
+    return written
+
+
+def run_web_demo(outdir):
+    """The review website on the pipeline demo's database: served for a moment, screenshots of
+    the candidates page and a source page under ``outdir`` (make demo: demo_output/racs_web/)."""
+    import shutil
+    outdir = Path(outdir)
+    source = outdir.parent / "racs_pipeline" / "askap_sim_results" / "racs.sqlite"
+    if not source.is_file():                       # run on its own: make the pipeline demo here
+        run_demo(outdir / "pipeline")
+        source = outdir / "pipeline" / "askap_sim_results" / "racs.sqlite"
+    database = outdir / "racs_review.sqlite"
+    shutil.copy(source, database)
+    url = "sqlite:///%s" % database.resolve()
+    if chromium_executable() is None:
+        return {"database": str(database), "screenshots": "skipped: no Chromium (apt-get install chromium)"}
+    shots = web_screenshots(url, outdir)
+    return {"database": str(database), "screenshots": [str(p) for p in shots],
+            "serve": "python racs_pipeline.py web serve --db %s" % url}
 
 
 if __name__ == "__main__":

@@ -8,11 +8,7 @@ TOOLKIT_PG_URL (tests/with_postgres.sh) or start their own throwaway server; und
 CI=true they fail rather than skip when no server can be had.
 """
 import json
-import os
 import shutil
-import socket
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,8 +17,6 @@ import pytest
 
 import racs_pipeline as racs
 import simulate_racs as sim_mod
-
-PGBIN = Path(os.environ.get("PGBIN", "/usr/lib/postgresql/15/bin"))
 
 
 # ---------------------------------------------------------------------------
@@ -40,57 +34,6 @@ def field(tmp_path_factory):
     results = root / "askap_sim_results"
     return {"sim": sim, "parset": parset, "code": code, "results": results, "elapsed": elapsed,
             "root": root}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def pg_url():
-    """A PostgreSQL URL: TOOLKIT_PG_URL, else a throwaway cluster (as tests/with_postgres.sh)."""
-    url = os.environ.get("TOOLKIT_PG_URL")
-    if url:
-        yield url
-        return
-    in_ci = os.environ.get("CI", "").lower() == "true"
-    if not (PGBIN / "initdb").exists():
-        message = ("no PostgreSQL server: set TOOLKIT_PG_URL or install postgresql-15 "
-                   "postgresql-15-q3c (make postgres)")
-        if in_ci:
-            pytest.fail(message)
-        pytest.skip(message)
-    workdir = Path(tempfile.mkdtemp(prefix="toolkit-pg."))
-    as_pg = []
-    if os.geteuid() == 0:
-        shutil.chown(workdir, "postgres", "postgres")
-        as_pg = ["runuser", "-u", "postgres", "--"]
-    port = _free_port()
-    data = workdir / "data"
-    try:
-        subprocess.run(as_pg + [str(PGBIN / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres"],
-                       check=True, capture_output=True)
-        subprocess.run(as_pg + [str(PGBIN / "pg_ctl"), "-D", str(data), "-l", str(workdir / "log"), "-w",
-                                "-o", "-p %d -c listen_addresses=127.0.0.1 -c unix_socket_directories=%s"
-                                % (port, workdir), "start"], check=True, capture_output=True)
-        subprocess.run([str(PGBIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                        "toolkit_test"], check=True, capture_output=True)
-        subprocess.run([str(PGBIN / "psql"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-d",
-                        "toolkit_test", "-c", "CREATE EXTENSION IF NOT EXISTS q3c"], capture_output=True)
-    except (subprocess.CalledProcessError, OSError) as exc:
-        shutil.rmtree(workdir, ignore_errors=True)
-        message = "could not start a throwaway PostgreSQL: %s" % getattr(exc, "stderr", exc)
-        if in_ci:
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
-        yield "postgresql+psycopg://postgres@127.0.0.1:%d/toolkit_test" % port
-    finally:
-        subprocess.run(as_pg + [str(PGBIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _image(tmp_path, name="img.fits", beam=True, freq=True, size=64, extra=None):

@@ -21,7 +21,6 @@ import pytest
 
 import racs_pipeline as racs
 import simulate_racs as sim_mod
-from test_racs_pipeline import pg_url  # noqa: F401  (shared PostgreSQL fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "askap"
@@ -744,20 +743,6 @@ def test_catalogue_only_run(racs4d, tmp_path, capsys):
     assert score["false_candidates"] == 0, score
     assert (master.loc[master["transient_type"] == "noaskapmatch", "forced_status"] == "not measured").all()
     assert not list(results.glob("*overlay*"))
-
-
-@pytest.fixture
-def fresh_pg_database(pg_url):  # noqa: F811
-    """A new, empty database on the test server (schema creation races included), dropped after."""
-    import sqlalchemy as sa
-    name = "racs_fresh_%d_%d" % (os.getpid(), np.random.default_rng().integers(1e9))
-    admin = sa.create_engine(pg_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(sa.text('CREATE DATABASE "%s"' % name))
-    yield pg_url.rsplit("/", 1)[0] + "/" + name
-    with admin.connect() as conn:
-        conn.execute(sa.text('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name))
-    admin.dispose()
 
 
 def _inject_worker(url, barrier, index, image_row, n_sources):

@@ -1,0 +1,1 @@
+"""The review app of racs_web (runs, crossmatches, vetting)."""
