@@ -1461,11 +1461,10 @@ def load_image(path, frequency=None, boundary_value="nan", channel=None, stokes=
 
 
 def _image_info(path, data, header, beam, frequency, boundary_value):
-    from astropy.wcs.utils import proj_plane_pixel_scales
     wcs = _quiet_wcs(header).celestial
     ny, nx = data.shape
     centre = wcs.all_pix2world([[(nx - 1) / 2.0, (ny - 1) / 2.0]], 0)[0]
-    scale = float(np.mean(np.abs(proj_plane_pixel_scales(wcs))))   # deg/pixel (CUNIT deg)
+    scale = _pixel_scale_deg(wcs)
     if boundary_value == "zero":
         data = np.where(data == 0, np.nan, data).astype(np.float32)
     info = ImageInfo(path, data, plane_header(header, beam, frequency), wcs, tuple(beam), float(frequency),
@@ -1556,7 +1555,7 @@ def _mfs_plane(hdu, header, layout, table, beam_option, path):
     except Exception:  # noqa: BLE001 - radio-beam's solver can fail for very different beams
         common = Beam(major=kept.major.max(), minor=kept.major.max(), pa=0 * u.deg)
     data, weight = _weighted_mean_at_beam(read, np.flatnonzero(keep), beams, common,
-                                          _pixel_scale_deg(header) * u.deg)
+                                          _pixel_scale_deg(_quiet_wcs(header).celestial) * u.deg)
     freq = float(np.sum(weight * freqs[np.flatnonzero(keep)]) / np.sum(weight))
     label = "MFS of %d of %d channels" % (keep.sum(), nchan)
     if reasons:
@@ -1573,9 +1572,10 @@ def _channel_reasons(reasons):
     return "; ".join("%s %s" % (why, ",".join(chans)) for why, chans in by_reason.items())
 
 
-def _pixel_scale_deg(header):
+def _pixel_scale_deg(wcs):
+    """Mean pixel size (deg) of a celestial WCS (CUNIT deg)."""
     from astropy.wcs.utils import proj_plane_pixel_scales
-    return float(np.mean(np.abs(proj_plane_pixel_scales(_quiet_wcs(header).celestial))))
+    return float(np.mean(np.abs(proj_plane_pixel_scales(wcs))))
 
 
 def _weighted_mean_at_beam(read, channels, beams, common, pixel_scale):
@@ -1639,7 +1639,7 @@ def _read_2d(path, like_shape, what, channel=None, like_wcs=None):
         probe = np.array([[0.0, 0.0], [nx - 1.0, ny - 1.0], [(nx - 1) / 2.0, 0.0]])
         mine, theirs = wcs.celestial.all_pix2world(probe, 0), like_wcs.all_pix2world(probe, 0)
         offset = _arcsec_from_chord(np.linalg.norm(_unit_vectors(*mine.T) - _unit_vectors(*theirs.T), axis=1))
-        pixel = _pixel_scale_deg(header) * 3600.0
+        pixel = _pixel_scale_deg(wcs.celestial) * 3600.0
         if np.nanmax(offset) > 0.1 * pixel:
             raise InputError("%s %s has the image's shape but not its sky grid (pixels %.1f\" off); give "
                              "the %s made from this image" % (what, path, np.nanmax(offset), what))
@@ -3781,7 +3781,7 @@ def stage_image(image_path, opts, products):
         if outputs:          # from the file, so this and later runs see the very same plane and WCS
             source = load_image(plane_path).with_origin(image_path, source.plane, source.date_obs)
     working = source.path
-    working = _weight_crop_stage(working, source, opts, products)
+    working = _weight_crop_stage(working, opts, products)
     working, non_conv = _convolve_stage(working, source, opts, products)
     if working == source.path:
         return source, non_conv
@@ -3794,7 +3794,7 @@ def _load_plane(image_path, opts):
                       opts["beam"] or None, opts["force_frequency"])
 
 
-def _weight_crop_stage(working, source, opts, products):
+def _weight_crop_stage(working, opts, products):
     if not opts["weight_crop"]:
         return working
     out = products.path(".weightcrop_%s.fits" % opts["weight_crop_value"])

@@ -8,6 +8,7 @@ in SQL refined with exact great-circle distances, so both give the same rows.
 import math
 
 import numpy as np
+import racs_pipeline
 from django.conf import settings
 from django.db import connection
 from django.db.models import Count, Exists, OuterRef, Q, Subquery
@@ -15,8 +16,7 @@ from django.db.models import Count, Exists, OuterRef, Q, Subquery
 from .forms import SORTS
 from .models import Crossmatch, Tag
 
-__all__ = ["candidate_q", "with_tags", "filter_crossmatches", "cone_ids", "has_q3c", "run_counts",
-           "angular_separation_deg"]
+__all__ = ["candidate_q", "with_tags", "filter_crossmatches", "cone_ids", "has_q3c", "run_counts"]
 
 _Q3C = {}
 
@@ -68,8 +68,14 @@ def _ranges(data):
 
 
 def filter_crossmatches(data, queryset=None):
-    """The filtered, tag-annotated and sorted crossmatches for a valid filter form's data."""
-    qs = with_tags(queryset if queryset is not None else Crossmatch.objects.all())
+    """The filtered and sorted crossmatches for a valid filter form's data.
+
+    The tag subqueries are added only when a tag filter needs them; pages get their tags
+    afterwards in one query (``views._attach_tags``).
+    """
+    qs = queryset if queryset is not None else Crossmatch.objects.all()
+    if data.get("usertag") not in (None, "", "untagged", "tagged") or data.get("userreason") or data.get("checkedby"):
+        qs = with_tags(qs)
     if data.get("image"):
         qs = qs.filter(image_id=data["image"])
     if data.get("name"):
@@ -105,13 +111,6 @@ def filter_crossmatches(data, queryset=None):
     return qs.order_by(*SORTS.get(data.get("sort") or "-ratio", SORTS["-ratio"]))
 
 
-def angular_separation_deg(ra1, dec1, ra2, dec2):
-    """Great-circle separation (deg), vectorised (haversine)."""
-    ra1, dec1, ra2, dec2 = (np.radians(np.asarray(v, float)) for v in (ra1, dec1, ra2, dec2))
-    h = np.sin((dec2 - dec1) / 2) ** 2 + np.cos(dec1) * np.cos(dec2) * np.sin((ra2 - ra1) / 2) ** 2
-    return np.degrees(2 * np.arcsin(np.sqrt(np.clip(h, 0, 1))))
-
-
 def cone_filter(queryset, ra, dec, radius):
     """Rows within ``radius`` deg of (ra, dec): Q3C, or a band refined with exact distances."""
     if has_q3c():
@@ -133,14 +132,15 @@ def cone_ids(queryset, ra, dec, radius):
     if not rows:
         return []
     ids, ras, decs = (np.array(v) for v in zip(*rows))
-    keep = angular_separation_deg(ras, decs, ra, dec) <= radius * (1 + 1e-9)
+    keep = racs_pipeline._separation_deg(ras, decs, ra, dec) <= radius * (1 + 1e-9)   # the pipeline's own
     return ids[keep].tolist()
 
 
-def run_counts():
-    """``{image_id: (n_rows, n_candidates, n_checked)}`` in one grouped query."""
+def run_counts(image_id=None):
+    """``{image_id: (n_rows, n_candidates, n_checked)}`` in one grouped query (one run, or all)."""
     checked = Exists(_tag_of())
-    rows = (Crossmatch.objects.values("image_id")
+    qs = Crossmatch.objects.all() if image_id is None else Crossmatch.objects.filter(image_id=image_id)
+    rows = (qs.values("image_id")
             .annotate(n=Count("id"), candidates=Count("id", filter=candidate_q()),
                       checked=Count("id", filter=candidate_q() & Q(checked))))
     return {r["image_id"]: (r["n"], r["candidates"], r["checked"]) for r in rows}

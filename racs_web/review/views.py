@@ -150,7 +150,7 @@ def run_detail(request, image_id):
     rows = Crossmatch.objects.filter(image_id=image.id)
     by_type = dict(rows.values_list("transient_type").annotate(n=Count("id")))
     by_tag = sorted(rows.values_list("pipelinetag").annotate(n=Count("id")), key=lambda t: -t[1])
-    counts = run_counts().get(image.id, (0, 0, 0))
+    counts = run_counts(image.id).get(image.id, (0, 0, 0))
     claim = Claim.objects.select_related("user").filter(image_id=image.id).first()
     comments = Comment.objects.filter(image_id=image.id, master_name="").select_related("user")
     return render(request, "review/run_detail.html", {
