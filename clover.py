@@ -13,23 +13,26 @@ TensorFlow/Keras, with compact self-trained models shipped in ``models/clover/``
    here - of the single component of one-component pixels.  Each regressor predicts a
    mean and a variance per parameter (heteroscedastic Gaussian likelihood, Nix &
    Weigend 1994; Kendall & Gal 2017), written as ``*_err`` uncertainty maps (1 sigma).
-3. *Refinement* (new; Gaussian lines, on by default): the two-component values are
-   polished by a vectorised maximum-a-posteriori Levenberg-Marquardt fit of the central
-   spectrum with the network's values and uncertainties as the prior
-   (``refine_gaussians``): ~35 % smaller centroid errors and 10-25 % smaller dispersion
-   and peak errors, at a fraction of the cost of fitting from scratch with model
-   selection; the ``_err`` maps are then the fit's errors (~20 % small, as prior and
-   data share the central spectrum).  One-component values stay the network's: seeing
-   the 3x3 mean, it is about twice as precise as a fit of the central spectrum.
-4. *Settling* (new; NH3, on by default with the refinement): pixels whose ensemble odds
-   between one and two components are uncertain (``|ln(P_two / P_one)| < 3``, ~1/5 of
-   the emission pixels) are fitted with one- and two-component NH3 (1,1) slab models -
-   the central spectrum and its 8 neighbours, each on its own
-   (:func:`nh3_two_component_evidence`) - and the summed chi^2 difference is added to
-   the ensemble's log-odds (:func:`settle_nh3_classes`; constants calibrated on their
-   own simulated set).  Two-component accuracy 0.94 -> 0.99 at S/N >= 4, one-component
-   0.99 -> 1.00 (the ensemble alone misses mostly pairs closer than 1.5 linewidths; the
-   NH3 set admits pairs from one linewidth apart).
+3. *Spectral domain* (new): the cube's channel width and the width of its bright lines
+   (measured on smoothed spectra, :func:`measure_line_width`) decide the axis the
+   networks see: NH3 is resampled to the trained 0.0724 km/s channels (the hyperfine
+   pattern is fixed in km/s), Gaussian lines to channels on which they span the trained
+   2-11 channels (:func:`spectral_domain`, flux-conserving :func:`resample_spectra`);
+   blank band edges are trimmed.  Results are reported on the cube's own axis; a
+   ``domain`` flag map marks what stays outside the trained domain.
+4. *Checked against the data* (new, on by default; ``refine=False`` turns it off): every
+   emission spectrum is fitted on its own channels with zero, one and two components
+   (Gaussians, or NH3 (1,1) constant-excitation slabs with the 18 hyperfines), seeded by
+   the networks (:func:`check_against_data`).  The number of components maximises
+   ``-BIC/2 + w ln P(network)`` plus the beam-weighted evidence of the 3x3 neighbours
+   (independent samples from BMAJ/BMIN and the pixel size, :func:`neighbour_evidence`);
+   a component with a matched-filter S/N below 5 is dropped (:func:`select_components`).
+   Values and errors are the fits' (errors scaled by sqrt(reduced chi^2)); model and
+   residual cubes and a reduced-chi^2 map are written.  On the real VLA+GBT NH3 map of
+   G23.481 the classes agree with pyspeckit's BIC selection for 97.5 % of the pixels and
+   the kinematics to 0.0005 km/s (tests/test_clover_realdata.py).
+5. *NH3 (1,1)+(2,2)* (new, ``nh3_22=``): joint fits of the components found give T_kin,
+   T_ex, N(NH3) and tau per component (pyspeckit's cold_ammonia, :func:`fit_nh3_joint`).
 
 Two line types: Gaussian lines (e.g. CO; 500-channel spectra) and NH3 (1,1) with its
 18 hyperfine components (1000-channel spectra, ``nh3=True``).
@@ -93,12 +96,21 @@ As a module::
 From the shell::
 
     python clover.py predict cube.fits [--nh3] [--nproc N] [--outdir DIR] [--overwrite]
-                                       [--tile N] [--no-refine]
+                                       [--tile N] [--no-refine] [--rest-frequency F]
+                                       [--force-rest] [--nh3-22 CUBE22]
+    python clover.py predict spectrum.fits|spectrum.txt ...      # 1-D spectra: 1 x 1 maps
     python clover.py train [--quick] [--lines gauss,nh3] [--parts class,reg] [--overwrite]
 
 ``--tile N`` gives every N x N-pixel tile its own 500/1000-channel window centred on
 the tile's emission - the sub-cube splitting the original's README asks users to do
 by hand for cubes with large velocity gradients.
+
+Outputs (fixed names): ``<name>_<map>.fits`` for every :data:`OUTPUT_MAPS` entry (class,
+ncomp, prob, per-component and dominant-component velocity / width / peak with ``_err``,
+rchi2, rms, domain; with ``--nh3-22`` also tkin, tex, logn, tau), ``<name>_table.ecsv``
+(one row per spectrum), ``<name>_model.fits`` and ``<name>_residual.fits`` on the cube's
+own axis, and ``<name>_clover.fits`` (the cube as the networks saw it) when its axis was
+changed.
 
 Inside a CASA 6 session: ``execfile("clover.py")`` defines the functions and runs nothing.
 TensorFlow, astropy, scipy and pyspeckit are imported only by the functions that need
@@ -137,13 +149,11 @@ __all__ = [
     "setup_logging",
     "CloverWarning",
     "CentroidRangeWarning",
-    "ChannelWidthWarning",
     "LineWidthWarning",
     "LINE_TYPES",
     "OUTPUT_MAPS",
     "simulate_gaussian",
     "simulate_nh3",
-    "simulated_neighbours",
     "nh3_spectra",
     "nh3_spectra_fast",
     "build_network",
@@ -164,17 +174,35 @@ __all__ = [
     "nh3_profile",
     "nh3_slab_spectra",
     "fit_nh3_slabs",
-    "nh3_two_component_evidence",
-    "settle_nh3_classes",
-    "uncertain_emission",
-    "NH3_SETTLE",
+    "SpectralDomain",
+    "DOMAIN_BITS",
+    "DATA_CHECK",
+    "spectral_domain",
+    "measure_line_width",
+    "resample_spectra",
+    "trim_blank_edges",
+    "check_against_data",
+    "select_components",
+    "neighbour_evidence",
+    "beam_pixels",
+    "assemble_components",
+    "network_components",
+    "dominant_component",
+    "network_pass",
+    "read_text_spectrum",
+    "check_nh3_rest",
+    "write_native_cube",
+    "write_network_cube",
+    "nh3_joint_spectra",
+    "fit_nh3_joint",
+    "joint_starts",
     "emission_channel",
     "read_cube",
     "predict",
     "train",
     "run_demo",
 ]
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 log = logging.getLogger("clover")
 
@@ -188,6 +216,7 @@ NH3_NCHAN = 1000       # spectral length the NH3 (1,1) models take (seed: Usage)
 CLASS_CODES = {"one": 0, "noise": 1, "two": 2}  # output codes of the original
 C_KMS = 299792.458
 NH3_11_REST_HZ = 23.6944955e9   # NH3 (1,1) rest frequency (pyspeckit freq_dict['oneone'])
+NH3_22_REST_HZ = 23.722633335e9  # NH3 (2,2) rest frequency (pyspeckit freq_dict['twotwo'])
 NH3_CHANNEL_HZ = 5.72e3         # GAS / original training channel spacing
 TEMPLATE_DV_KMS = NH3_CHANNEL_HZ / NH3_11_REST_HZ * C_KMS   # 0.07237 km/s per channel
 
@@ -201,6 +230,20 @@ NH3_RANGES = {
     "width_cap_kms": 2.0, "gradient": (0.2, 0.1, 0.1, 0.01), "noise_k": 0.1,
 }
 # ---------------------------------------------------------------------------
+# Settings of check_against_data / select_components (the [Predict] keys of the same names
+# override them).  min_snr: the matched-filter S/N a fitted component needs, sqrt(sum of its
+# model spectrum squared) / rms (a 5-sigma detection of it as a whole); min_sigma_channels: floor of
+# the fitted dispersions; network_weight: how much the ensemble's ln P(class) counts next to
+# -BIC/2 (halved when the networks saw a resampled axis, outside their training domain);
+# prior_floor: ln P is floored there so the data can always overrule the networks;
+# temperature: softmax temperature of the prob map; emission_prob: spectra with at least
+# this ensemble probability of emission are fitted.  network_weight 1 and temperature 2
+# from benchmarks/calibrate_clover_data_check.py (seed 555): S/N >= 4 accuracy Gaussian
+# noise / one / two 1.000 / 1.000 / 0.985, NH3 1.000 / 1.000 / 0.963; expected
+# calibration error of the prob map 0.003 (Gaussian), 0.020 (NH3).
+DATA_CHECK = {"min_snr": 5.0, "min_sigma_channels": 1.0, "network_weight": 1.0, "prior_floor": -7.0,
+              "temperature": 2.0, "emission_prob": 0.05}
+
 # >>> shared conventions >>>
 # This block is identical in all five modules of the toolkit (each module must stay
 # self-contained, so it cannot be imported from a common file); tests/test_conventions.py
@@ -671,10 +714,6 @@ class LineWidthWarning(CloverWarning):
     """The cube's lines are much narrower or wider (in channels) than the training set's."""
 
 
-class ChannelWidthWarning(CloverWarning):
-    """An NH3 cube's channel width differs from the trained one (hyperfine spacing)."""
-
-
 # ===========================================================================
 # Configuration schema (the only keys accepted; see --write-config)
 # ===========================================================================
@@ -685,11 +724,16 @@ CONFIG_SCHEMA = (
     ConfigKey("Predict", "model_dir", "path", None, help="directory of trained models (default: shipped models/clover)"),
     ConfigKey("Predict", "outdir", "path", None, help="output directory (default: next to the cube)"),
     ConfigKey("Predict", "seed", "int", 0, help="seed of the noise used to pad short spectral axes"),
-    ConfigKey("Predict", "rest_frequency", "float", None, (0.0, None), "rest frequency in Hz when the header has none (NH3 mode defaults to 23.6944955 GHz)", bounds=True),
+    ConfigKey("Predict", "rest_frequency", "float", None, (0.0, None), "rest frequency in Hz, overriding the header's RESTFRQ (NH3 mode defaults to 23.6944955 GHz when there is none)", bounds=True),
     ConfigKey("Predict", "block_pixels", "int", 20000, (100, None), "pixels per processing block (memory and progress-bar granularity)", bounds=True),
     ConfigKey("Predict", "progress", "bool", True, help="show a tqdm progress bar for cubes of more than one block"),
     ConfigKey("Predict", "tile", "int", 0, (0, None), "0: one spectral window for the cube (central channels); N: a window per N x N-pixel tile centred on its emission", bounds=True),
-    ConfigKey("Predict", "refine", "bool", True, help="polish the networks' output by model fits: Gaussian lines, the two-component values (MAP fit of the central spectrum with the network's values as the prior); NH3, the one/two-component decision of pixels with uncertain ensemble odds (NH3 fits of their 3x3 neighbourhood)"),
+    ConfigKey("Predict", "refine", "bool", True, help="check the networks' answer against the data: 0/1/2-component fits of every emission spectrum on its own channels, seeded by the networks, choose the number of components by BIC with the networks' probabilities as a prior; values, errors, model and residual cubes from the fits"),
+    ConfigKey("Predict", "force_rest", "bool", False, help="NH3: accept a cube whose rest frequency is not NH3 (1,1)"),
+    ConfigKey("Predict", "nh3_22", "path", None, help="NH3 (2,2) cube of the same field and grid for joint (1,1)+(2,2) fits (Tkin, Tex, N, tau)"),
+    ConfigKey("Predict", "min_snr", "float", DATA_CHECK["min_snr"], (0.0, None), "matched-filter S/N a fitted component needs (sqrt(sum of its model squared) / rms), else it is dropped and the class lowered", bounds=True),
+    ConfigKey("Predict", "min_sigma_channels", "float", DATA_CHECK["min_sigma_channels"], (0.05, None), "smallest dispersion a fit may reach, in channels of the cube", bounds=True),
+    ConfigKey("Predict", "network_weight", "float", DATA_CHECK["network_weight"], (0.0, None), "weight of the networks' ln P(class) next to -BIC/2 (halved when the axis was resampled)", bounds=True),
     ConfigKey("Train", "seed", "int", 20191119, help="seed of the training-set generator and of the weights"),
     ConfigKey("Train", "ensemble_size", "int", 6, (1, None), "members of the classifier ensemble", bounds=True),
     ConfigKey("Train", "lines", "list", ["gauss", "nh3"], help="line types to train (gauss, nh3)"),
@@ -1102,14 +1146,6 @@ def simulate_nh3(n, rng, classes=None, chunk=1500, windows=False):
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def simulated_neighbours(sim):
-    """``neighbours`` callable of :func:`predict_spectra` for a simulated set made with
-    ``windows=True``: the 8 non-central spectra of each window on the central spectrum's
-    scale (as :func:`predict` hands them over from a cube)."""
-    others = [j for j in range(9) if j != 4]
-    return lambda rows: sim["windows"][rows][:, others] / sim["tmax"][rows, None, None]
-
-
 def _nh3_parameters(m, rng):
     """Per-component (m, 2) Tkin, logN, width, centroid of the NH3 training set."""
     r = NH3_RANGES
@@ -1170,32 +1206,58 @@ def _simulate_nh3_chunk(codes, rng, windows=False):
 # line type -> spectral length, training channel width, simulator, trained centroid
 # range (channels from the band centre; seed README: ~275 / ~140 central channels)
 LINE_TYPES = {
+    # centroid_range: (half-width, unit) of the trained centroids around the window centre,
+    # in the unit the networks work in - channels for Gaussian lines (trained +-10 km/s in
+    # 0.0724 km/s channels, + 5 dispersions), km/s for NH3 (fixed channel width)
     "gauss": {"nchan": GAUSSIAN_NCHAN, "dv_kms": TEMPLATE_DV_KMS, "simulate": simulate_gaussian,
-              "centroid_halfwidth_kms": 10.0 + 5 * 0.8, "rest_hz": None,
+              "centroid_range": ((10.0 + 5 * 0.8) / TEMPLATE_DV_KMS, "channels"), "rest_hz": None,
               "what": "Gaussian line (e.g. CO)"},
     "nh3": {"nchan": NH3_NCHAN, "dv_kms": TEMPLATE_DV_KMS, "simulate": simulate_nh3,
-            "centroid_halfwidth_kms": 5.0 + 1.0, "rest_hz": NH3_11_REST_HZ,
+            "centroid_range": (5.0 + 1.0, "km/s"), "rest_hz": NH3_11_REST_HZ,
             "what": "NH3 (1,1) with hyperfine structure"},
 }
 
-# output suffix -> (source array, column, kind of unit, description).  kind: 'class'
-# (dimensionless code), 'prob', 'vel' (km/s), 'width' (km/s), 'peak' (cube BUNIT).
-OUTPUT_MAPS = {
-    "class": ("class", None, "class", "class: 0 one component, 1 noise, 2 two components"),
-    "vlsr1": ("reg2", 0, "vel", "centroid velocity of the lower-velocity component"),
-    "vlsr2": ("reg2", 1, "vel", "centroid velocity of the higher-velocity component"),
-    "sig1": ("reg2", 2, "width", "velocity dispersion of component 1"),
-    "sig2": ("reg2", 3, "width", "velocity dispersion of component 2"),
-    "tpeak1": ("reg2", 4, "peak", "peak intensity of component 1"),
-    "tpeak2": ("reg2", 5, "peak", "peak intensity of component 2"),
-    "prob": ("prob", None, "prob", "probability of the chosen class (ensemble mean; NH3 settled pixels: combined with the fits)"),
-    "vlsr": ("reg1", 0, "vel", "centroid velocity of one-component pixels"),
-    "sig": ("reg1", 1, "width", "velocity dispersion of one-component pixels"),
-    "tpeak": ("reg1", 2, "peak", "peak intensity of one-component pixels"),
+# domain flag bits (the ``domain`` map; 0 = inside the trained domain)
+DOMAIN_BITS = {
+    1: "spectral axis resampled for the networks (channel width or line width outside the trained range)",
+    2: "line width outside the trained range even after resampling, or at the one-channel floor (unresolved)",
+    4: "centroid outside the trained centroid range of the networks' window",
+    8: "spectrum partly blank (blank channels filled with noise for the networks)",
+    16: "a model fit did not converge or reached a bound (values from the networks or dropped)",
 }
-for _name, (_src, _col, _kind, _text) in list(OUTPUT_MAPS.items()):
-    if _src in ("reg1", "reg2"):
-        OUTPUT_MAPS[_name + "_err"] = (_src + "_err", _col, _kind, "1-sigma uncertainty of " + _name)
+# output map -> (kind of unit, description, needs).  kind: 'class' (code), 'count', 'prob',
+# 'vel' (km/s), 'width' (km/s), 'peak' (cube BUNIT), 'flags', 'ratio' (dimensionless), 'K',
+# 'logcm2'; needs: None (always
+# written) or 'joint' (only with an NH3 (2,2) cube).  Components 1/2 are sorted by centroid.
+OUTPUT_MAPS = {
+    "class": ("class", "class: 0 one component, 1 noise, 2 two components (the original's codes)", None),
+    "ncomp": ("count", "number of components: 0, 1 or 2", None),
+    "prob": ("prob", "probability of the chosen number of components", None),
+    "vlsr1": ("vel", "centroid velocity of the lower-velocity component (two-component pixels)", None),
+    "vlsr2": ("vel", "centroid velocity of the higher-velocity component (two-component pixels)", None),
+    "sig1": ("width", "velocity dispersion of component 1 (two-component pixels)", None),
+    "sig2": ("width", "velocity dispersion of component 2 (two-component pixels)", None),
+    "tpeak1": ("peak", "peak intensity of component 1 (two-component pixels)", None),
+    "tpeak2": ("peak", "peak intensity of component 2 (two-component pixels)", None),
+    "vlsr": ("vel", "centroid velocity of one-component pixels", None),
+    "sig": ("width", "velocity dispersion of one-component pixels", None),
+    "tpeak": ("peak", "peak intensity of one-component pixels", None),
+    "vlsr_dom": ("vel", "centroid velocity of the dominant (brighter) component, every emission pixel", None),
+    "sig_dom": ("width", "velocity dispersion of the dominant component", None),
+    "tpeak_dom": ("peak", "peak intensity of the dominant component", None),
+    "rchi2": ("ratio", "reduced chi-square of the chosen model over its lines' channels", None),
+    "rms": ("peak", "rms noise per channel (from the fit residuals)", None),
+    "domain": ("flags", "domain flag bits: " + "; ".join("%d %s" % kv for kv in DOMAIN_BITS.items()), None),
+}
+for _name in [n for n in OUTPUT_MAPS if OUTPUT_MAPS[n][0] in ("vel", "width", "peak") and n != "rms"]:
+    OUTPUT_MAPS[_name + "_err"] = (OUTPUT_MAPS[_name][0], "1-sigma uncertainty of " + _name, None)
+NH3_JOINT_MAPS = {"tkin": ("K", "kinetic temperature"), "tex": ("K", "excitation temperature"),
+                  "logn": ("logcm2", "log10 NH3 column density"), "tau": ("ratio", "total (1,1) optical depth")}
+for _base, (_kind, _text) in NH3_JOINT_MAPS.items():
+    for _suffix, _which in (("1", " of component 1 (two-component pixels)"), ("2", " of component 2"),
+                            ("", " (one-component pixels)"), ("_dom", " of the dominant component")):
+        OUTPUT_MAPS[_base + _suffix] = (_kind, _text + _which + " from the joint (1,1)+(2,2) fit", "joint")
+        OUTPUT_MAPS[_base + _suffix + "_err"] = (_kind, "1-sigma uncertainty of " + _base + _suffix, "joint")
 REG_TARGETS = {"reg2": ("vlsr1", "vlsr2", "sig1", "sig2", "tpeak1", "tpeak2"),
                "reg1": ("vlsr", "sig", "tpeak")}
 META_FILE = "clover_models.json"
@@ -1204,10 +1266,35 @@ META_FILE = "clover_models.json"
 # ===========================================================================
 # Science: networks
 # ===========================================================================
+@contextmanager
+def _silenced_stderr():
+    """Send file descriptor 2 to /dev/null for a while (TensorFlow's C++ start-up lines,
+    which ignore Python's logging); a no-op where stderr has no file descriptor."""
+    try:
+        sys.stderr.flush()
+        fd = sys.stderr.fileno()
+        saved = os.dup(fd)
+    except (AttributeError, OSError, ValueError):   # notebooks, CASA's logger, pytest capture
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def _import_keras(threads=None):
-    """Import keras (TensorFlow backend) lazily; set the CPU thread pools once."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    """Import keras (TensorFlow backend) lazily and quietly; set the CPU thread pools once."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if "tensorflow" not in sys.modules:
+        import importlib
+        with _silenced_stderr():                  # start-up lines go to /dev/null
+            importlib.import_module("tensorflow")
+            importlib.import_module("keras")
     import tensorflow as tf
     import keras
     tf.get_logger().setLevel("ERROR")
@@ -1452,7 +1539,8 @@ def _fit_windows(p, k, nchan):
     return first[:, None] + np.arange(width)[None, :]
 
 
-def refine_gaussians(spectra, params, prior_sigma=None, n_iter=12, chunk=1024):
+def refine_gaussians(spectra, params, prior_sigma=None, n_iter=12, chunk=1024, noise=None,
+                     min_sigma=0.3, return_chi2=False):
     """Levenberg-Marquardt refinement of Gaussian components, vectorised over spectra.
 
     Parameters
@@ -1472,6 +1560,12 @@ def refine_gaussians(spectra, params, prior_sigma=None, n_iter=12, chunk=1024):
     chunk : int
         Spectra refined at a time (memory: chunk x 3k x window doubles); rows are
         grouped by the window width they need.
+    noise : ndarray, shape (n,), optional
+        Noise of each spectrum (default: from first differences, see Notes).
+    min_sigma : float
+        Smallest dispersion allowed (channels).
+    return_chi2 : bool
+        Also return the chi^2 of the data term (in units of ``noise``).
 
     Returns
     -------
@@ -1484,10 +1578,12 @@ def refine_gaussians(spectra, params, prior_sigma=None, n_iter=12, chunk=1024):
         ``J^T J / s^2 (+ diag(prior_sigma^-2))``; NaN for rows that kept their starting
         values.
     refined : ndarray of bool, shape (n,)
+    chi2 : ndarray, shape (n,)
+        Only with ``return_chi2``.
 
     Notes
     -----
-    The noise ``s`` of each spectrum is 1.4826 x the median absolute first difference
+    Non-finite channels are left out of the fit.  The noise ``s`` of each spectrum is 1.4826 x the median absolute first difference
     / sqrt(2) (robust to lines wider than a few channels).  Each spectrum is fitted in a
     window of channels covering its components +- 5 sigma of the starting values (a
     common width within a chunk).  Starting from the network's estimate, a few steps
@@ -1506,24 +1602,29 @@ def refine_gaussians(spectra, params, prior_sigma=None, n_iter=12, chunk=1024):
     params = np.asarray(params, np.float64)
     weight = np.zeros_like(params) if prior_sigma is None else 1.0 / np.maximum(
         np.nan_to_num(np.asarray(prior_sigma, np.float64), nan=np.inf), 1e-12) ** 2
-    noise = _difference_noise(spectra)
+    noise = _difference_noise(spectra) if noise is None else np.asarray(noise, np.float64)
     out, err = params.copy(), np.full(params.shape, np.nan)
     refined = np.zeros(len(params), bool)
+    chi2 = np.full(len(params), np.inf)
     lo, hi = _component_extent(params, params.shape[1] // 3, spectra.shape[1])
     order = np.argsort(np.nan_to_num(hi - lo), kind="stable")     # chunks of similar window width
     for start in range(0, len(params), chunk):
         rows = order[start:start + chunk]
-        out[rows], err[rows], refined[rows] = _refine_chunk(spectra[rows] / noise[rows, None],
-                                                            params[rows], weight[rows], noise[rows], n_iter)
-    return out, err, refined
+        out[rows], err[rows], refined[rows], chi2[rows] = _refine_chunk(
+            spectra[rows] / noise[rows, None], params[rows], weight[rows], noise[rows], n_iter, min_sigma)
+    return (out, err, refined, chi2) if return_chi2 else (out, err, refined)
 
 
-def _refine_chunk(y, p, weight, noise, n_iter):
-    """MAP fit of ``y`` (in units of its noise); the peaks in ``p`` are in data units."""
+def _refine_chunk(y, p, weight, noise, n_iter, min_sigma=0.3):
+    """MAP fit of ``y`` (in units of its noise; NaN channels left out); the peaks in ``p``
+    are in data units.  Returns params, errors, refined, chi^2 of the data term."""
     nchan = y.shape[1]
     k = p.shape[1] // 3
+    p = np.nan_to_num(p)
     idx = _fit_windows(p, k, nchan)          # fit only where the components are
     y = np.take_along_axis(y, idx, axis=1)
+    mask = np.isfinite(y).astype(np.float64)
+    y = np.nan_to_num(y)
     chan = idx.astype(np.float64)
     scale = np.concatenate([np.ones((len(p), 2 * k)), np.repeat(noise[:, None], k, axis=1)], axis=1)
     prior = p / scale                        # work with peaks in noise units
@@ -1533,6 +1634,7 @@ def _refine_chunk(y, p, weight, noise, n_iter):
 
     def evaluate(q):
         model, jac = _gaussians_and_jacobian(chan, q, k)
+        model, jac = model * mask, jac * mask[:, None, :]
         return model, jac, ((y - model) ** 2).sum(axis=1) + (weight * (q - prior) ** 2).sum(axis=1)
 
     model, jac, obj = evaluate(q)
@@ -1546,7 +1648,7 @@ def _refine_chunk(y, p, weight, noise, n_iter):
         except np.linalg.LinAlgError:   # a singular row: fall back to gradient steps
             step = grad / np.maximum(np.einsum("nii->ni", normal), 1e-30)
         trial = q + step
-        ok = _allowed(trial, k, nchan)
+        ok = _allowed(trial, k, nchan, min_sigma)
         t_model, t_jac, t_obj = evaluate(np.where(ok[:, None], trial, q))
         better = ok & (t_obj < obj)
         q = np.where(better[:, None], trial, q)
@@ -1554,7 +1656,8 @@ def _refine_chunk(y, p, weight, noise, n_iter):
         jac = np.where(better[:, None, None], t_jac, jac)
         obj = np.where(better, t_obj, obj)
         lam = np.where(better, lam * 0.3, lam * 10.0)
-    refined = _allowed(q, k, nchan) & np.isfinite(obj)
+    refined = _allowed(q, k, nchan, min_sigma) & np.isfinite(obj)
+    chi2 = ((y - model) ** 2).sum(axis=1)
     with np.errstate(all="ignore"):
         cov = np.linalg.pinv(jac @ jac.transpose(0, 2, 1) + weight[:, :, None] * eye)
         err = np.sqrt(np.abs(np.einsum("nii->ni", cov))) * scale
@@ -1562,43 +1665,17 @@ def _refine_chunk(y, p, weight, noise, n_iter):
     err = np.where(refined[:, None], err, np.nan)
     order = np.argsort(q[:, :k], axis=1)
     idx = np.concatenate([order + j * k for j in range(3)], axis=1)
-    return np.take_along_axis(q, idx, 1), np.take_along_axis(err, idx, 1), refined
+    return np.take_along_axis(q, idx, 1), np.take_along_axis(err, idx, 1), refined, chi2
 
 
-def _allowed(p, k, nchan):
-    """Rows whose Gaussians stay physical: positive peaks, 0.3 <= sigma <= nchan/4, centre on the axis."""
+def _allowed(p, k, nchan, min_sigma=0.3):
+    """Rows whose Gaussians stay physical: positive peaks, min_sigma <= sigma <= nchan/4,
+    centre on the axis."""
     c, s, a = p[:, :k], p[:, k:2 * k], p[:, 2 * k:]
-    return ((a > 0) & (s >= 0.3) & (s <= nchan / 4) & (c >= 0) & (c <= nchan - 1)).all(axis=1) \
+    return ((a > 0) & (s >= min_sigma) & (s <= nchan / 4) & (c >= 0) & (c <= nchan - 1)).all(axis=1) \
         & np.isfinite(p).all(axis=1)
 
 
-def _refine_rows(x, mu, err, nchan):
-    """Refine regressor output (training units) on the central spectra ``x[:, :, 0]``,
-    with the regressor's values and uncertainties as the prior."""
-    k = mu.shape[1] // 3
-    half = _centre_channel(nchan)
-    start = mu.astype(np.float64).copy()
-    start[:, :k] = start[:, :k] * half + half            # normalised centroid -> channel
-    prior = err.astype(np.float64).copy()
-    prior[:, :k] *= half
-    fit, fit_err, ok = refine_gaussians(x[:, :, 0], start, prior)
-    fit[:, :k] = (fit[:, :k] - half) / half
-    fit_err[:, :k] = fit_err[:, :k] / half
-    return (np.where(ok[:, None], fit, mu).astype(np.float32),
-            np.where(ok[:, None], fit_err, err).astype(np.float32), ok)
-
-
-# ---------------------------------------------------------------------------
-# NH3: the one/two-component decision of uncertain pixels by model fits
-# ---------------------------------------------------------------------------
-# Combination of the ensemble's odds with the fit evidence (see settle_nh3_classes):
-# log-odds(two : one) = ln(P_two / P_one) + weight * (dchi2 - offset * npix) for pixels
-# with |ln(P_two / P_one)| < window, dchi2 summed over the npix fitted spectra of the
-# 3x3 neighbourhood.  Chosen with benchmarks/calibrate_clover_nh3_settle.py on its own
-# simulated set (seed 555, 6,000 spectra; not the training or the test seeds): one /
-# two-component accuracy 0.999 / 0.993 (ensemble alone 0.987 / 0.944), fitting 18 % of
-# the spectra; the best of the scanned grid (window 6: 0.998 / 0.997) fits 33 %.
-NH3_SETTLE = {"window": 3.0, "weight": 0.1, "offset": 7.0}
 # bounds of the slab parameters: ln A (A in units of the spectrum's maximum), ln tau,
 # ln sigma (km/s); the centroid's are the fitted axis' velocity range (_slab_bounds)
 _SLAB_BOUNDS = (np.array([-7.0, np.log(0.01), np.log(0.03), -np.inf]),
@@ -1653,11 +1730,20 @@ def _slabs_and_jacobian(q, freq, jacobian=True):
 def _difference_noise(spectra):
     """Per-spectrum noise: 1.4826 x median |first difference| / sqrt(2) (robust to lines
     wider than a few channels); never zero."""
-    noise = 1.4826 * np.median(np.abs(np.diff(spectra, axis=1)), axis=1) / np.sqrt(2)
-    return np.maximum(noise, 1e-6 * np.abs(spectra).max(axis=1) + 1e-30)
+    diff = np.abs(np.diff(spectra, axis=1))
+    if np.isfinite(diff).all():
+        noise = 1.4826 * np.median(diff, axis=1) / np.sqrt(2)
+    else:                                  # blank channels: finite differences only
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            noise = np.nan_to_num(1.4826 * np.nanmedian(diff, axis=1) / np.sqrt(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        top = np.nan_to_num(np.nanmax(np.abs(spectra), axis=1))
+    return np.maximum(noise, 1e-6 * top + 1e-30)
 
 
-def fit_nh3_slabs(spectra, starts, freq_hz=None, n_iter=25, chunk=256, weight=None):
+def fit_nh3_slabs(spectra, starts, freq_hz=None, n_iter=25, chunk=256, weight=None, min_sigma=None):
     """Least-squares fits of NH3 (1,1) slab models, vectorised over spectra.
 
     Parameters
@@ -1677,6 +1763,8 @@ def fit_nh3_slabs(spectra, starts, freq_hz=None, n_iter=25, chunk=256, weight=No
     weight : ndarray, shape (n,) or (n, nchan), optional
         1 / noise per spectrum or per channel (0 leaves a channel out); default 1 /
         the noise from first differences.
+    min_sigma : float, optional
+        Smallest dispersion (km/s; default 0.03).
 
     Returns
     -------
@@ -1704,7 +1792,7 @@ def fit_nh3_slabs(spectra, starts, freq_hz=None, n_iter=25, chunk=256, weight=No
         for lo in range(0, len(spectra), chunk):
             rows = slice(lo, lo + chunk)
             q[rows], chi[rows] = _fit_slab_chunk(spectra[rows], weight[rows], np.asarray(start[rows], float),
-                                                 freq[rows] if freq.ndim == 2 else freq, n_iter)
+                                                 freq[rows] if freq.ndim == 2 else freq, n_iter, min_sigma)
         if best_q is None:
             best_q = q
         better = chi < best_chi
@@ -1712,10 +1800,12 @@ def fit_nh3_slabs(spectra, starts, freq_hz=None, n_iter=25, chunk=256, weight=No
     return best_q, best_chi
 
 
-def _fit_slab_chunk(y, w, q, freq, n_iter):
+def _fit_slab_chunk(y, w, q, freq, n_iter, min_sigma=None):
     """Levenberg-Marquardt of slab models; ``w`` (m, nchan) weights, ``freq`` (nchan,) or (m, nchan)."""
     k = q.shape[1] // 4
     lo, hi = _slab_bounds(freq, len(q), k)
+    if min_sigma:
+        lo[:, 2::4] = np.log(min_sigma)
     q = np.clip(np.nan_to_num(q), lo, hi)
     model, jac = _slabs_and_jacobian(q, freq)
     chi = (((y - model) * w) ** 2).sum(axis=1)
@@ -1747,115 +1837,535 @@ def _slab_bounds(freq, m, k):
     return lo, hi
 
 
-def _slab_starts(mu, k, freq, taus=(0.1, 1.0, 5.0)):
-    """Slab starting values from regressor output (training units: channels of the axis
-    ``freq``), one per optical depth."""
-    vel = _nh3_velocity(freq)
-    nchan = len(freq)
-    half = _centre_channel(nchan)
-    v = np.interp(mu[:, :k] * half + half, np.arange(nchan), vel)
-    sig = np.clip(mu[:, k:2 * k] * abs(vel[-1] - vel[0]) / (nchan - 1), 0.04, 2.5)
-    peak = np.clip(mu[:, 2 * k:], 0.02, 2.0)
-    starts = []
-    for tau in taus:
-        cols = []
-        for i in range(k):
-            pmax = nh3_profile(freq, sig[:, i], v[:, i]).max(axis=1)
-            amp = peak[:, i] / -np.expm1(-tau * np.maximum(pmax, 1e-3))
-            cols.append(np.column_stack([np.log(amp), np.full(len(mu), np.log(tau)), np.log(sig[:, i]), v[:, i]]))
-        starts.append(np.concatenate(cols, axis=1))
-    return starts
-
-
 def _nh3_velocity(freq_hz):
     """Radio velocity (km/s) relative to the NH3 (1,1) rest frequency."""
     return C_KMS * (1 - np.asarray(freq_hz, float) / NH3_11_REST_HZ)
 
 
-def nh3_two_component_evidence(spectra, reg1, reg2, neighbours=None, freq_hz=None, n_iter=25,
-                               neighbour_iter=12, chunk=256):
-    """chi^2 improvement of the best two-component NH3 slab fits over the best one-component fits.
+def predict_spectra(x, models, batch_size=2048, emission_prob=None):
+    """Classify spectra and regress their components with the networks (training units).
 
     Parameters
     ----------
-    spectra : ndarray, shape (n, nchan)
-        Central spectra, velocity increasing with index (the networks' first input
-        channel).
-    reg1, reg2 : ndarray, shape (n, 3) and (n, 6)
-        One- and two-component regressor output (training units): the starting values.
-    neighbours : ndarray, shape (n, m, nchan), optional
-        The other spectra of each pixel's 3x3 neighbourhood on the same scale as
-        ``spectra`` (rows with a non-finite value are left out: borders, blanks).
-    freq_hz : ndarray, shape (nchan,), optional
-        Frequency axis of the spectra (the cube's; default the training axis): the
-        hyperfine pattern is fitted in frequency, so the fits stay right when the
-        cube's channels are not the training set's 5.72 kHz.
-    n_iter, neighbour_iter : int
-        Iterations for the central spectra and for the neighbours (which start from the
-        central spectrum's best fits).
-    chunk : int
-        Pixels fitted together (grouped by the number of channels their lines cover).
+    x : ndarray, shape (n, nchan, 2)
+        Network inputs (see :func:`make_features`).
+    models : CloverModels
+    batch_size : int
+    emission_prob : float, optional
+        Both regressors run on every spectrum whose ensemble probability of emission
+        (one or two components) is at least this (default ``DATA_CHECK['emission_prob']``),
+        so that the fits of :func:`check_against_data` have starting values for either
+        number of components.
 
     Returns
     -------
-    dchi2 : ndarray, shape (n,)
-        Sum over the fitted pixels of ``chi2(one) - chi2(two)``, each in units of its
-        spectrum's noise variance estimated from the residuals of the two-component
-        fit (first differences overestimate the noise of bright, wide lines).
-    npix : ndarray of int, shape (n,)
-        Pixels summed (1 + finite neighbours).
+    dict
+        ``probs`` (n, 3) ensemble probabilities (one, noise, two); ``class`` (n,) codes
+        (argmax of the summed member softmax vectors, as the original); ``prob`` (n,);
+        ``reg2``, ``reg2_err`` (n, 6) and ``reg1``, ``reg1_err`` (n, 3) (NaN where not
+        regressed): normalised centroid, dispersion (channels), peak / maximum.
+    """
+    emission_prob = DATA_CHECK["emission_prob"] if emission_prob is None else emission_prob
+    probs = models.classify(x, batch_size)
+    result = {"probs": probs, "class": probs.argmax(axis=1), "prob": probs.max(axis=1)}
+    rows = np.flatnonzero(1.0 - probs[:, CLASS_CODES["noise"]] >= emission_prob)
+    for kind in ("reg2", "reg1"):
+        k = len(REG_TARGETS[kind])
+        mu = np.full((len(x), k), np.nan, np.float32)
+        err = np.full((len(x), k), np.nan, np.float32)
+        if rows.size:
+            mu[rows], err[rows] = models.regress(kind, x[rows], batch_size)
+        result[kind], result[kind + "_err"] = mu, err
+    return result
+
+
+# ===========================================================================
+# Science: the spectral domain of the networks (any channel width, any line width)
+# ===========================================================================
+@dataclass
+class SpectralDomain:
+    """How a cube's spectral axis is brought into the networks' trained domain.
+
+    Attributes
+    ----------
+    line : str
+        Line type.
+    native_dv_kms : float
+        The cube's channel width.
+    network_dv_kms : float
+        Channel width the networks see (equal to ``native_dv_kms`` when no resampling).
+    line_sigma_kms : float
+        Measured dispersion of the bright lines (NaN: not measured).
+    n_measured : int
+        Spectra the width was measured on.
+    note : str
+        What was done and why (logged, and written to the output headers).
+    in_domain : bool
+        False when the lines stay outside the trained widths after resampling.
+    """
+
+    line: str
+    native_dv_kms: float
+    network_dv_kms: float
+    line_sigma_kms: float = float("nan")
+    n_measured: int = 0
+    note: str = ""
+    in_domain: bool = True
+
+    @property
+    def factor(self):
+        """Network channel width / native channel width (> 1: channels averaged)."""
+        return self.network_dv_kms / self.native_dv_kms
+
+    @property
+    def resampled(self):
+        """True when the networks see a resampled spectral axis."""
+        return abs(self.factor - 1.0) > 1e-3
+
+    def as_dict(self):
+        """Plain values for the table metadata."""
+        return {"line": self.line, "native_dv_kms": self.native_dv_kms, "network_dv_kms": self.network_dv_kms,
+                "line_sigma_kms": self.line_sigma_kms, "n_measured": self.n_measured, "note": self.note,
+                "in_domain": self.in_domain, "factor": self.factor}
+
+
+GAUSS_SIGMA_CH = tuple(v / TEMPLATE_DV_KMS for v in GAUSS_RANGES["sigma_kms"])   # trained widths, channels
+NH3_SIGMA_KMS = (0.08, 2.0)                                                       # trained NH3 widths, km/s
+_WIDTH_SCALES = (1, 2, 4, 8, 16, 32, 64)
+
+
+def channel_width(velocity):
+    """Mean channel width (km/s, positive) of a linear velocity axis."""
+    return abs(float(velocity[-1] - velocity[0])) / max(len(velocity) - 1, 1)
+
+
+def measure_line_width(data, min_snr=5.0, max_pixels=20000):
+    """Dispersion (channels) of a cube's bright lines, on spectra smoothed to detect them.
+
+    Parameters
+    ----------
+    data : ndarray, shape (nchan, ...)
+    min_snr : float
+        A spectrum counts when its peak exceeds ``min_snr`` x its noise at one of the
+        boxcar smoothing scales 1, 2, 4, ..., 64 channels (so wide, faint lines are
+        measured too, not only lines above ``min_snr`` per channel).
+    max_pixels : int
+        Spectra examined at most (evenly spaced).
+
+    Returns
+    -------
+    sigma : float
+        Median over the detected spectra of the FWHM / 2.355 of the smoothed spectrum
+        at its best scale, with the boxcar's variance ``(w^2 - 1) / 12`` removed (NaN:
+        no spectrum detected).
+    count : int
+
+    Examples
+    --------
+    >>> chan = np.arange(400.0)
+    >>> rng = np.random.default_rng(3)
+    >>> cube = np.exp(-0.5 * ((chan - 200) / 30.0) ** 2)[:, None] * 0.5 + rng.normal(0, 0.3, (400, 50))
+    >>> s, n = measure_line_width(cube)
+    >>> bool(25 < s < 35), n > 40
+    (True, True)
+    """
+    flat = np.asarray(data, np.float64).reshape(data.shape[0], -1)
+    cols = np.flatnonzero(np.isfinite(flat).all(axis=0))
+    if cols.size > max_pixels:
+        cols = cols[np.linspace(0, cols.size - 1, max_pixels).astype(int)]
+    spec = flat[:, cols]
+    if spec.shape[1] == 0 or spec.shape[0] < 16:
+        return float("nan"), 0
+    spec = spec - np.median(spec, axis=0)
+    noise = _difference_noise(spec.T)
+    best = np.zeros(spec.shape[1])
+    width = np.full(spec.shape[1], np.nan)
+    for w in _WIDTH_SCALES:
+        if 4 * w > spec.shape[0]:
+            break
+        smooth = _boxcar(spec, w)
+        peak = np.argmax(smooth, axis=0)
+        snr = smooth[peak, np.arange(spec.shape[1])] / (noise / np.sqrt(w))
+        better = snr > best
+        sig = np.sqrt(np.maximum(_half_max_sigma(smooth, peak) ** 2 - (w * w - 1) / 12.0, 0.09))
+        best, width = np.where(better, snr, best), np.where(better, sig, width)
+    good = best > min_snr
+    return (float(np.median(width[good])), int(good.sum())) if good.any() else (float("nan"), 0)
+
+
+def _boxcar(spec, w):
+    """Running mean over ``w`` channels along axis 0 (same length, edges shortened)."""
+    if w <= 1:
+        return spec
+    c = np.cumsum(np.pad(spec, ((w // 2 + 1, w - w // 2 - 1), (0, 0)), mode="edge"), axis=0)
+    return (c[w:] - c[:-w]) / w
+
+
+def spectral_domain(data, velocity, line):
+    """Decide the channel width at which the networks see a cube.
+
+    Parameters
+    ----------
+    data : ndarray, shape (nchan, ny, nx)
+    velocity : ndarray, shape (nchan,)
+        km/s.
+    line : {'gauss', 'nh3'}
+
+    Returns
+    -------
+    SpectralDomain
 
     Notes
     -----
-    Central spectrum, one component: three starts (total optical depth 0.1, 1, 5).  Two
-    components: the same three from the two-component regressor, plus the best
-    one-component fit with a faint second component one dispersion to either side (so
-    the two-component fit is never worse than the one-component fit).  Neighbours: the
-    central spectrum's best fits and the nested starts.  Each neighbour is a fit of its
-    own (the 3x3 velocity gradients of the training set move lines by up to a few tenths
-    of km/s); for one-component pixels each term behaves as a chi^2 with 4 degrees of
-    freedom, so the sum over 9 independent pixels has mean ~36 and spread ~8.5, while a
-    second component adds its evidence nine times.  Neighbouring pixels of real maps are
-    often correlated (beams of ~3 pixels): their terms are then not independent and
-    the sum's spread is larger.
-
-    Only the channels within 5 dispersions + 1 km/s of the starting components'
-    hyperfine lines enter the fits (both models vanish elsewhere).
+    NH3: the hyperfine pattern is fixed in km/s, so the networks must see the trained
+    0.0724 km/s channels; a cube whose channels differ by more than 10 % is resampled to
+    them.  Gaussian lines: the networks work in channels (trained dispersions 2.1-11
+    channels); the bright lines' width is measured (:func:`measure_line_width`) and,
+    when it lies outside 1.15x inside that range, the axis is resampled so that the lines
+    span the geometric middle of the range (4.8 channels).  Resampling uses flux-
+    conserving channel averages when the new channels are wider, linear interpolation
+    when they are narrower (:func:`resample_spectra`); at most 4x narrower.
     """
-    spectra = np.asarray(spectra, np.float64)
-    axis = _nh3_freq(freq_hz)
-    starts1, starts2 = _slab_starts(reg1, 1, axis), _slab_starts(reg2, 2, axis)
-    near = _line_channels(np.concatenate([starts1[0], starts2[0]], axis=1), _nh3_velocity(axis))
-    order = np.argsort(near.sum(axis=1), kind="stable")       # chunks of similar channel counts
-    dchi2, npix = np.zeros(len(spectra)), np.ones(len(spectra), int)
-    for lo in range(0, len(spectra), chunk):
-        rows = order[lo:lo + chunk]
-        dchi2[rows], npix[rows] = _evidence_rows(
-            spectra[rows], near[rows], axis, [s[rows] for s in starts1], [s[rows] for s in starts2],
-            None if neighbours is None else neighbours[rows], n_iter, neighbour_iter)
-    return dchi2, npix
+    dv = channel_width(velocity)
+    if line == "nh3":
+        target = TEMPLATE_DV_KMS if abs(dv / TEMPLATE_DV_KMS - 1) > 0.1 else dv
+        note = ("NH3 channels of %.4f km/s resampled to the trained %.4f km/s" % (dv, target)
+                if target != dv else "NH3 channels of %.4f km/s (trained %.4f)" % (dv, TEMPLATE_DV_KMS))
+        return SpectralDomain(line, dv, target, note=note)
+    sigma, count = measure_line_width(data)
+    lo, hi = GAUSS_SIGMA_CH
+    if not np.isfinite(sigma):
+        return SpectralDomain(line, dv, dv, note="no line bright enough to measure its width; "
+                              "channels used as they are")
+    if lo * 1.15 <= sigma <= hi / 1.15:
+        return SpectralDomain(line, dv, dv, sigma * dv, count,
+                              "lines of %.1f channels (trained %.1f-%.1f): channels used as they are"
+                              % (sigma, lo, hi))
+    factor = max(sigma / np.sqrt(lo * hi), 0.25)
+    new_sigma = sigma / factor
+    inside = lo <= new_sigma <= hi
+    note = ("lines of %.1f channels (dispersion, median of %d spectra; trained %.1f-%.1f): channels "
+            "of %.4g km/s %s to %.4g km/s for the networks (lines of %.1f channels)"
+            % (sigma, count, lo, hi, dv, "averaged" if factor > 1 else "interpolated", dv * factor, new_sigma))
+    return SpectralDomain(line, dv, float(dv * factor), float(sigma * dv), count, note, bool(inside))
 
 
-def _evidence_rows(spectra, near, axis, starts1, starts2, neighbours, n_iter, neighbour_iter):
-    """:func:`nh3_two_component_evidence` of one chunk, fitted on the channels ``near`` lines."""
-    width = max(int(near.sum(axis=1).max(initial=0)), 16)
-    idx = np.sort(np.argsort(~near, axis=1, kind="stable")[:, :width], axis=1)     # used channels first
-    use = np.take_along_axis(near, idx, axis=1)
-    freq = axis[idx]
-    one, two, dchi2 = _one_two_fits(spectra, idx, use, freq, starts1, starts2, n_iter)
-    npix = np.ones(len(dchi2), int)
-    for j in range(0 if neighbours is None else neighbours.shape[1]):
-        y = np.asarray(neighbours[:, j], np.float64)
-        ok = np.flatnonzero(np.isfinite(y).all(axis=1))
-        if ok.size:
-            dchi2[ok] += _one_two_fits(y[ok], idx[ok], use[ok], freq[ok], [one[ok]], [two[ok]], neighbour_iter)[2]
-            npix[ok] += 1
-    return dchi2, npix
+def resample_spectra(data, velocity, new_dv):
+    """Resample spectra (axis 0, velocity increasing) to channels of ``new_dv`` km/s.
+
+    Parameters
+    ----------
+    data : ndarray, shape (nchan, ...)
+        Finite values.
+    velocity : ndarray, shape (nchan,)
+        Increasing, linear.
+    new_dv : float
+
+    Returns
+    -------
+    data : ndarray, shape (m, ...), float32
+    velocity : ndarray, shape (m,)
+        New channel centres, covering the old band.
+
+    Notes
+    -----
+    Wider channels: the exact average of the piecewise-constant spectrum over each new
+    channel (the integral is conserved: sum(T dv) is unchanged).  Narrower channels:
+    linear interpolation between channel centres.
+
+    Examples
+    --------
+    >>> y = np.arange(8.0)[:, None]
+    >>> out, v = resample_spectra(y, np.arange(8.0), 2.0)
+    >>> out[:, 0].tolist(), v.tolist()
+    ([0.5, 2.5, 4.5, 6.5], [0.5, 2.5, 4.5, 6.5])
+    """
+    data = np.asarray(data)
+    n, dv = data.shape[0], channel_width(velocity)
+    lo_edge = velocity[0] - dv / 2
+    m = int(np.floor(n * dv / new_dv + 1e-9))
+    centres = lo_edge + new_dv * (np.arange(m) + 0.5)
+    flat = data.reshape(n, -1).astype(np.float64)
+    if new_dv >= dv:
+        cum = np.concatenate([np.zeros((1, flat.shape[1])), np.cumsum(flat, axis=0)])   # integral / dv
+        t = np.clip(np.arange(m + 1) * new_dv / dv, 0, n)
+        i = np.minimum(t.astype(int), n - 1)
+        at = cum[i] + (t - i)[:, None] * flat[i]
+        out = (at[1:] - at[:-1]) * (dv / new_dv)
+    else:
+        f = np.clip((centres - velocity[0]) / dv, 0, n - 1)
+        i = np.minimum(f.astype(int), n - 2)
+        w = (f - i)[:, None]
+        out = flat[i] * (1 - w) + flat[i + 1] * w
+    return out.reshape((m,) + data.shape[1:]).astype(np.float32), centres
+
+
+def trim_blank_edges(data):
+    """Slice of the channels between the first and last that are finite somewhere.
+
+    Band edges blanked in every pixel (a common product of imagers and regridding) are
+    cut before the networks see the spectra, instead of being filled with noise.
+    """
+    finite = np.array([np.isfinite(plane).any() for plane in data])
+    idx = np.flatnonzero(finite)
+    return slice(int(idx[0]), int(idx[-1]) + 1) if idx.size else slice(0, 0)
+
+
+# ===========================================================================
+# Science: the networks' answer checked against the data (model selection by fits)
+# ===========================================================================
+
+
+def check_against_data(spectra, velocity, net, line, settings=None, freq_hz=None):
+    """Fit zero, one and two components to every emission spectrum, seeded by the networks.
+
+    Parameters
+    ----------
+    spectra : ndarray, shape (m, nchan)
+        The spectra on the cube's own channels (NaN = no data), velocity increasing.
+    velocity : ndarray, shape (nchan,)
+        km/s, increasing, linear.
+    net : dict
+        Network output in physical units: ``probs`` (m, 3) (one, noise, two); ``one``
+        (m, 3) centroid (km/s), dispersion (km/s), peak; ``two`` (m, 6) v1, v2, s1, s2,
+        p1, p2 (NaN rows: not regressed).
+    line : {'gauss', 'nh3'}
+    settings : dict, optional
+        Keys of :data:`DATA_CHECK`.
+    freq_hz : ndarray, shape (nchan,), optional
+        NH3: the frequency axis (default from ``velocity`` and the (1,1) rest frequency).
+
+    Returns
+    -------
+    dict
+        ``bic`` (m, 3) Bayesian information criteria of 0, 1, 2 components (inf: not
+        fitted) and ``aic`` (m, 3) the same with Akaike's penalty (2 per parameter: what
+        a free parameter gains on noise; for the neighbours' evidence); ``params`` {1: (m, 3), 2: (m, 6)} and ``errors`` (physical: v, sigma,
+        peak; errors scaled by sqrt(reduced chi^2) when it exceeds 1); ``ok`` {1, 2}
+        fits that converged inside the bounds; ``noise`` (m,) rms per channel from the
+        residuals; ``nchan`` (m,) finite channels; ``fitted`` (m,) rows fitted;
+        ``state`` what :func:`component_models` needs to draw the models.
+
+    Notes
+    -----
+    ``BIC_k = chi^2_k c + p_k ln n`` with ``p_k`` = 3 (Gaussian) or 4 (NH3 slab: A, tau,
+    sigma, v) per component, ``n`` the finite channels, ``chi^2`` with the rms of the
+    line-free residuals, and ``c`` 1, or the cube's median ratio of first-difference to
+    residual noise variance when it is below 0.7 (correlated channels, e.g. Hanning
+    smoothing, carry less independent evidence; a warning says so).  Fits: several
+    starts (the networks' values, the moment of the spectrum, the one-component fit split
+    in two), Levenberg-Marquardt, best chi^2 kept; dispersions >= ``min_sigma_channels``
+    channels, peaks > 0.
+    """
+    cfg = dict(DATA_CHECK, **(settings or {}))
+    y = np.asarray(spectra, np.float64)
+    m = len(y)
+    probs = np.asarray(net["probs"], float)
+    fitted = (1.0 - probs[:, CLASS_CODES["noise"]]) >= cfg["emission_prob"]
+    fitted &= np.isfinite(y).sum(axis=1) >= 16
+    out = {"bic": np.full((m, 3), np.inf), "params": {1: np.full((m, 3), np.nan), 2: np.full((m, 6), np.nan)},
+           "errors": {1: np.full((m, 3), np.nan), 2: np.full((m, 6), np.nan)},
+           "ok": {1: np.zeros(m, bool), 2: np.zeros(m, bool)}, "snr": {1: np.zeros((m, 1)), 2: np.zeros((m, 2))},
+           "noise": _difference_noise(y),
+           "nchan": np.isfinite(y).sum(axis=1), "fitted": fitted, "line": line,
+           "state": {"rows": np.flatnonzero(fitted)}}
+    finite = np.isfinite(y)
+    out["bic"][:, 0] = np.where(finite.any(axis=1), np.nansum(y * y, axis=1) / out["noise"] ** 2, np.inf)
+    rows = np.flatnonzero(fitted)
+    if not rows.size:
+        return out
+    fit = _gauss_fit_models if line == "gauss" else _nh3_fit_models
+    res = fit(y[rows], velocity, {k: np.asarray(net[k], float)[rows] for k in ("one", "two")}, cfg, freq_hz)
+    models = res.pop("models")                       # {k: (rows, nchan) model spectra}
+    best = np.where(res["ok"][2][:, None], models[2], np.where(res["ok"][1][:, None], models[1], 0.0))
+    noise = _residual_noise(y[rows], best, out["noise"][rows])
+    corr = _channel_correlation(out["noise"][rows], noise)
+    n = np.maximum(out["nchan"][rows], 1)
+    per = 3 if line == "gauss" else 4
+    out["bic"][rows, 0] = corr * np.nansum(y[rows] ** 2, axis=1) / noise ** 2
+    out["aic"] = out["bic"].copy()
+    for k in (1, 2):
+        chi = np.nansum((y[rows] - models[k]) ** 2, axis=1) / noise ** 2
+        out["bic"][rows, k] = np.where(res["ok"][k], corr * chi + per * k * np.log(n), np.inf)
+        out["aic"][rows, k] = np.where(res["ok"][k], corr * chi + 2 * per * k, np.inf)
+        rchi = _window_rchi2(y[rows], models[k], noise, per * k)
+        scale = np.sqrt(np.maximum(rchi, 1.0)) * noise / res["noise_used"]
+        out["params"][k][rows] = res["params"][k]
+        out["errors"][k][rows] = res["errors"][k] * scale[:, None]
+        out["ok"][k][rows] = res["ok"][k]
+        out["snr"][k][rows] = res["energy"][k] / noise[:, None]
+    out["noise"][rows] = noise
+    out["state"].update(res.get("state", {}), models=models)
+    return out
+
+
+def _residual_noise(y, model, fallback, min_free=20):
+    """rms per channel (1.4826 MAD) of the residuals in the line-free channels (model below
+    1 % of its peak), or of all residuals when fewer than ``min_free`` are line-free."""
+    resid = y - model
+    free = np.abs(model) < 0.01 * np.abs(model).max(axis=1, keepdims=True) + 1e-30
+    free &= np.isfinite(resid)
+    use = np.where((free.sum(axis=1) >= min_free)[:, None], free, np.isfinite(resid))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = np.where(use, resid, np.nan)
+        s_res = 1.4826 * np.nanmedian(np.abs(r - np.nanmedian(r, axis=1)[:, None]), axis=1)
+    return np.where(np.isfinite(s_res) & (s_res > 0), s_res, fallback)
+
+
+def _channel_correlation(s_diff, s_res, limit=0.7):
+    """chi^2 scale for correlated channels: the cube's median (s_diff / s_res)^2 when it is
+    below ``limit`` (first differences see less noise when neighbouring channels are
+    correlated, e.g. Hanning smoothing: 0.5), else 1 (white noise within the scatter of
+    real data)."""
+    ratio = float(np.median((s_diff / s_res) ** 2)) if len(s_res) else 1.0
+    if ratio >= limit:
+        return 1.0
+    log.warning("neighbouring channels are correlated (first-difference / residual noise variance "
+                "%.2f; Hanning-smoothed cube?): the fits' chi^2 evidence is scaled by %.2f", ratio, ratio)
+    return max(ratio, 0.25)
+
+
+def _window_rchi2(y, model, noise, npar):
+    """Reduced chi^2 over the channels where ``model`` exceeds 1e-3 of its peak (+-3 channels)."""
+    peak = np.abs(model).max(axis=1, keepdims=True)
+    near = np.abs(model) > 1e-3 * np.maximum(peak, 1e-30)
+    for shift in (1, 2, 3):
+        near[:, shift:] |= near[:, :-shift].copy()
+        near[:, :-shift] |= near[:, shift:].copy()
+    near &= np.isfinite(y)
+    cnt = near.sum(axis=1)
+    chi = np.where(near, (np.nan_to_num(y) - model) ** 2, 0.0).sum(axis=1) / noise ** 2
+    return np.where(cnt > npar, chi / np.maximum(cnt - npar, 1), np.nan)
+
+
+def _gauss_fit_models(y, velocity, net, cfg, freq_hz=None):
+    """One- and two-Gaussian fits of spectra ``y`` (m, n) on their own channels."""
+    v0, dv = velocity[0], channel_width(velocity)
+    noise = _difference_noise(y)
+    floor = cfg["min_sigma_channels"]
+    to_ch = lambda p, k: np.column_stack([(p[:, :k] - v0) / dv, p[:, k:2 * k] / dv, p[:, 2 * k:]])  # noqa: E731
+    starts1 = [to_ch(net["one"], 1), _moment_start(y)]
+    p1, e1, ok1 = _best_gauss_fit(y, starts1, noise, floor)
+    starts2 = [to_ch(net["two"], 2)] + _split_starts(np.where(ok1[:, None], p1, starts1[1]))
+    p2, e2, ok2 = _best_gauss_fit(y, starts2, noise, floor)
+    back = lambda p, k: np.column_stack([v0 + p[:, :k] * dv, p[:, k:2 * k] * dv, p[:, 2 * k:]])  # noqa: E731
+    models = {k: np.where(ok[:, None], _channel_gaussians(p, y.shape[1]), 0.0) for k, p, ok in ((1, p1, ok1), (2, p2, ok2))}
+    scale_e = lambda e, k: np.column_stack([e[:, :k] * dv, e[:, k:2 * k] * dv, e[:, 2 * k:]])  # noqa: E731
+    # matched-filter S/N of each component: sqrt(sum of its model squared) / noise
+    energy = {k: np.column_stack([np.sqrt(2 * np.sqrt(np.pi) * np.abs(p[:, k + i])) * np.abs(p[:, 2 * k + i])
+                                  for i in range(k)]) for k, p in ((1, p1), (2, p2))}
+    return {"params": {1: back(p1, 1), 2: back(p2, 2)}, "errors": {1: scale_e(e1, 1), 2: scale_e(e2, 2)},
+            "ok": {1: ok1, 2: ok2}, "models": models, "noise_used": noise, "energy": energy}
+
+
+def _channel_gaussians(p, nchan):
+    """Gaussians (centres, sigmas, peaks in channel units, (m, 3k)) on channels 0..nchan-1."""
+    k = p.shape[1] // 3
+    p = np.nan_to_num(np.asarray(p, float))
+    sig = np.where(p[:, k:2 * k] > 0, p[:, k:2 * k], 1.0)
+    return gaussian_profiles(np.arange(nchan, dtype=float), p[:, 2 * k:], p[:, :k], sig).astype(np.float64)
+
+
+def _best_gauss_fit(y, starts, noise, floor):
+    """Best of several least-squares Gaussian fits per row (chi^2 over the whole spectrum:
+    each start is fitted in its own channel window, so window chi^2 values do not compare)."""
+    best = None
+    for start in starts:
+        good = np.isfinite(start).all(axis=1)
+        start = np.where(good[:, None], start, starts[-1])
+        start = _clip_start(start, y.shape[1], floor)
+        p, e, ok = refine_gaussians(y, start, noise=noise, min_sigma=floor)
+        model = _channel_gaussians(p, y.shape[1])
+        chi = np.where(ok, np.nansum((y - model) ** 2, axis=1) / noise ** 2, np.inf)
+        if best is None:
+            best = [p, e, ok, chi]
+            continue
+        better = chi < best[3]
+        for i, new in enumerate((p, e, ok, chi)):
+            best[i] = np.where(better[:, None] if new.ndim == 2 else better, new, best[i])
+    return best[0], best[1], best[2]
+
+
+def _clip_start(p, nchan, floor):
+    """Starting values inside the allowed region of :func:`refine_gaussians`."""
+    k = p.shape[1] // 3
+    p = np.nan_to_num(np.array(p, float))
+    p[:, :k] = np.clip(p[:, :k], 1, nchan - 2)
+    p[:, k:2 * k] = np.clip(p[:, k:2 * k], floor * 1.05, nchan / 5)
+    p[:, 2 * k:] = np.maximum(p[:, 2 * k:], 1e-6)
+    return p
+
+
+def _moment_start(y, smooth=5):
+    """One-Gaussian start from each spectrum's smoothed peak: channel, half-max width, peak."""
+    s = _boxcar(np.nan_to_num(y).T, smooth)
+    peak = np.argmax(s, axis=0)
+    width = np.clip(_half_max_sigma(s, peak), 1.0, y.shape[1] / 6)
+    return np.column_stack([peak.astype(float), width, np.maximum(s[peak, np.arange(len(peak))], 1e-6)])
+
+
+def _split_starts(p1):
+    """Two-component starts from a one-component fit: split at +-0.6 sigma and +-1.5 sigma."""
+    c, s, a = p1[:, 0], p1[:, 1], p1[:, 2]
+    return [np.column_stack([c - f * s, c + f * s, s * w, s * w, a * 0.8, a * r])
+            for f, w, r in ((0.6, 0.7, 0.6), (1.5, 0.8, 0.4))]
+
+
+def _nh3_fit_models(y, velocity, net, cfg, freq_hz=None):
+    """One- and two-component NH3 (1,1) slab fits of spectra ``y`` (m, n) on their own channels."""
+    freq = NH3_11_REST_HZ * (1 - velocity / C_KMS) if freq_hz is None else np.asarray(freq_hz, float)
+    tmax = _safe_max(np.nan_to_num(y))
+    yn = y / tmax[:, None]
+    noise = _difference_noise(yn)
+    weight = np.where(np.isfinite(yn), 1.0 / noise[:, None], 0.0)
+    yn = np.nan_to_num(yn)
+    floor = np.log(max(cfg["min_sigma_channels"] * channel_width(velocity), 0.03))
+    starts1 = _slab_starts_physical(net["one"], 1, freq, tmax)
+    starts2 = _slab_starts_physical(net["two"], 2, freq, tmax)
+    near = _line_channels(np.concatenate([starts1[0], starts2[0]], axis=1), velocity) & (weight > 0)
+    q1, q2 = np.empty((len(y), 4)), np.empty((len(y), 8))
+    order = np.argsort(near.sum(axis=1), kind="stable")          # chunks of similar channel counts
+    for lo in range(0, len(y), 256):
+        rows = order[lo:lo + 256]
+        width = max(int(near[rows].sum(axis=1).max(initial=0)), 16)
+        idx = np.sort(np.argsort(~near[rows], axis=1, kind="stable")[:, :width], axis=1)
+        w = np.where(np.take_along_axis(near[rows], idx, axis=1), np.take_along_axis(weight[rows], idx, axis=1), 0.0)
+        yy, ff = np.take_along_axis(yn[rows], idx, axis=1), freq[idx]
+        q1[rows] = fit_nh3_slabs(yy, [s[rows] for s in starts1], ff, weight=w, min_sigma=np.exp(floor))[0]
+        nested = []
+        for side in (1.0, -1.0):
+            second = q1[rows].copy()
+            second[:, 0] -= np.log(3.0)
+            second[:, 3] += side * 1.5 * np.exp(second[:, 2])
+            nested.append(np.concatenate([q1[rows], second], axis=1))
+        q2[rows] = fit_nh3_slabs(yy, [s[rows] for s in starts2] + nested, ff, weight=w, min_sigma=np.exp(floor))[0]
+    out = {"params": {}, "errors": {}, "ok": {}, "models": {}, "noise_used": noise * tmax,
+           "state": {"q": {}, "tmax": tmax, "freq": freq}}
+    for k, q in ((1, q1), (2, q2)):
+        q = _sort_slabs(q)
+        model, jac = _slabs_and_jacobian(q, freq)
+        lo, hi = _slab_bounds(freq, len(q), k)
+        # converged with the centroids inside the axis (the dispersion may sit on the floor
+        # of min_sigma_channels or the 3 km/s cap, A and tau on their bounds: the optically
+        # thin limit is degenerate; such components are judged by their evidence)
+        ok = np.isfinite(q).all(axis=1)
+        ok &= ((q[:, 3::4] > lo[:, 3::4] + 1e-6) & (q[:, 3::4] < hi[:, 3::4] - 1e-6)).all(axis=1)
+        params, errors = _slab_physical(q, jac, weight, model, k)
+        out["params"][k] = np.column_stack([params[:, :2 * k], params[:, 2 * k:] * tmax[:, None]])
+        out["errors"][k] = np.column_stack([errors[:, :2 * k], errors[:, 2 * k:] * tmax[:, None]])
+        out["ok"][k] = ok
+        out["models"][k] = np.where(ok[:, None], model * tmax[:, None], 0.0)
+        out["state"]["q"][k] = q
+        comps = jac[:, 0::4]                      # d model / d ln A_i = component i itself
+        out.setdefault("energy", {})[k] = np.sqrt((np.where(weight[:, None] > 0, comps, 0.0) ** 2).sum(axis=2)) * tmax[:, None]
+    return out
 
 
 def _line_channels(q, vel, span=5.0, margin_kms=1.0):
     """Mask (m, nchan) of the channels (velocities ``vel``, km/s) within ``span``
-    dispersions + ``margin_kms`` of any hyperfine line of the slab components in ``q``."""
+    dispersions + ``margin_kms`` of any hyperfine line of the slab components in ``q``
+    (both models vanish elsewhere, so the fits leave those channels out)."""
     c = _nh3_constants()
     centre = (q[:, 3::4, None] + c["voff"][None, None, :]).reshape(len(q), -1)       # km/s
     reach = np.repeat(span * np.exp(q[:, 2::4]) + margin_kms, c["voff"].size, axis=1)
@@ -1865,149 +2375,651 @@ def _line_channels(q, vel, span=5.0, margin_kms=1.0):
     return near
 
 
-def _one_two_fits(spectra, idx, use, freq, starts1, starts2, n_iter):
-    """Best one- and two-component slab fits on the channels ``idx`` where ``use``, and
-    their chi^2 difference (noise from the two-component residuals)."""
-    weight = use / _difference_noise(spectra)[:, None]
-    y = np.take_along_axis(spectra, idx, axis=1)
-    one, chi1 = fit_nh3_slabs(y, starts1, freq, n_iter=n_iter, weight=weight)
-    nested = []
-    for side in (1.0, -1.0):
-        second = one.copy()
-        second[:, 0] -= np.log(10.0)
-        second[:, 3] += side * np.exp(one[:, 2])
-        nested.append(np.concatenate([one, second], axis=1))
-    two, chi2 = fit_nh3_slabs(y, list(starts2) + nested, freq, n_iter=n_iter, weight=weight)
-    chi2 = np.minimum(chi2, chi1)
-    dof = np.maximum(use.sum(axis=1) - 8, 1)
-    return one, two, (chi1 - chi2) * dof / np.maximum(chi2, 1e-12)
+def _sort_slabs(q):
+    """Slab components sorted by centroid."""
+    order = np.argsort(q[:, 3::4], axis=1)
+    idx = np.concatenate([(order * 4 + j)[:, :, None] for j in range(4)], axis=2).reshape(len(q), -1)
+    return np.take_along_axis(q, idx, axis=1)
 
 
-def settle_nh3_classes(probs, dchi2, npix=1, settle=None):
-    """Combine the ensemble's one/two-component odds with the fits' chi^2 evidence.
+def _slab_physical(q, jac, weight, model, k):
+    """Centroid, dispersion and peak (units of the fitted spectrum) of each slab component
+    and their 1-sigma errors from the curvature matrix ``J^T W J``."""
+    jw = jac * weight[:, None, :]
+    with np.errstate(all="ignore"):
+        cov = np.linalg.pinv(jw @ jw.transpose(0, 2, 1))
+    v, sig, peak = np.empty((len(q), k)), np.empty((len(q), k)), np.empty((len(q), k))
+    ev, es, ep = np.empty_like(v), np.empty_like(v), np.empty_like(v)
+    for i in range(k):
+        j = 4 * i
+        v[:, i], sig[:, i] = q[:, j + 3], np.exp(q[:, j + 2])
+        ev[:, i] = np.sqrt(np.abs(cov[:, j + 3, j + 3]))
+        es[:, i] = sig[:, i] * np.sqrt(np.abs(cov[:, j + 2, j + 2]))
+        comp = jac[:, j]                              # d model / d ln A = the component itself
+        top = np.argmax(comp, axis=1)
+        peak[:, i] = comp[np.arange(len(q)), top]
+        grad = jac[np.arange(len(q)), j:j + 4, top]   # d peak / d (ln A, ln tau, ln sigma, v) at the peak channel
+        sub = cov[:, j:j + 4, j:j + 4]
+        ep[:, i] = np.sqrt(np.abs(np.einsum("ni,nij,nj->n", grad, sub, grad)))
+    return np.column_stack([v, sig, peak]), np.column_stack([ev, es, ep])
+
+
+def _slab_starts_physical(p, k, freq, tmax, taus=(0.3, 3.0)):
+    """Slab starting values from physical (v, sigma, peak) network output."""
+    p = np.nan_to_num(np.asarray(p, float))
+    v = p[:, :k]
+    sig = np.clip(p[:, k:2 * k], 0.05, 2.5)
+    peak = np.clip(p[:, 2 * k:] / tmax[:, None], 0.02, 2.0)
+    starts = []
+    for tau in taus:
+        cols = []
+        for i in range(k):
+            pmax = nh3_profile(freq, sig[:, i], v[:, i]).max(axis=1)
+            amp = peak[:, i] / -np.expm1(-tau * np.maximum(pmax, 1e-3))
+            cols.append(np.column_stack([np.log(amp), np.full(len(p), np.log(tau)), np.log(sig[:, i]), v[:, i]]))
+        starts.append(np.concatenate(cols, axis=1))
+    return starts
+
+
+def select_components(check, probs, settings=None, neighbour_evidence=None, resampled=False):
+    """Number of components per spectrum from the fits' BIC and the ensemble's probabilities.
 
     Parameters
     ----------
-    probs : ndarray, shape (n, 3)
+    check : dict
+        :func:`check_against_data` output.
+    probs : ndarray, shape (m, 3)
         Ensemble probabilities (one, noise, two).
-    dchi2 : ndarray, shape (n,)
-        :func:`nh3_two_component_evidence` (NaN: not fitted, the network decides).
-    npix : int or ndarray, shape (n,)
-        Pixels summed in ``dchi2``.
-    settle : dict, optional
-        ``window``, ``weight``, ``offset`` (default :data:`NH3_SETTLE`).
+    settings : dict, optional
+        Keys of :data:`DATA_CHECK`.
+    neighbour_evidence : ndarray, shape (m, 3), optional
+        Beam-weighted sum of the neighbours' AIC differences (:func:`neighbour_evidence`).
+    resampled : bool
+        The networks saw a resampled axis: their probabilities count half.
 
     Returns
     -------
-    code : ndarray, shape (n,)
-        Class codes: argmax of ``probs``, except that rows with an emission class and
-        ``|ln(P_two / P_one)| < window`` get two components when
-        ``ln(P_two / P_one) + weight (dchi2 - offset npix) > 0``.
-    prob : ndarray, shape (n,)
-        Probability of the chosen class: the network's, or for settled rows
-        ``(P_one + P_two)`` times the logistic function of the combined log-odds.
-    settled : ndarray of bool, shape (n,)
+    ncomp : ndarray of int, shape (m,)
+    prob : ndarray, shape (m,)
+        Probability of the chosen number of components,
+        ``softmax_k[(-BIC_k / 2 + w ln P_k) / T]``.
+    lowered : ndarray of bool, shape (m,)
+        Spectra whose best-scoring model had a component the data do not support
+        (matched-filter S/N, ``sqrt(sum model_i^2) / rms``, below ``min_snr``, or a fit
+        that did not converge): that component is dropped and the class lowered.
+
+    Notes
+    -----
+    ``ln P_k`` is floored at ``prior_floor`` so that the data can always overrule the
+    networks.  Spectra not fitted keep the networks' decision.
     """
-    cfg = dict(NH3_SETTLE, **(settle or {}))
+    cfg = dict(DATA_CHECK, **(settings or {}))
     probs = np.asarray(probs, float)
-    code, prob = probs.argmax(axis=1), probs.max(axis=1)
-    odds = _two_one_odds(probs)
-    settled = uncertain_emission(probs, cfg) & np.isfinite(dchi2)
-    combined = odds + cfg["weight"] * (np.nan_to_num(dchi2) - cfg["offset"] * np.asarray(npix))
-    two = combined > 0
-    code = np.where(settled, np.where(two, CLASS_CODES["two"], CLASS_CODES["one"]), code)
-    p_two = 1.0 / (1.0 + np.exp(-np.clip(combined, -50, 50)))
-    prob = np.where(settled, (probs[:, 0] + probs[:, 2]) * np.where(two, p_two, 1 - p_two), prob)
-    return code, prob, settled
+    prior = np.maximum(np.log(probs[:, [1, 0, 2]] + 1e-12), cfg["prior_floor"])
+    w = cfg["network_weight"] * (0.5 if resampled else 1.0)
+    bic = check["bic"] - np.min(check["bic"], axis=1, keepdims=True)
+    if neighbour_evidence is not None:
+        bic = bic + neighbour_evidence
+    score = (-0.5 * np.where(np.isfinite(bic), bic, 1e6) + w * prior) / cfg["temperature"]
+    supported = np.ones(score.shape, bool)
+    for k in (1, 2):
+        supported[:, k] = check["ok"][k] & (np.nan_to_num(check["snr"][k]) >= cfg["min_snr"]).all(axis=1)
+    best_any = np.argmax(score, axis=1)
+    score = np.where(supported, score, -np.inf)
+    soft = np.exp(score - score.max(axis=1, keepdims=True))
+    soft /= soft.sum(axis=1, keepdims=True)
+    ncomp = np.argmax(soft, axis=1)
+    fitted = check["fitted"]
+    net = np.choose(probs.argmax(axis=1), [1, 0, 2])
+    prob = np.where(fitted, soft[np.arange(len(ncomp)), ncomp], probs.max(axis=1))
+    lowered = fitted & (ncomp < best_any)
+    return np.where(fitted, ncomp, net), prob, lowered
 
 
-def uncertain_emission(probs, settle=None):
-    """Rows whose one/two-component decision the fits settle (see :func:`settle_nh3_classes`)."""
-    cfg = dict(NH3_SETTLE, **(settle or {}))
-    probs = np.asarray(probs, float)
-    return (probs.argmax(axis=1) != CLASS_CODES["noise"]) & (np.abs(_two_one_odds(probs)) < cfg["window"])
+_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
 
 
-def _two_one_odds(probs):
-    """ln(P_two / P_one) of ensemble probabilities (one, noise, two)."""
-    return np.log(probs[:, 2] + 1e-6) - np.log(probs[:, 0] + 1e-6)
-
-
-def predict_spectra(x, models, batch_size=2048, refine=True, neighbours=None, freq_hz=None):
-    """Classify spectra and regress their components (training units).
+def neighbour_evidence(aic_map, valid, beam_pixels):
+    """Beam-weighted sum of the 3x3 neighbours' information-criterion differences, per pixel.
 
     Parameters
     ----------
-    x : ndarray, shape (n, nchan, 2)
-        Network inputs (see :func:`make_features`).
-    models : CloverModels
-    batch_size : int
-    refine : bool
-        Polish the networks' output by model fits.  Gaussian lines: the two-component
-        regressor's values, by a few vectorised Levenberg-Marquardt steps on the central
-        spectrum with the network's values as the prior (:func:`refine_gaussians`).
-        NH3: the one/two-component decision of the pixels the ensemble is unsure about,
-        by one- and two-component NH3 model fits (of the 3x3 neighbourhood with
-        ``neighbours``) whose chi^2 difference is combined with the ensemble's odds
-        (:func:`settle_nh3_classes`; NH3 values stay the network's).
-        One-component values are never refined: the network, which also sees the 3x3
-        mean, is already about twice as precise as a least-squares fit of the central
-        spectrum (and a refinement would lose that).
-    neighbours : callable, optional
-        NH3 settling: ``neighbours(rows)`` gives the other 8 spectra of those rows' 3x3
-        neighbourhoods, shape (len(rows), 8, nchan), on the scale of ``x[:, :, 0]``
-        (NaN rows where missing); their fits add to the central spectrum's evidence.
-        Without it only the central spectra are fitted (weaker; see
-        :func:`nh3_two_component_evidence`).
-    freq_hz : ndarray, shape (nchan,), optional
-        NH3 settling: the spectra's frequency axis (default: the training axis).
+    aic_map : ndarray, shape (ny, nx, 3)
+        AIC of 0, 1, 2 components per pixel (inf: not fitted): each neighbour is a fit of
+        its own, and a parameter it adds costs what it gains on noise (2), so neighbours
+        that only repeat noise add evidence against more components; the central
+        spectrum's BIC (with its stronger ln n penalty) is added by the caller.
+    valid : ndarray of bool, shape (ny, nx)
+    beam_pixels : float or None
+        Beam area in pixels, ``pi / (4 ln 2) BMAJ BMIN / pixel^2`` (None: pixels
+        independent).
+
+    Returns
+    -------
+    ndarray, shape (ny, nx, 3)
+        ``lambda sum_nb (AIC_k - min_k AIC)`` with ``lambda = (n_ind - 1) / n_nb``,
+        ``n_nb`` the valid neighbours and ``n_ind = clip((1 + n_nb) / beam_pixels, 1,
+        1 + n_nb)`` the independent samples in the 3x3 window: with a beam of 9 pixels
+        or more the neighbours add nothing (their spectra repeat the central one's
+        information); with pixels that sample the sky independently each neighbour
+        counts once.  Each term is clipped to 50 so a bright neighbour cannot decide alone.
+    """
+    ny, nx, _ = aic_map.shape
+    rel = aic_map - np.min(aic_map, axis=2, keepdims=True)
+    rel = np.where(np.isfinite(rel), np.minimum(rel, 50.0), 50.0)
+    rel = np.where(valid[:, :, None], rel, 0.0)
+    pad = np.pad(rel, ((1, 1), (1, 1), (0, 0)))
+    cnt = np.pad(valid.astype(float), 1)
+    total, count = np.zeros_like(rel), np.zeros((ny, nx))
+    for dy, dx in _NEIGHBOURS:
+        total += pad[1 + dy:1 + dy + ny, 1 + dx:1 + dx + nx]
+        count += cnt[1 + dy:1 + dy + ny, 1 + dx:1 + dx + nx]
+    n_ind = np.clip((1 + count) / (beam_pixels or 1.0), 1.0, 1 + count)
+    lam = np.where(count > 0, (n_ind - 1) / np.maximum(count, 1), 0.0)
+    return lam[:, :, None] * total
+
+
+def _quiet_wcs(header):
+    """astropy WCS of ``header`` without FITSFixedWarning chatter (OBSGEO, DATE fixes)."""
+    from astropy.wcs import WCS, FITSFixedWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(header)
+
+
+def beam_pixels(header):
+    """Beam area in pixels from BMAJ/BMIN (deg) and the pixel size, or None."""
+    try:
+        bmaj, bmin = float(header["BMAJ"]), float(header["BMIN"])
+        from astropy.wcs.utils import proj_plane_pixel_scales
+        scale = proj_plane_pixel_scales(_quiet_wcs(header).celestial)
+    except (KeyError, TypeError, ValueError, IndexError):
+        return None
+    if len(scale) < 2 or not np.all(np.isfinite(scale)) or bmaj <= 0 or bmin <= 0:
+        return None
+    return float(np.pi / (4 * np.log(2)) * bmaj * bmin / (scale[0] * scale[1]))
+
+
+def assemble_components(check, ncomp, spectra):
+    """Final components of every spectrum after :func:`select_components`.
+
+    Parameters
+    ----------
+    check : dict
+        :func:`check_against_data` output.
+    ncomp : ndarray of int, shape (m,)
+    spectra : ndarray, shape (m, nchan)
+        The fitted spectra (for the reduced chi^2).
+
+    Returns
+    -------
+    comp, comp_err : ndarray, shape (m, 2, 3)
+        (centroid km/s, dispersion km/s, peak) of components 1 and 2 sorted by
+        centroid; NaN for absent components.
+    model : ndarray, shape (m, nchan), float32
+        Model spectrum of the chosen components (0 for none).
+    rchi2 : ndarray, shape (m,)
+        Reduced chi^2 of the chosen model over the channels of its lines (over the
+        whole spectrum for no component).
+    """
+    m, nchan = spectra.shape
+    comp, err = np.full((m, 2, 3), np.nan), np.full((m, 2, 3), np.nan)
+    model = np.zeros((m, nchan), np.float32)
+    noise = check["noise"]
+    with np.errstate(all="ignore"):
+        rchi2 = np.nansum(spectra ** 2, axis=1) / noise ** 2 / np.maximum(check["nchan"], 1)
+    pos = np.full(m, -1)
+    pos[check["state"]["rows"]] = np.arange(len(check["state"]["rows"]))
+    for k in (1, 2):
+        sel = np.flatnonzero((ncomp == k) & (pos >= 0))
+        if not sel.size:
+            continue
+        p, e = check["params"][k][sel], check["errors"][k][sel]
+        for q in range(3):
+            comp[sel, :k, q], err[sel, :k, q] = p[:, q * k:(q + 1) * k], e[:, q * k:(q + 1) * k]
+        model[sel] = check["state"]["models"][k][pos[sel]]
+        rchi2[sel] = _window_rchi2(spectra[sel], model[sel].astype(float), noise[sel], 3 * k)
+    return comp, err, model, rchi2
+
+
+def network_components(net, ncomp):
+    """Components (m, 2, 3) and errors from the networks alone (``refine=False``)."""
+    m = len(ncomp)
+    comp, err = np.full((m, 2, 3), np.nan), np.full((m, 2, 3), np.nan)
+    for k, key in ((1, "one"), (2, "two")):
+        sel = ncomp == k
+        p, e = net[key][sel], net[key + "_err"][sel]
+        for q in range(3):
+            comp[sel, :k, q], err[sel, :k, q] = p[:, q * k:(q + 1) * k], e[:, q * k:(q + 1) * k]
+    return comp, err
+
+
+def gaussian_model_spectra(comp, velocity):
+    """Sum of the Gaussian components ``comp`` (m, 2, 3) on ``velocity`` (km/s)."""
+    amp = np.nan_to_num(comp[:, :, 2])
+    sig = np.where(np.isfinite(comp[:, :, 1]) & (comp[:, :, 1] > 0), comp[:, :, 1], 1.0)
+    return gaussian_profiles(np.asarray(velocity, float), amp, np.nan_to_num(comp[:, :, 0]), sig)
+
+
+def dominant_component(comp, comp_err):
+    """The brighter component of each spectrum (the only one of one-component spectra).
+
+    Returns
+    -------
+    dom, dom_err : ndarray, shape (m, 3)
+        (centroid, dispersion, peak); NaN where there is no component.
+    """
+    peak = np.where(np.isfinite(comp[:, :, 2]), comp[:, :, 2], -np.inf)
+    j = np.argmax(peak, axis=1)
+    rows = np.arange(len(comp))
+    return comp[rows, j], comp_err[rows, j]
+
+
+# ===========================================================================
+# Science: NH3 beyond CLOVER - joint (1,1) + (2,2) fits (T_kin, T_ex, N, tau)
+# ===========================================================================
+# pyspeckit's cold_ammonia model (pyspeckit 1.0.4, fortho = 0; Rosolowsky et al. 2008,
+# Friesen et al. 2017) on the two lines' own frequency axes; per component, in this order:
+# tkin (K), tex (K), log10 N(NH3) (cm^-2), sigma (km/s), v (km/s, radio velocity relative
+# to each line's rest frequency, pyspeckit's xoff_v).  Checked against pyspeckit's model
+# (1e-10 of the peak) and its fits (tests/test_clover_realdata.py).
+_NH3_JOINT_LINES = ("oneone", "twotwo")
+_NH3_JOINT = {}
+NH3_TKIN_BOUNDS = (2.8, 80.0)      # K
+NH3_LOGN_BOUNDS = (11.0, 17.0)     # log10 cm^-2
+NH3_MIN_SIGMA_KMS = 0.02
+NH3_EDM_TOL = 1e-3                 # converged: the Gauss-Newton step would lower chi^2 by less
+
+
+def _joint_constants():
+    """Constants of the (1,1) and (2,2) lines from pyspeckit's tables (cached)."""
+    if not _NH3_JOINT:
+        try:
+            from pyspeckit.spectrum.models import ammonia_constants as c
+        except ImportError as exc:  # pragma: no cover - pyspeckit is in the lock file
+            raise ToolError("NH3 (2,2) fits need pyspeckit (pip install pyspeckit): %s" % exc)
+        jp = np.asarray(c.Jpara, float)
+        lines = []
+        for name in _NH3_JOINT_LINES:
+            f0, wts = c.freq_dict[name], np.asarray(c.tau_wts_dict[name], float)
+            nu = (1 - np.asarray(c.voff_lines_dict[name], float) / c.ckms) * f0
+            strength = c.ccms ** 2 * c.aval_dict[name] / (8 * np.pi * f0 ** 2) * c.ckms / (f0 * np.sqrt(2 * np.pi))
+            lines.append(dict(f0=f0, dnu=nu - f0, nu=nu, wts=wts / wts.sum(),
+                              level=c.line_name_indices[name], strength=strength))
+        _NH3_JOINT.update(lines=lines, g=2 * jp + 1, hk=c.h / c.kb, ckms=c.ckms, tbg=c.TCMB,
+                      energy=c.h * (c.Brot * jp * (jp + 1) + (c.Crot - c.Brot) * jp ** 2) / c.kb)
+    return _NH3_JOINT
+
+
+def _joint_trot(tkin):
+    r"""Rotational temperature and :math:`dT_{rot}/dT_K` (Swift et al. 2005, eq. A6):
+    :math:`T_{rot} = T_K / D`, :math:`D = 1 + (T_K/41.18)\ln(1 + 0.6 e^{-15.7/T_K})`."""
+    e = 0.6 * np.exp(-15.7 / tkin)
+    d = 1 + tkin / 41.18 * np.log1p(e)
+    dd = np.log1p(e) / 41.18 + e * 15.7 / (41.18 * tkin * (1 + e))
+    return tkin / d, (d - tkin * dd) / d ** 2
+
+
+def _nh3_line_tau(line, tkin, tex, logn, sigma):
+    r"""Total optical depth of one line and :math:`\partial\ln\tau/\partial T_K`,
+    :math:`\partial\ln\tau/\partial T_{ex}` (arrays (m,)).
+
+    :math:`\tau = N \frac{Z_J}{Q}\frac{c^2 A}{8\pi\nu_0^2}\tanh\frac{h\nu_0}{2kT_{ex}}
+    \frac{c}{\sigma\nu_0\sqrt{2\pi}}`, :math:`Z_J = (2J+1)e^{-E_J/kT_{rot}}` over the para
+    levels (J = 1, 2, 4, 5, ...), :math:`Q = \sum Z_J`; hence
+    :math:`\partial\ln\tau/\partial T_{rot} = (E_J - \langle E\rangle)/kT_{rot}^2` and, with
+    :math:`y = h\nu_0/2kT_{ex}`, :math:`\partial\ln\tau/\partial T_{ex} = -2y/(T_{ex}\sinh 2y)`.
+    """
+    c = _joint_constants()
+    trot, slope = _joint_trot(tkin)
+    z = c["g"] * np.exp(-c["energy"] / trot[:, None])
+    q = z.sum(axis=1)
+    mean_e = (z * c["energy"]).sum(axis=1) / q
+    y = 0.5 * c["hk"] * line["f0"] / tex
+    tau = 10.0 ** logn * z[:, line["level"]] / q * line["strength"] * np.tanh(y) / sigma
+    return tau, (c["energy"][line["level"]] - mean_e) / trot ** 2 * slope, -2 * y / (np.sinh(2 * y) * tex)
+
+
+def _hyperfine_sums(line, freq, sigma, v, slopes=True):
+    r"""Hyperfine sums :math:`S_p = \sum_i w_i g_i x_i^p` (p = 0, 1, 2), arrays (m, n).
+
+    :math:`x_i = [\nu - \nu_i(1 - v/c)] / (\nu_i\sigma/c)` and :math:`g_i = e^{-x_i^2/2}`:
+    the optical-depth profile is :math:`\tau(\nu) = \tau S_0` (weights sum to 1), and
+    :math:`\partial S_0/\partial v = -S_1/\sigma`, :math:`\partial S_0/\partial\sigma = S_2/\sigma`.
+    """
+    ck = _joint_constants()["ckms"]
+    df = freq - line["f0"]
+    sums = [np.zeros((len(sigma), freq.shape[1])) for _ in range(3)]
+    for dnu, nu, wt in zip(line["dnu"], line["nu"], line["wts"]):
+        x = (df - (dnu - nu * v / ck)[:, None]) / (nu * sigma / ck)[:, None]
+        g = x * x
+        g *= -0.5
+        np.exp(np.maximum(g, -700.0, out=g), out=g)   # no underflow: denormals are slow
+        g *= wt
+        for s in sums[:3 if slopes else 1]:
+            s += g
+            g *= x
+    return sums
+
+
+def _joint_model(p, freqs, jacobian=False):
+    r"""Joint model (m, n11 + n22) and, optionally, its Jacobian (m, 5k, n11 + n22) with
+    respect to the physical parameters.
+
+    Per component and line, :math:`T = \Delta J(1 - e^{-\tau S_0})`,
+    :math:`\Delta J = J(T_{ex}) - J(T_{bg})`, :math:`J(T) = T_0/(e^{T_0/T} - 1)`,
+    :math:`T_0 = h\nu/k` at each channel; :math:`dT = \Delta J e^{-\tau S_0}\,d(\tau S_0)
+    + (1 - e^{-\tau S_0})\,dJ(T_{ex})` with :math:`dJ/dT_{ex} = [a / 2\sinh(a/2)]^2`,
+    :math:`a = T_0/T_{ex}`.  Components add in brightness (pyspeckit's ``n_ammonia``).
+    """
+    c = _joint_constants()
+    m, k = p.shape[0], p.shape[1] // 5
+    models, jacs = [], []
+    for line, freq in zip(c["lines"], freqs):
+        t0 = c["hk"] * freq
+        jbg = t0 / np.expm1(t0 / c["tbg"])
+        model = np.zeros((m, freq.shape[1]))
+        jac = np.zeros((m, 5 * k, freq.shape[1])) if jacobian else None
+        for i in range(k):
+            tkin, tex, logn, sigma, v = p[:, 5 * i:5 * i + 5].T
+            tau, dl_tkin, dl_tex = _nh3_line_tau(line, tkin, tex, logn, sigma)
+            s0, s1, s2 = _hyperfine_sums(line, freq, sigma, v, jacobian)
+            taunu = tau[:, None] * s0
+            a = t0 / tex[:, None]
+            dj = t0 / np.expm1(a) - jbg
+            absorbed = -np.expm1(-taunu)
+            model += dj * absorbed
+            if jacobian:
+                b = dj * (1 - absorbed)
+                jac[:, 5 * i] = b * taunu * dl_tkin[:, None]
+                jac[:, 5 * i + 1] = b * taunu * dl_tex[:, None] + absorbed * (0.5 * a / np.sinh(0.5 * a)) ** 2
+                jac[:, 5 * i + 2] = b * taunu * np.log(10.0)
+                jac[:, 5 * i + 3] = b * (tau / sigma)[:, None] * (s2 - s0)
+                jac[:, 5 * i + 4] = -b * (tau / sigma)[:, None] * s1
+        models.append(model)
+        jacs.append(jac)
+    return np.concatenate(models, axis=1), (np.concatenate(jacs, axis=2) if jacobian else None)
+
+
+def _joint_axes(freq11_hz, freq22_hz):
+    return [np.atleast_2d(np.asarray(f, float)) for f in (freq11_hz, freq22_hz)]
+
+
+def nh3_joint_spectra(freq11_hz, freq22_hz, params):
+    """NH3 (1,1) and (2,2) brightness-temperature spectra of k components, vectorised.
+
+    Parameters
+    ----------
+    freq11_hz, freq22_hz : ndarray, shape (n,) or (m, n)
+        Frequency axes (Hz) around each line, shared or one per spectrum.
+    params : ndarray, shape (m, 5k)
+        Per component: tkin (K), tex (K), log10 N(NH3) (cm^-2), sigma (km/s), v (km/s).
+
+    Returns
+    -------
+    model11 : ndarray, shape (m, n11)
+    model22 : ndarray, shape (m, n22)
+
+    Notes
+    -----
+    pyspeckit's ``cold_ammonia`` (``fortho = 0``, background 2.7326 K), component by
+    component, summed: see :func:`_nh3_line_tau`, :func:`_hyperfine_sums` and
+    :func:`_joint_model` for the equations.  Only each axis' own line is computed (the
+    other inversion lines lie > 28 MHz, hundreds of line widths, away).
+    """
+    freqs = _joint_axes(freq11_hz, freq22_hz)
+    model = _joint_model(np.atleast_2d(np.asarray(params, float)), freqs)[0]
+    return model[:, :freqs[0].shape[1]], model[:, freqs[0].shape[1]:]
+
+
+def _joint_bounds(freqs, m, k, min_sigma):
+    """Box bounds (m, 5k) of the internal parameters tkin, f, log N, ln sigma, v; the
+    centroid within the velocity range both axes cover, sigma up to a quarter of it."""
+    c = _joint_constants()
+    vel = [c["ckms"] * (1 - f / line["f0"]) for f, line in zip(freqs, c["lines"])]
+    vlo = np.maximum(vel[0].min(axis=1), vel[1].min(axis=1)) * np.ones(m)
+    vhi = np.minimum(vel[0].max(axis=1), vel[1].max(axis=1)) * np.ones(m)
+    lo = np.tile([NH3_TKIN_BOUNDS[0], 0.0, NH3_LOGN_BOUNDS[0], np.log(max(NH3_MIN_SIGMA_KMS, min_sigma)), 0.0], (m, k))
+    hi = np.tile([NH3_TKIN_BOUNDS[1], 1.0, NH3_LOGN_BOUNDS[1], 0.0, 0.0], (m, k))
+    lo[:, 4::5], hi[:, 4::5] = vlo[:, None], vhi[:, None]
+    hi[:, 3::5] = np.log(np.maximum(0.25 * (vhi - vlo), np.exp(lo[:, 3]) * 2))[:, None]
+    return lo, hi
+
+
+def _joint_to_internal(p):
+    q = p.copy()
+    tbg = _joint_constants()["tbg"]
+    q[:, 1::5] = (p[:, 1::5] - tbg) / (p[:, 0::5] - tbg)
+    q[:, 3::5] = np.log(p[:, 3::5])
+    return q
+
+
+def _joint_to_physical(q):
+    p = q.copy()
+    tbg = _joint_constants()["tbg"]
+    p[:, 1::5] = tbg + q[:, 1::5] * (q[:, 0::5] - tbg)
+    p[:, 3::5] = np.exp(q[:, 3::5])
+    return p
+
+
+def _joint_internal_jacobian(jac, q, p):
+    """Chain rule: d/dtkin at fixed f gains f d/dtex; d/df = (tkin - T_bg) d/dtex;
+    d/dln sigma = sigma d/dsigma."""
+    jq = jac.copy()
+    jq[:, 0::5] += q[:, 1::5, None] * jac[:, 1::5]
+    jq[:, 1::5] *= (p[:, 0::5] - _joint_constants()["tbg"])[:, :, None]
+    jq[:, 3::5] *= p[:, 3::5, None]
+    return jq
+
+
+def _joint_noise(spectra):
+    """Per-spectrum noise from first differences (1.4826 median |diff| / sqrt 2), NaN-aware."""
+    with np.errstate(all="ignore"):
+        noise = 1.4826 * np.nanmedian(np.abs(np.diff(spectra, axis=1)), axis=1) / np.sqrt(2)
+    return np.where(np.isfinite(noise) & (noise > 0), noise, np.inf)
+
+
+def _joint_weights(spec, noise):
+    """1 / noise per channel; 0 for NaN data and non-finite or non-positive noise."""
+    noise = _joint_noise(spec) if noise is None else np.asarray(noise, float)
+    noise = noise[:, None] if noise.ndim == 1 else noise
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = np.broadcast_to(np.where(noise > 0, 1.0 / noise, 0.0), spec.shape)
+    return np.where(np.isfinite(spec) & np.isfinite(w), w, 0.0)
+
+
+def fit_nh3_joint(spec11, spec22, freq11_hz, freq22_hz, starts, noise11=None, noise22=None,
+                  n_iter=30, chunk=256, min_sigma=0.0):
+    r"""Joint least-squares fits of k-component NH3 (1,1)+(2,2) models, vectorised.
+
+    Parameters
+    ----------
+    spec11, spec22 : ndarray, shape (m, n11), (m, n22)
+        Brightness-temperature spectra (K); NaN channels are ignored (weight 0).
+    freq11_hz, freq22_hz : ndarray, shape (n,) or (m, n)
+        Their frequency axes (Hz).
+    starts : sequence of ndarray, shape (m, 5k)
+        Starting values (see :func:`nh3_joint_spectra`, :func:`joint_starts`); every start
+        is fitted and the lowest chi^2 kept.
+    noise11, noise22 : float or ndarray, shape (m,) or (m, n), optional
+        1-sigma noise (K); default from first differences of each spectrum.
+    n_iter : int
+        Levenberg-Marquardt iterations (one damped Gauss-Newton trial per spectrum each,
+        kept only when it lowers chi^2).
+    chunk : int
+        Spectra fitted at a time (memory: about 8 chunk x 5k x (n11 + n22) x 8 bytes).
+    min_sigma : float
+        Floor of sigma (km/s) besides 0.02 km/s, e.g. a fraction of the channel width.
 
     Returns
     -------
     dict
-        ``probs`` (n, 3) ensemble probabilities; ``class`` (n,) codes (argmax of the
-        summed member softmax vectors, as the original, or the settled decision);
-        ``prob`` (n,) probability of that class; ``reg2``, ``reg2_err`` (n, 6) for
-        class-2 rows and ``reg1``, ``reg1_err`` (n, 3) for class-0 rows (NaN elsewhere):
-        normalised centroid, dispersion (channels), peak / maximum; ``refined`` (n,)
-        rows whose values come from the refinement (their ``_err`` are then the fit's
-        formal errors, otherwise the network's); ``settled`` (n,) rows whose class the
-        NH3 fits decided.
+        ``params`` (m, 5k), components in increasing velocity; ``errors`` (m, 5k),
+        1-sigma from the inverse curvature matrix :math:`(J^T W J)^{-1}`, times
+        :math:`\sqrt{\chi^2/\nu}` where that exceeds 1; ``errors_formal`` (unscaled);
+        ``chi2``, ``dof`` (m,) (channels with weight > 0 less 5k); ``edm`` (m,), the
+        chi^2 decrease a further Gauss-Newton step predicts; ``ok`` (m,) bool: ``edm`` <
+        :data:`NH3_EDM_TOL` (converged), finite errors and no parameter at a bound.
+
+    Notes
+    -----
+    Bounds: 2.8 <= tkin <= 80 K, T_bg (2.7326 K) <= tex <= tkin, 11 <= log N <= 17,
+    max(0.02, min_sigma) <= sigma <= a quarter of the velocity range, v within the axes.
+    The iterations run on internal parameters (tkin, f, log N, ln sigma, v) with
+    :math:`T_{ex} = T_{bg} + f(T_K - T_{bg})`, :math:`0 \le f \le 1`: the tex <= tkin
+    constraint becomes a box, so a trial step is simply clipped into it (a projection,
+    accepted only if chi^2 falls) and nothing leaves the physical domain; ln sigma
+    keeps the steps scale-free.  The errors are those of the physical parameters at the
+    solution (no transformation bias); they are meaningful only when ``ok``.  A row
+    stops iterating once a near-Gauss-Newton step (damping <= 1) gains < 1e-6 in chi^2.
+
+    Examples
+    --------
+    >>> v = (np.arange(380) - 190) * 0.158
+    >>> f11, f22 = (f0 * (1 - v / 299792.458) for f0 in (23.6944955e9, 23.722633335e9))
+    >>> y11, y22 = nh3_joint_spectra(f11, f22, [[15.0, 6.0, 14.5, 0.3, 0.5]])
+    >>> fit = fit_nh3_joint(y11, y22, f11, f22, joint_starts([0.4], [0.35], [y11.max()], 1), 0.1, 0.1)
+    >>> np.round(fit["params"], 4).tolist(), bool(fit["ok"][0])
+    ([[15.0, 6.0, 14.5, 0.3, 0.5]], True)
     """
-    probs = models.classify(x, batch_size)
-    code, prob = probs.argmax(axis=1), probs.max(axis=1)
-    settled = np.zeros(len(x), bool)
-    if refine and models.line == "nh3":
-        code, prob, settled = _settle_rows(x, probs, models, batch_size, neighbours, freq_hz)
-    result = {"probs": probs, "class": code, "prob": prob, "settled": settled,
-              "refined": np.zeros(len(x), bool)}
-    for kind, cls in (("reg2", CLASS_CODES["two"]), ("reg1", CLASS_CODES["one"])):
-        k = len(REG_TARGETS[kind])
-        mu = np.full((len(x), k), np.nan, np.float32)
-        err = np.full((len(x), k), np.nan, np.float32)
-        rows = np.flatnonzero(code == cls)
-        if rows.size:
-            mu[rows], err[rows] = models.regress(kind, x[rows], batch_size)
-            if refine and kind == "reg2" and models.line == "gauss":
-                mu[rows], err[rows], result["refined"][rows] = _refine_rows(
-                    x[rows], mu[rows], err[rows], models.nchan)
-        result[kind], result[kind + "_err"] = mu, err
-    return result
+    spec = np.concatenate([np.atleast_2d(np.asarray(s, float)) for s in (spec11, spec22)], axis=1)
+    w = np.concatenate([_joint_weights(np.atleast_2d(np.asarray(s, float)), n)
+                        for s, n in ((spec11, noise11), (spec22, noise22))], axis=1)
+    y = np.where(w > 0, np.nan_to_num(spec), 0.0)
+    freqs, m = _joint_axes(freq11_hz, freq22_hz), len(spec)
+    best = None
+    for start in starts:
+        start = np.asarray(start, float)
+        res = {key: np.empty((m, start.shape[1])) for key in ("params", "errors_formal")}
+        res.update(chi2=np.empty(m), edm=np.empty(m), ok=np.empty(m, bool))
+        for lo in range(0, m, chunk):
+            rows = slice(lo, lo + chunk)
+            f_rows = [f[rows] if len(f) > 1 else f for f in freqs]
+            out = _fit_joint_chunk(y[rows], w[rows], start[rows], f_rows, n_iter, min_sigma)
+            for key, val in zip(("params", "errors_formal", "chi2", "edm", "ok"), out):
+                res[key][rows] = val
+        if best is None:
+            best = res
+        better = res["chi2"] < best["chi2"]
+        for key in best:
+            best[key][better] = res[key][better]
+    k = best["params"].shape[1] // 5
+    order = (np.argsort(best["params"][:, 4::5], axis=1)[:, :, None] * 5 + np.arange(5)).reshape(m, 5 * k)
+    for key in ("params", "errors_formal"):                # components by velocity
+        best[key] = np.take_along_axis(best[key], order, axis=1)
+    best["dof"] = (w > 0).sum(axis=1) - 5 * k
+    scale = np.sqrt(np.maximum(best["chi2"] / np.maximum(best["dof"], 1), 1.0))
+    best["errors"] = best["errors_formal"] * scale[:, None]
+    return best
 
 
-def _settle_rows(x, probs, models, batch_size, neighbours=None, freq_hz=None):
-    """NH3 fits of the rows the ensemble is unsure about: settle_nh3_classes output."""
-    dchi2, npix = np.full(len(x), np.nan), np.ones(len(x), int)
-    rows = np.flatnonzero(uncertain_emission(probs))
-    if rows.size:
-        log.info("NH3 model fits of %d pixels with uncertain one/two-component odds (roughly %.0f s "
-                 "on one core; --no-refine skips them)", rows.size,
-                 0.013 * rows.size * (1 if neighbours is None else 3))
-        reg1, _ = models.regress("reg1", x[rows], batch_size)
-        reg2, _ = models.regress("reg2", x[rows], batch_size)
-        dchi2[rows], npix[rows] = nh3_two_component_evidence(
-            x[rows, :, 0], reg1, reg2, None if neighbours is None else neighbours(rows), freq_hz)
-    return settle_nh3_classes(probs, dchi2, npix)
+def _fit_joint_chunk(y, w, p, freqs, n_iter, min_sigma):
+    """Levenberg-Marquardt on internal parameters; returns params, formal errors,
+    chi2, edm and ok for the rows of one chunk."""
+    m, npar = p.shape
+    lo, hi = _joint_bounds(freqs, m, npar // 5, min_sigma)
+    p = np.nan_to_num(p, nan=10.0)
+    p[:, 0::5] = np.clip(p[:, 0::5], *NH3_TKIN_BOUNDS)
+    p[:, 1::5] = np.clip(p[:, 1::5], _joint_constants()["tbg"], p[:, 0::5])
+    p[:, 3::5] = np.maximum(p[:, 3::5], 1e-3)
+    q = np.clip(_joint_to_internal(p), lo, hi)
+
+    def evaluate(q, rows):
+        """chi^2, curvature matrix and gradient (internal parameters) at q for ``rows``."""
+        phys = _joint_to_physical(q)
+        model, jac = _joint_model(phys, [f[rows] if len(f) > 1 else f for f in freqs], jacobian=True)
+        jw = _joint_internal_jacobian(jac, q, phys) * w[rows, None, :]
+        resid = (y[rows] - model) * w[rows]
+        return (resid ** 2).sum(axis=1), jw @ jw.transpose(0, 2, 1), (jw @ resid[:, :, None])[:, :, 0]
+
+    chi, normal, grad = evaluate(q, slice(None))
+    lam, active = np.full(m, 1e-2), np.ones(m, bool)
+    for _ in range(n_iter):
+        idx = np.flatnonzero(active)
+        if not idx.size:
+            break
+        diag = np.einsum("nii->ni", normal[idx])
+        damped = normal[idx] + (lam[idx, None] * diag + 1e-12)[:, :, None] * np.eye(npar)
+        trial = np.clip(q[idx] + np.nan_to_num(np.linalg.solve(damped, grad[idx, :, None])[:, :, 0]), lo[idx], hi[idx])
+        t_chi, t_normal, t_grad = evaluate(trial, idx)
+        better = t_chi < chi[idx]
+        settled = better & (chi[idx] - t_chi < 1e-6) & (lam[idx] <= 1.0)   # a ~Gauss-Newton step gains nothing
+        acc = idx[better]
+        q[acc], chi[acc], normal[acc], grad[acc] = trial[better], t_chi[better], t_normal[better], t_grad[better]
+        lam[idx] = np.clip(np.where(better, lam[idx] / 3.0, lam[idx] * 4.0), 1e-9, 1e9)
+        active[idx] = ~settled & (lam[idx] < 1e9)
+    p = _joint_to_physical(q)
+    errors, edm = _joint_errors(y, w, p, freqs)
+    margin = 1e-6 * (hi - lo)
+    inside = ((q > lo + margin) & (q < hi - margin)).all(axis=1)
+    return p, errors, chi, edm, inside & (edm < NH3_EDM_TOL) & np.isfinite(errors).all(axis=1)
+
+
+def _joint_errors(y, w, p, freqs):
+    r"""1-sigma errors :math:`\sqrt{\mathrm{diag}(J^T W J)^{-1}}` of the physical parameters
+    and the expected distance to the minimum :math:`g^T (J^T W J)^{-1} g`,
+    :math:`g = J^T W (y - f)` (NaN errors where the matrix is singular)."""
+    model, jac = _joint_model(p, freqs, jacobian=True)
+    jw = jac * w[:, None, :]
+    alpha = jw @ jw.transpose(0, 2, 1)
+    grad = (jw @ ((y - model) * w)[:, :, None])[:, :, 0]
+    d = np.sqrt(np.einsum("nii->ni", alpha))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        corr = np.nan_to_num(alpha / (d[:, :, None] * d[:, None, :]))
+        evals, evecs = np.linalg.eigh(corr)
+        good = (evals.min(axis=1) > 1e-10) & (d > 0).all(axis=1)
+        inv = (evecs / np.where(evals > 1e-10, evals, np.inf)[:, None, :]) @ evecs.transpose(0, 2, 1)
+        cov = inv / (d[:, :, None] * d[:, None, :])
+        errors = np.where(good[:, None], np.sqrt(np.einsum("nii->ni", cov)), np.nan)
+        edm = np.where(good, np.einsum("ni,nij,nj->n", grad, cov, grad), np.inf)
+    return errors, edm
+
+
+def joint_starts(v, sigma, peak11, k, guesses=((10.0, 13.8), (15.0, 14.4), (25.0, 15.0))):
+    """Starting values of :func:`fit_nh3_joint` from per-component line estimates.
+
+    Parameters
+    ----------
+    v, sigma, peak11 : ndarray, shape (m, k) (or (m,) when k = 1)
+        Centroid and dispersion (km/s), and (1,1) peak brightness (K) of each component,
+        e.g. from moments or a Gaussian decomposition.
+    k : int
+        Number of components.
+    guesses : sequence of (tkin, log N)
+        One start per pair.
+
+    Returns
+    -------
+    list of ndarray, shape (m, 5k)
+
+    Notes
+    -----
+    tex is chosen so the start reproduces ``peak11`` at the main group:
+    :math:`J(T_{ex}) = J(T_{bg}) + T_p / (1 - e^{-\\tau_c})`, with :math:`\\tau_c` the
+    (1,1) optical depth at the line centre, solved by a few fixed-point passes (tau
+    depends on tex); tex is kept within 3-97 % of the way from T_bg to tkin.
+    """
+    c = _joint_constants()
+    line, tbg = c["lines"][0], c["tbg"]
+    v, sigma, peak = (np.asarray(a, float).reshape(-1, k) for a in (v, sigma, peak11))
+    sigma = np.clip(sigma, 0.05, 3.0)
+    peak = np.maximum(peak, 1e-3)
+    t0 = c["hk"] * line["f0"]
+    starts = []
+    for tkin, logn in guesses:
+        cols = []
+        for i in range(k):
+            tk, ln = np.full(len(v), tkin), np.full(len(v), logn)
+            centre = (line["f0"] * (1 - v[:, i] / c["ckms"]))[:, None]
+            s0 = _hyperfine_sums(line, centre, sigma[:, i], v[:, i], False)[0][:, 0]
+            tex = np.full(len(v), 0.5 * (tkin + tbg))
+            for _ in range(4):
+                tau_c = _nh3_line_tau(line, tk, tex, ln, sigma[:, i])[0] * s0
+                jex = t0 / np.expm1(t0 / tbg) + peak[:, i] / -np.expm1(-tau_c)
+                tex = np.clip(t0 / np.log1p(t0 / jex), tbg + 0.03 * (tkin - tbg), tbg + 0.97 * (tkin - tbg))
+            cols.append(np.column_stack([tk, tex, ln, sigma[:, i], v[:, i]]))
+        starts.append(np.concatenate(cols, axis=1))
+    return starts
 
 
 # ===========================================================================
@@ -2187,6 +3199,7 @@ class Cube:
     bunit: str
     spec_fits_axis: int       # FITS axis number (1-based) of the spectral axis
     path: Path
+    rest_hz: float = None     # rest frequency used for the velocities (Hz)
 
 
 _SPECTRAL_KINDS = {"FREQ": "freq", "VRAD": "radio", "VELO": "radio", "VOPT": "optical",
@@ -2226,16 +3239,23 @@ def _velocity_axis(values, ctype, unit, rest_hz):
     return C_KMS * (1 - f / rest_hz)
 
 
-def read_cube(path, rest_frequency=None, nh3=False):
-    """Read a FITS cube; return the data (spectral axis first) and radio velocities.
+def read_cube(path, rest_frequency=None, nh3=False, force_rest=False, line="oneone"):
+    """Read a FITS cube, a 1-D FITS spectrum or a text spectrum (spectral axis first).
 
     Parameters
     ----------
     path : str or Path
+        FITS image with a spectral axis and up to two spatial axes (degenerate axes such
+        as Stokes are dropped), or a text spectrum (see :func:`read_text_spectrum`).
+        A 1-D spectrum becomes a 1 x 1 cube.
     rest_frequency : float, optional
-        Hz, when the header has no RESTFRQ/RESTFREQ (NH3 mode defaults to (1,1)).
+        Hz; overrides RESTFRQ/RESTFREQ of the header (NH3 mode defaults to the line's).
     nh3 : bool
-        NH3 mode (default rest frequency).
+        NH3 mode: the rest frequency must be that of ``line`` (see :func:`check_nh3_rest`).
+    force_rest : bool
+        Accept an NH3 cube whose rest frequency is not ``line``'s.
+    line : {'oneone', 'twotwo'}
+        Which NH3 inversion line the cube must hold in NH3 mode.
 
     Returns
     -------
@@ -2244,14 +3264,16 @@ def read_cube(path, rest_frequency=None, nh3=False):
     Raises
     ------
     InputError
-        Missing or unreadable file, fewer than 3 axes, no spectral axis, a non-degenerate
-        extra axis, an unknown spectral unit, a missing rest frequency, or no finite value.
+        Missing or unreadable file, no spectral axis, a non-degenerate extra axis, an
+        unknown spectral unit, a missing or (NH3) wrong rest frequency, or no finite value.
     """
     from astropy.io import fits
     from astropy.wcs import WCS, FITSFixedWarning
     path = Path(path)
     if not path.is_file():
-        raise InputError("cube %s does not exist; give the path of a FITS cube" % path)
+        raise InputError("cube %s does not exist; give the path of a FITS cube or spectrum" % path)
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return read_text_spectrum(path, rest_frequency, nh3, force_rest, line)
     try:
         with fits.open(path) as hdul:
             hdu = next((h for h in hdul if h.data is not None and h.data.ndim > 0), None)
@@ -2259,10 +3281,8 @@ def read_cube(path, rest_frequency=None, nh3=False):
                 raise InputError("%s has no image data in any HDU" % path)
             data, header = np.asarray(hdu.data, np.float32), hdu.header.copy()
     except OSError as exc:
-        raise InputError("cannot read %s as FITS: %s" % (path, exc)) from None
-    if data.ndim < 3:
-        raise InputError("%s is a %d-D image; clover needs a cube with a spectral axis "
-                         "(axes x, y, spectrum)" % (path, data.ndim))
+        raise InputError("cannot read %s as FITS (%s); give a FITS file, or a text spectrum "
+                         "ending in %s" % (path, exc, ", ".join(TEXT_SUFFIXES))) from None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FITSFixedWarning)
         try:
@@ -2272,7 +3292,7 @@ def read_cube(path, rest_frequency=None, nh3=False):
     spec = _spectral_axis_index(header, data.ndim)
     if spec is None:
         raise InputError("%s has no spectral axis (no CTYPEn of FREQ/VRAD/VELO/VOPT/FELO/WAVE); "
-                         "clover needs a spectral cube" % path)
+                         "clover needs a spectral cube or spectrum" % path)
     data, wcs2d = _squeeze_to_cube(data, wcs, spec, path)
     if not np.isfinite(data).any():
         raise InputError("%s contains no finite value (all NaN); nothing to predict" % path)
@@ -2280,13 +3300,123 @@ def read_cube(path, rest_frequency=None, nh3=False):
     key = str(spec + 1)
     crval, crpix = header.get("CRVAL" + key, 0.0), header.get("CRPIX" + key, 1.0)
     values = crval + (np.arange(n) + 1 - crpix) * _spectral_cdelt(header, key)
-    rest = header.get("RESTFRQ", header.get("RESTFREQ")) or rest_frequency or (NH3_11_REST_HZ if nh3 else None)
-    velocity = _velocity_axis(values, header.get("CTYPE" + key, ""), header.get("CUNIT" + key, ""), rest)
+    ctype = str(header.get("CTYPE" + key, ""))
+    rest = _rest_frequency(header, rest_frequency, nh3, line)
+    velocity = _velocity_axis(values, ctype, header.get("CUNIT" + key, ""), rest)
+    if nh3:
+        check_nh3_rest(path, rest, velocity, ctype, force_rest, line)
     spatial = wcs2d.to_header()
-    for k in ("BMAJ", "BMIN", "BPA", "OBJECT", "TELESCOP", "DATE-OBS"):
+    for k in HEADER_KEEP:
         if k in header:
             spatial[k] = header[k]
-    return Cube(data, velocity, header, spatial, str(header.get("BUNIT", "")).strip(), spec + 1, path)
+    if rest:
+        spatial["RESTFRQ"] = rest
+    return Cube(data, velocity, header, spatial, str(header.get("BUNIT", "")).strip(), spec + 1, path,
+                rest)
+
+
+TEXT_SUFFIXES = (".txt", ".dat", ".csv", ".ecsv", ".tsv")
+# header keywords copied from the input to every output map (frames, beam, provenance)
+HEADER_KEEP = ("BMAJ", "BMIN", "BPA", "OBJECT", "TELESCOP", "DATE-OBS", "MJD-OBS", "SPECSYS",
+               "SSYSOBS", "VELOSYS", "VELREF", "OBSRA", "OBSDEC", "RADESYS", "EQUINOX")
+NH3_REST_HZ = {"oneone": NH3_11_REST_HZ, "twotwo": NH3_22_REST_HZ}
+NH3_REST_TOLERANCE_HZ = 1.0e6    # (1,1)-(2,2) are 28 MHz apart; CCS 2-1 at 22.34 GHz
+
+
+def _rest_frequency(header, rest_frequency, nh3, line="oneone"):
+    """Rest frequency (Hz): the argument, else RESTFRQ/RESTFREQ, else the NH3 line's in NH3 mode."""
+    if rest_frequency:
+        return float(rest_frequency)
+    rest = header.get("RESTFRQ", header.get("RESTFREQ"))
+    if rest:
+        return float(rest)
+    return NH3_REST_HZ[line] if nh3 else None
+
+
+def check_nh3_rest(path, rest_hz, velocity, ctype, force=False, line="oneone"):
+    """Refuse an NH3-mode cube that is not of NH3 ``line`` (unless ``force``).
+
+    The rest frequency must be within :data:`NH3_REST_TOLERANCE_HZ` of the line's, and
+    for a frequency axis the band centre must lie within 300 km/s of it (a (2,2) or CCS
+    cube written without RESTFRQ).
+
+    Raises
+    ------
+    InputError
+    """
+    want = NH3_REST_HZ[line]
+    name = {"oneone": "(1,1)", "twotwo": "(2,2)"}[line]
+    problem = None
+    if rest_hz and abs(rest_hz - want) > NH3_REST_TOLERANCE_HZ:
+        problem = "its rest frequency is %.6f GHz" % (rest_hz / 1e9)
+    elif ctype[:4].upper() == "FREQ" and abs(np.median(velocity)) > 300.0:
+        problem = "its band centre is %.0f km/s from the line" % np.median(velocity)
+    if problem and not force:
+        raise InputError("%s is not an NH3 %s cube: %s, NH3 %s is at %.7f GHz; give the %s cube, "
+                         "set rest_frequency / --rest-frequency, or force it (--force-rest)"
+                         % (path, name, problem, name, want / 1e9, name))
+    if problem:
+        log.warning("%s: %s, not NH3 %s; used as NH3 %s because forced", path, problem, name, name)
+
+
+def read_text_spectrum(path, rest_frequency=None, nh3=False, force_rest=False, line="oneone"):
+    """Read a two-column text spectrum (spectral axis, intensity) as a 1 x 1 cube.
+
+    Parameters
+    ----------
+    path : Path
+        ECSV (column units are used) or plain text / CSV with two numeric columns;
+        lines starting with ``#`` are comments.  Without units the first column is the
+        radio velocity in km/s, or the frequency in Hz when its values exceed 1e6.
+    rest_frequency, nh3, force_rest, line
+        As :func:`read_cube`.
+
+    Returns
+    -------
+    Cube
+
+    Raises
+    ------
+    InputError
+        Unreadable file, not two numeric columns, uneven channel spacing.
+    """
+    from astropy.io import fits
+    from astropy.table import Table
+    from astropy.wcs import WCS
+    try:
+        table = Table.read(path, format="ascii.ecsv" if path.suffix.lower() == ".ecsv" else "ascii")
+    except Exception as exc:  # astropy.io.ascii raises many types
+        raise InputError("cannot read %s as a text spectrum (%s); give two columns: velocity "
+                         "(km/s) or frequency (Hz), and intensity" % (path, exc)) from None
+    if len(table.colnames) < 2 or len(table) < 8:
+        raise InputError("%s: a text spectrum needs two columns (spectral axis, intensity) and at "
+                         "least 8 rows; found %d column(s), %d row(s)" % (path, len(table.colnames), len(table)))
+    axis, value = table.columns[0], table.columns[1]
+    try:
+        x = np.asarray(axis, float)
+        y = np.asarray(value, np.float32)
+    except (TypeError, ValueError):
+        raise InputError("%s: the first two columns must be numbers" % path) from None
+    unit = str(axis.unit) if axis.unit is not None else ("Hz" if np.nanmedian(np.abs(x)) > 1e6 else "km/s")
+    from astropy import units as u
+    is_freq = u.Unit(unit).physical_type == "frequency"
+    step = np.diff(x)
+    if not len(step) or np.any(np.abs(step - step.mean()) > 1e-3 * abs(step.mean())):
+        raise InputError("%s: the channels are not evenly spaced (steps %.6g to %.6g %s); resample "
+                         "the spectrum to a uniform axis first" % (path, step.min(), step.max(), unit))
+    header = fits.Header()
+    header.update(NAXIS=1, NAXIS1=len(x), CTYPE1="FREQ" if is_freq else "VRAD", CUNIT1=unit,
+                  CRVAL1=float(x[0]), CDELT1=float(step.mean()), CRPIX1=1.0)
+    if value.unit is not None:
+        header["BUNIT"] = str(value.unit)
+    rest = _rest_frequency(header, rest_frequency, nh3, line)
+    velocity = _velocity_axis(x, header["CTYPE1"], unit, rest)
+    if nh3:
+        check_nh3_rest(path, rest, velocity, header["CTYPE1"], force_rest, line)
+    spatial = WCS(naxis=2).to_header()
+    if rest:
+        spatial["RESTFRQ"] = header["RESTFRQ"] = rest
+    return Cube(y[:, None, None], velocity, header, spatial, header.get("BUNIT", ""), 1, path, rest)
 
 
 def _spectral_axis_index(header, naxis):
@@ -2297,23 +3427,31 @@ def _spectral_axis_index(header, naxis):
 
 
 def _squeeze_to_cube(data, wcs, spec, path):
-    """Move the spectral axis first, drop degenerate axes; return data and the 2-D WCS."""
+    """Move the spectral axis first, drop degenerate axes; return data (n, ny, nx) and the
+    2-D WCS (a 1-D spectrum: (n, 1, 1) and the celestial axes if the header has them)."""
+    from astropy.wcs import WCS
     np_spec = data.ndim - 1 - spec
-    extra = [i for i in range(wcs.naxis) if i != spec and i not in (wcs.wcs.lng, wcs.wcs.lat)]
-    if wcs.wcs.lng < 0 or wcs.wcs.lat < 0:   # linear spatial axes: keep the first two others
-        extra = [i for i in range(wcs.naxis) if i != spec][2:]
-    for i in extra:
-        if data.shape[data.ndim - 1 - i] != 1:
+    others = [i for i in range(wcs.naxis) if i != spec]
+    celestial = [i for i in (wcs.wcs.lng, wcs.wcs.lat) if i >= 0]
+    spatial = celestial if len(celestial) == 2 else others[:2]
+    for i in others:
+        size = data.shape[data.ndim - 1 - i] if i < data.ndim else 1
+        if i not in spatial and size != 1:
             raise InputError("%s: axis %d (%s) has %d planes; clover needs one spectral and two "
-                             "spatial axes (select one plane first)"
-                             % (path, i + 1, wcs.wcs.ctype[i], data.shape[data.ndim - 1 - i]))
-    keep = [i for i in range(wcs.naxis) if i != spec and i not in extra]
+                             "spatial axes (select one plane first)" % (path, i + 1, wcs.wcs.ctype[i], size))
+    sizes = [data.shape[data.ndim - 1 - i] if i < data.ndim else 1 for i in spatial]
+    if len(spatial) == 2 and min(sizes) == 1 < max(sizes):
+        raise InputError("%s: a %d-pixel strip (one spatial axis) is not supported; give a cube "
+                         "(two spatial axes) or a single spectrum" % (path, max(sizes)))
     cube = np.moveaxis(data, np_spec, 0)
-    cube = cube.reshape((cube.shape[0],) + tuple(data.shape[data.ndim - 1 - i] for i in sorted(keep, reverse=True)))
-    return cube, wcs.sub([i + 1 for i in sorted(keep)])
+    if len(spatial) < 2 or max(sizes) == 1:
+        sub = wcs.sub([i + 1 for i in sorted(spatial)]) if len(spatial) == 2 else WCS(naxis=2)
+        return cube.reshape(cube.shape[0], 1, 1), sub
+    cube = cube.reshape((cube.shape[0],) + tuple(data.shape[data.ndim - 1 - i] for i in sorted(spatial, reverse=True)))
+    return cube, wcs.sub([i + 1 for i in sorted(spatial)])
 
 
-def write_map(path, image, header, bunit, overwrite=False, comment=""):
+def write_map(path, image, header, bunit, overwrite=False, comment="", history=""):
     """Write a 2-D FITS map atomically (temporary file + rename)."""
     from astropy.io import fits
     hdr = header.copy()
@@ -2321,35 +3459,10 @@ def write_map(path, image, header, bunit, overwrite=False, comment=""):
     hdr["ORIGIN"] = "clover %s" % __version__
     if comment:
         hdr["COMMENT"] = comment
+    if history:
+        hdr["HISTORY"] = history
     with atomic_output(path, overwrite=overwrite, mode="wb") as stream:
         fits.PrimaryHDU(np.asarray(image, np.float32), hdr).writeto(stream)
-
-
-def write_fitted_cube(path, cube, first, overwrite=False):
-    """Write the padded/clipped cube as ``<name>_clover.fits`` with a corrected axis.
-
-    The cube is written as (x, y, spectrum) whatever the axis order of the input: the
-    header is the 2-D celestial WCS plus the input's spectral axis as axis 3, with its
-    reference pixel moved by ``first`` (the original kept the old one, and assumed the
-    spectral axis was FITS axis 3).
-    """
-    from astropy.io import fits
-    old, key = cube.header, str(cube.spec_fits_axis)
-    hdr = cube.spatial_header.copy()
-    hdr["WCSAXES"] = 3
-    hdr["CTYPE3"] = old.get("CTYPE" + key, "")
-    hdr["CUNIT3"] = old.get("CUNIT" + key, "")
-    hdr["CRVAL3"] = old.get("CRVAL" + key, 0.0)
-    hdr["CDELT3"] = _spectral_cdelt(old, key)
-    hdr["CRPIX3"] = old.get("CRPIX" + key, 1.0) + first
-    for k in ("RESTFRQ", "RESTFREQ", "SPECSYS", "SSYSOBS", "VELREF", "BUNIT"):
-        if k in old:
-            hdr[k] = old[k]
-    hdr["HISTORY"] = "clover %s: spectral axis %s from %d to %d channels" % (
-        __version__, "padded with noise" if first > 0 else "clipped",
-        old.get("NAXIS" + key, 0), cube.data.shape[0])
-    with atomic_output(path, overwrite=overwrite, mode="wb") as stream:
-        fits.PrimaryHDU(np.asarray(cube.data, np.float32), hdr).writeto(stream)
 
 
 def _spectral_cdelt(header, key):
@@ -2362,8 +3475,16 @@ def _spectral_cdelt(header, key):
 # ===========================================================================
 # Stage: predict
 # ===========================================================================
-def _output_paths(stem, outdir):
-    return {name: Path(outdir) / ("%s_%s.fits" % (stem, name)) for name in OUTPUT_MAPS}
+def _output_paths(stem, outdir, refine=True, joint=False):
+    """Fixed output names: a FITS map per :data:`OUTPUT_MAPS` entry, the table, the model and
+    residual cubes (with ``refine``)."""
+    names = [n for n, (_, _, needs) in OUTPUT_MAPS.items() if needs is None or (needs == "joint" and joint)]
+    paths = {name: Path(outdir) / ("%s_%s.fits" % (stem, name)) for name in names}
+    paths["table"] = Path(outdir) / ("%s_table.ecsv" % stem)
+    if refine:
+        paths["model"] = Path(outdir) / ("%s_model.fits" % stem)
+        paths["residual"] = Path(outdir) / ("%s_residual.fits" % stem)
+    return paths
 
 
 def _check_outputs_free(paths, overwrite):
@@ -2374,85 +3495,161 @@ def _check_outputs_free(paths, overwrite):
                                                        ", ..." if len(existing) > 1 else ""))
 
 
-def _to_physical(result, tmax, velocity, nchan):
-    """Training units -> km/s and brightness: centroid channel -> velocity by interpolation."""
-    half = _centre_channel(nchan)
-    chan = np.arange(nchan)
-    dv = abs(velocity[-1] - velocity[0]) / (nchan - 1)     # mean width, not channels 23/24
-    out = {}
-    for kind, names in REG_TARGETS.items():
-        mu, err = result[kind], result[kind + "_err"]
-        ncomp = len(names) // 3
-        for j, name in enumerate(names):
-            col = mu[:, j]
-            if j < ncomp:                      # centroid
-                out[name] = np.interp(col * half + half, chan, velocity, left=np.nan, right=np.nan)
-                out[name + "_err"] = err[:, j] * half * dv
-            elif j < 2 * ncomp:                # dispersion
-                out[name], out[name + "_err"] = col * dv, err[:, j] * dv
-            else:                              # peak
-                out[name], out[name + "_err"] = col * tmax, err[:, j] * tmax
-    out["class"] = result["class"].astype(np.float32)
-    out["prob"] = result["prob"]
-    return out
+def _assemble_maps(values, valid):
+    """2-D maps (NaN where ``valid`` is False) from the flat values."""
+    maps = {}
+    for name, flat in values.items():
+        image = np.full(valid.shape, np.nan, np.float32)
+        image[valid] = flat
+        maps[name] = image
+    return maps
 
 
-def _centroids_outside(maps, velocity, line):
-    """(number outside the trained range, number of finite centroids) of the maps."""
-    centre = 0.5 * (velocity[0] + velocity[-1])
-    cents = np.concatenate([maps[k][np.isfinite(maps[k])] for k in ("vlsr", "vlsr1", "vlsr2")])
-    return int((np.abs(cents - centre) > LINE_TYPES[line]["centroid_halfwidth_kms"]).sum()), cents.size
+_UNITS = {"class": "", "count": "", "prob": "", "vel": "km/s", "width": "km/s", "flags": "", "K": "K",
+          "logcm2": "log10(cm-2)"}
 
+
+def _unit(kind, bunit):
+    return bunit if kind == "peak" else _UNITS.get(kind, "")
+
+
+def _result_table(values, valid, cube, domain, line):
+    """One row per predicted spectrum: pixel, sky position, class and every map's value."""
+    from astropy.table import Table
+    from astropy import units as u
+    yy, xx = np.nonzero(valid)
+    table = Table()
+    table["x"], table["y"] = xx.astype(np.int32), yy.astype(np.int32)
+    try:
+        wcs = _quiet_wcs(cube.spatial_header)
+        if wcs.has_celestial:
+            world = wcs.celestial.pixel_to_world(xx, yy)
+            table["ra"], table["dec"] = world.icrs.ra.to(u.deg), world.icrs.dec.to(u.deg)
+    except Exception:  # noqa: BLE001 - a position column is a convenience, never fatal
+        log.debug("no sky positions for the table", exc_info=True)
+    for name, (kind, text, _) in OUTPUT_MAPS.items():
+        if name not in values:
+            continue
+        col = np.asarray(values[name], np.float64)
+        if kind in ("class", "count", "flags"):
+            table[name] = np.where(np.isfinite(col), col, -1).astype(np.int16)
+        else:
+            table[name] = col
+            unit = _unit(kind, cube.bunit)
+            if unit:
+                try:
+                    table[name].unit = u.Unit(unit, parse_strict="raise")
+                except ValueError:
+                    pass
+        table[name].description = text
+    table.meta.update({"tool": "clover %s" % __version__, "input": str(cube.path), "line": line,
+                       "velocity": "radio convention, frame %s" % cube.header.get("SPECSYS", "as the input"),
+                       "domain": domain.as_dict(), "domain_bits": {str(k): v for k, v in DOMAIN_BITS.items()}})
+    return table
+
+
+def _write_outputs(paths, maps, table, model, cube, extra, domain, stem, outdir, overwrite):
+    """Write maps, table, model/residual cubes and (when changed) the network-domain cube."""
+    outdir.mkdir(parents=True, exist_ok=True)
+    history = "clover %s: %s" % (__version__, domain.note)
+    for name, (kind, text, _) in OUTPUT_MAPS.items():
+        if name in paths:
+            write_map(paths[name], maps[name], cube.spatial_header, _unit(kind, cube.bunit), overwrite,
+                      text, history)
+    with atomic_path(paths["table"], overwrite=True, suffix=".part.ecsv") as tmp:
+        table.write(tmp, format="ascii.ecsv", overwrite=True)
+    if model is not None:
+        write_native_cube(paths["model"], model, cube, overwrite, "model spectra of the fitted components")
+        write_native_cube(paths["residual"], np.asarray(cube.data, np.float32) - model, cube, overwrite,
+                          "data minus model")
+    if extra["cube"] is not None:
+        data, vel = extra["cube"]
+        write_network_cube(outdir / (stem + "_clover.fits"), data, vel, cube, overwrite, history)
+
+
+def write_native_cube(path, data, cube, overwrite=False, comment=""):
+    """Write a (nchan, ny, nx) cube on the input's own spectral axis, as (x, y, spectrum)."""
+    from astropy.io import fits
+    old, key = cube.header, str(cube.spec_fits_axis)
+    hdr = _cube_header(cube)
+    for k, v in (("CTYPE3", old.get("CTYPE" + key, "")), ("CUNIT3", old.get("CUNIT" + key, "")),
+                 ("CRVAL3", old.get("CRVAL" + key, 0.0)), ("CDELT3", _spectral_cdelt(old, key)),
+                 ("CRPIX3", old.get("CRPIX" + key, 1.0))):
+        hdr[k] = v
+    if comment:
+        hdr["COMMENT"] = comment
+    with atomic_output(path, overwrite=overwrite, mode="wb") as stream:
+        fits.PrimaryHDU(np.asarray(data, np.float32), hdr).writeto(stream)
+
+
+def write_network_cube(path, data, velocity, cube, overwrite=False, history=""):
+    """Write the cube the networks saw (velocity increasing, radio km/s axis) as ``_clover.fits``."""
+    from astropy.io import fits
+    hdr = _cube_header(cube)
+    hdr.update(CTYPE3="VRAD", CUNIT3="km/s", CRVAL3=float(velocity[0]), CDELT3=float(channel_width(velocity)),
+               CRPIX3=1.0)
+    if history:
+        hdr["HISTORY"] = history
+    hdr["HISTORY"] = "clover: blank band edges trimmed, blank channels filled and the axis padded or " \
+                     "clipped with noise to %d channels" % data.shape[0]
+    with atomic_output(path, overwrite=overwrite, mode="wb") as stream:
+        fits.PrimaryHDU(np.asarray(data, np.float32), hdr).writeto(stream)
+
+
+def _cube_header(cube):
+    hdr = cube.spatial_header.copy()
+    hdr["WCSAXES"] = 3
+    for k in ("RESTFRQ", "SPECSYS", "SSYSOBS", "VELOSYS", "VELREF"):
+        if k in cube.header:
+            hdr[k] = cube.header[k]
+    if cube.bunit:
+        hdr["BUNIT"] = cube.bunit
+    hdr["ORIGIN"] = "clover %s" % __version__
+    return hdr
 
 def _warn_centroid_range(outside, total, line, where):
-    """CentroidRangeWarning when more than 1 % of the predicted centroids leave the trained range."""
-    if total and outside / total > 0.01:
-        warnings.warn("%d of %d predicted centroids lie more than %.1f km/s from %s, outside the "
-                      "trained range; use tile mode (--tile N: a spectral window per N x N pixels) "
-                      "or split the cube into sub-cubes with smaller velocity gradients"
-                      % (outside, total, LINE_TYPES[line]["centroid_halfwidth_kms"], where),
+    """CentroidRangeWarning when more than 1 % (and more than 2) of the emission spectra have
+    a component outside the trained range."""
+    limit, unit = LINE_TYPES[line]["centroid_range"]
+    if total and outside > max(0.01 * total, 2):
+        warnings.warn("%d of %d emission spectra have a component more than %.4g %s from %s, "
+                      "outside the trained range (flag 4 of the domain map); use tile mode "
+                      "(--tile N: a spectral window per N x N pixels) or split the cube into sub-cubes "
+                      "with smaller velocity gradients" % (outside, total, limit, unit, where),
                       CentroidRangeWarning, stacklevel=4)
 
 
-def _warn_bright_emission(data, velocity, line, centre, max_pixels=20000, min_snr=6.0):
-    """Check the bright spectra of a Gaussian-line cube against the trained ranges.
+def _warn_bright_emission(data, velocity, line, centre, network_dv, max_pixels=20000, min_snr=6.0):
+    """CentroidRangeWarning when bright emission lies outside the networks' window.
 
-    Every spectrum with peak S/N > ``min_snr`` (noise = 1.4826 MAD of the spectrum; at
-    most ``max_pixels`` of them) is checked for (1) its peak velocity against the trained
-    centroid range around ``centre`` (km/s, the centre of the window the networks see;
-    ``data`` is the whole input cube, so emission in channels clipped away is caught
-    too) -> CentroidRangeWarning; (2) its width in channels (FWHM / 2.355 around the
-    peak) against the trained dispersions, with some margin -> LineWidthWarning.  NH3
-    is left to the checks on the predicted centroids and the channel width.
+    Every spectrum of ``data`` (the whole cube, velocity ``velocity``, so emission in
+    channels that the window clips away is caught too) with a peak above ``min_snr`` x
+    its noise (after 4-channel smoothing) is checked: its peak must lie within the
+    trained centroid range of ``centre``, in the range's own unit (channels of width
+    ``network_dv``; Gaussian lines only - NH3 centroids are checked after the fits, as
+    bright hyperfine satellites lie 19 km/s from the main line).
     """
-    if line != "gauss":
+    if line != "gauss":          # NH3: satellites are far from the main line; checked after the fits
         return
     flat = data.reshape(data.shape[0], -1)
     cols = np.flatnonzero(np.isfinite(flat).all(axis=0))
     if cols.size > max_pixels:
         cols = cols[np.linspace(0, cols.size - 1, max_pixels).astype(int)]
-    spec = flat[:, cols]
-    if not spec.size:
+    if not cols.size:
         return
-    noise = 1.4826 * np.median(np.abs(spec - np.median(spec, axis=0)), axis=0)
-    spec = spec[:, spec.max(axis=0) > min_snr * np.maximum(noise, 1e-30)]
-    if not spec.shape[1]:
+    raw = np.asarray(flat[:, cols], np.float64)
+    spec = _boxcar(raw - np.median(raw, axis=0), 4)
+    bright = spec.max(axis=0) > min_snr * _difference_noise(raw.T) / 2.0
+    if not bright.any():
         return
-    peak = np.argmax(spec, axis=0)
-    outside = np.abs(velocity[peak] - centre) > LINE_TYPES[line]["centroid_halfwidth_kms"]
+    peak = np.argmax(spec[:, bright], axis=0)
+    outside = _centroid_outside(velocity[peak], centre, line, network_dv)
+    limit, unit = LINE_TYPES[line]["centroid_range"]
     if outside.mean() > 0.01:
-        warnings.warn("%d of %d bright spectra peak outside the trained range (%.1f km/s around "
-                      "the centre %.2f km/s of the window the networks see); use tile mode "
-                      "(--tile N) or split the cube into sub-cubes with smaller velocity gradients"
-                      % (outside.sum(), outside.size, LINE_TYPES[line]["centroid_halfwidth_kms"], centre),
-                      CentroidRangeWarning, stacklevel=3)
-    width = np.median(_half_max_sigma(spec, peak))
-    lo, hi = (v / TEMPLATE_DV_KMS for v in GAUSS_RANGES["sigma_kms"])
-    if not 0.7 * lo <= width <= 1.5 * hi:
-        warnings.warn("the bright lines are %.1f channels wide (dispersion, median of %d spectra); "
-                      "the Gaussian models were trained on %.1f-%.1f channels, so classes and "
-                      "kinematics are unreliable: resample the spectral axis so that lines span "
-                      "that range" % (width, spec.shape[1], lo, hi), LineWidthWarning, stacklevel=3)
+        warnings.warn("%d of %d bright spectra peak outside the trained range (%.4g %s around the "
+                      "centre %.2f km/s of the window the networks see); use tile mode (--tile N) or "
+                      "split the cube into sub-cubes with smaller velocity gradients"
+                      % (outside.sum(), outside.size, limit, unit, centre), CentroidRangeWarning, stacklevel=3)
 
 
 def _half_max_sigma(spec, peak):
@@ -2465,12 +3662,8 @@ def _half_max_sigma(spec, peak):
     return (right - left - 1) / 2.3548
 
 
-def _predict_blocks(cube, models, batch_size, block_pixels, progress, refine=True, velocity=None):
-    """Run the networks over row blocks of a (nchan, ny, nx) cube; return flat maps.
-    ``velocity`` (km/s): the cube's axis, for the NH3 fits (default the training axis)."""
-    freq = None
-    if velocity is not None and models.line == "nh3":
-        freq = NH3_11_REST_HZ * (1 - np.asarray(velocity, float) / C_KMS)
+def _predict_blocks(cube, models, batch_size, block_pixels, progress):
+    """Run the networks over row blocks of a (nchan, ny, nx) cube; return flat results."""
     nchan, ny, nx = cube.shape
     rows = max(1, block_pixels // max(nx, 1))
     starts = list(range(0, ny, rows))
@@ -2490,8 +3683,7 @@ def _predict_blocks(cube, models, batch_size, block_pixels, progress, refine=Tru
         inner = np.zeros_like(valid)
         inner[r0 - h0:r1 - h0] = True
         keep = inner[valid]
-        near = _cube_neighbours(block, valid, np.argwhere(valid)[keep], tmax[keep])
-        res = predict_spectra(x[keep], models, batch_size, refine, near, freq)
+        res = predict_spectra(x[keep], models, batch_size)
         for key, arr in res.items():
             flat.setdefault(key, []).append(arr)
         flat.setdefault("tmax", []).append(tmax[keep])
@@ -2504,45 +3696,17 @@ def _predict_blocks(cube, models, batch_size, block_pixels, progress, refine=Tru
     return out, np.concatenate(flat["valid"], axis=0)
 
 
-_NEIGHBOURS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
-
-
-def _cube_neighbours(block, valid, positions, tmax):
-    """``neighbours`` callable of :func:`predict_spectra` for pixels of a cube block.
-
-    Parameters
-    ----------
-    block : ndarray, shape (nchan, ny, nx)
-    valid : ndarray of bool, shape (ny, nx)
-        Pixels with a finite spectrum.
-    positions : ndarray of int, shape (n, 2)
-        (y, x) of the predicted pixels, in the order of the network inputs.
-    tmax : ndarray, shape (n,)
-        Their central maxima (the neighbours are put on the same scale).
-    """
-    nchan, ny, nx = block.shape
-
-    def neighbours(rows):
-        py, px = positions[rows, 0], positions[rows, 1]
-        out = np.full((len(rows), len(_NEIGHBOURS), nchan), np.nan, np.float32)
-        for j, (dy, dx) in enumerate(_NEIGHBOURS):
-            yy, xx = py + dy, px + dx
-            ok = np.flatnonzero((yy >= 0) & (yy < ny) & (xx >= 0) & (xx < nx))
-            ok = ok[valid[yy[ok], xx[ok]]]
-            out[ok, j] = block[:, yy[ok], xx[ok]].T / tmax[rows][ok, None]
-        return out
-    return neighbours
-
-
 def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
             batch_size=2048, seed=0, rest_frequency=None, block_pixels=20000,
-            progress=True, write=True, models=None, refine=True, tile=0):
-    """Classify every pixel of a cube and predict its components' kinematics.
+            progress=True, write=True, models=None, refine=True, tile=0, force_rest=False,
+            nh3_22=None, settings=None):
+    """Classify every spectrum of a cube (or one spectrum) and measure its components.
 
     Parameters
     ----------
     f : str or Path
-        FITS cube (spectral axis of frequency, velocity or wavelength, any unit).
+        FITS cube or 1-D FITS spectrum (spectral axis of frequency, velocity or
+        wavelength, any unit), or a two-column text spectrum (:func:`read_text_spectrum`).
     nh3 : bool
         NH3 (1,1) mode (1000-channel models) instead of a Gaussian line (500 channels).
     nproc : int
@@ -2556,36 +3720,40 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
     batch_size, block_pixels : int
         Spectra per network call; pixels per processing block.
     seed : int
-        Seed of the padding noise.
+        Seed of the noise that pads short axes and fills blank channels.
     rest_frequency : float, optional
-        Hz, when the header has none.
+        Hz; overrides the header's RESTFRQ/RESTFREQ.
     progress : bool
         tqdm progress bar when the cube spans several blocks.
     write : bool
-        Write the FITS outputs (False: only return the maps).
+        Write the outputs (False: only return them).
     models : CloverModels, optional
         Already loaded networks (saves the loading time in loops).
     refine : bool
-        Polish the networks' output by model fits (see :func:`predict_spectra`):
-        Gaussian lines, the two-component values (:func:`refine_gaussians`; their
-        ``_err`` maps are then the fit's formal errors); NH3, the one/two-component
-        decision of pixels with uncertain ensemble odds, by NH3 fits of their 3x3
-        neighbourhood (:func:`settle_nh3_classes`).
+        Check the networks' answer against the data (default): zero-, one- and
+        two-component fits of every emission spectrum on the cube's own channels, seeded
+        by the networks, decide the number of components with the networks' probabilities
+        as a prior (:func:`check_against_data`, :func:`select_components`); values and
+        errors are the fits'.  False: the networks alone (no model cube).
     tile : int
-        0 (default): one spectral window for the whole cube, the central 500/1000
-        channels (the original).  N > 0: the automatic sub-cube tiling the original's
-        README asks users to do by hand - each N x N-pixel tile gets its own window,
-        centred on the tile's emission (peak of its smoothed mean spectrum; the whole
-        cube's when the tile has none above 5 sigma), so cubes with large velocity
-        gradients or off-centre lines stay inside the trained centroid range.  No
-        ``<name>_clover.fits`` is written in this mode (there is no single cube).
+        0: one spectral window for the cube (its central channels, as the original).
+        N > 0: each N x N-pixel tile gets a window centred on its emission (cubes with
+        large velocity gradients or off-centre lines; no ``_clover.fits`` then).
+    force_rest : bool
+        NH3: accept a cube whose rest frequency is not NH3 (1,1).
+    nh3_22 : str or Path, optional
+        NH3 (2,2) cube of the same field and grid: joint (1,1)+(2,2) fits of the
+        components found give T_kin, T_ex, N(NH3) and tau (:func:`fit_nh3_joint`).
+    settings : dict, optional
+        Keys of :data:`DATA_CHECK`.
 
     Returns
     -------
     dict
-        ``maps`` {name: (ny, nx) array} for every OUTPUT_MAPS entry; ``paths``
-        {name: Path} of the written files (with ``cube`` when the spectral axis was
-        changed); ``seconds``; ``n_pixels``; ``velocity`` (km/s axis used).
+        ``maps`` {name: (ny, nx)} for every :data:`OUTPUT_MAPS` entry; ``table``
+        (astropy Table, a row per spectrum); ``paths`` {name: Path} written; ``domain``
+        (:class:`SpectralDomain`); ``seconds``; ``n_pixels``; ``velocity`` (the cube's
+        own axis, km/s); ``model`` (nchan, ny, nx) model cube (None without refine).
 
     Raises
     ------
@@ -2593,66 +3761,287 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
 
     Warns
     -----
-    CentroidRangeWarning, ChannelWidthWarning
+    CentroidRangeWarning, LineWidthWarning
 
     Notes
     -----
-    The output names are ``<name>_<map>.fits`` with ``<name>`` the cube's name, or
-    ``<name>_clover`` when the spectral axis had to be padded or clipped (then the
-    changed cube is written as ``<name>_clover.fits``, as in the original, with the
-    input's blanks kept).  Blank (NaN) channels of spectra that are at most half blank
-    are filled with noise for the networks (:func:`fill_blank_channels`); spectra that
-    are more than half blank give NaN in every map.
+    Output names are fixed: ``<name>_<map>.fits`` for every map, ``<name>_table.ecsv``,
+    ``<name>_model.fits`` and ``<name>_residual.fits`` (with refine), and
+    ``<name>_clover.fits`` - the cube as the networks saw it - when its axis was
+    resampled, trimmed, padded or clipped.  Velocities are radio velocities on the cube's
+    own axis and frame (SPECSYS, VELOSYS are copied to the outputs).
     """
     start = time.perf_counter()
     line = "nh3" if nh3 else "gauss"
-    nchan = LINE_TYPES[line]["nchan"]
     if int(tile) < 0:
         raise InputError("tile = %r: use 0 (one window for the cube) or a tile size in pixels" % tile)
-    cube = read_cube(f, rest_frequency=rest_frequency, nh3=nh3)
+    cube = read_cube(f, rest_frequency=rest_frequency, nh3=nh3, force_rest=force_rest)
+    cube22 = _read_22(nh3_22, cube, force_rest) if nh3_22 else None
     outdir = Path(outdir) if outdir else cube.path.parent
     stem = cube.path.name[:-5] if cube.path.name.lower().endswith(".fits") else cube.path.stem
-    rng = np.random.default_rng(seed)
-    filled, blank = fill_blank_channels(cube.data, rng)
-    if tile:
-        return _predict_tiled(cube, filled, stem, outdir, line, int(tile), dict(
-            nproc=nproc, overwrite=overwrite, model_dir=model_dir, batch_size=batch_size, rng=rng,
-            progress=progress, write=write, models=models, refine=refine), start)
-    data, first = fit_length(filled, nchan, rng)
-    changed = cube.data.shape[0] != nchan
-    velocity = _fitted_velocity(cube.velocity, first, nchan)
-    paths = {}
-    if changed:
-        stem += "_clover"
-        paths["cube"] = outdir / (stem + ".fits")
-    paths.update(_output_paths(stem, outdir))
+    paths = _output_paths(stem, outdir, refine, cube22 is not None)
     if write:
-        _check_outputs_free(paths.values(), overwrite)
-    _check_channel_width(velocity, line)
-    fitted = data                             # file channel order, for <name>_clover.fits
-    if changed and blank is not None:         # the written cube keeps the input's blanks
-        fitted = np.where(_fitted_mask(blank, first, nchan), np.float32(np.nan), data)
-    if velocity[-1] < velocity[0]:            # the networks saw velocity increasing with index
-        data, velocity = data[::-1], velocity[::-1]
-    centre = 0.5 * (velocity[0] + velocity[-1])
-    _warn_bright_emission(filled, cube.velocity, line, centre)
+        _check_outputs_free(list(paths.values()) + [outdir / (stem + "_clover.fits")], overwrite)
+    rng = np.random.default_rng(seed)
+    work, wvel = (cube.data[::-1], cube.velocity[::-1]) if cube.velocity[-1] < cube.velocity[0] \
+        else (cube.data, cube.velocity)
+    domain = spectral_domain(work, wvel, line)
+    log.info("spectral domain: %s", domain.note)
+    if not domain.in_domain:
+        warnings.warn("%s; classes and kinematics may be unreliable (flagged in the domain map)"
+                      % domain.note, LineWidthWarning, stacklevel=2)
     models = _models_for(line, models, model_dir, nproc)
     log.info("Segmenting and predicting kinematics of %d pixels (%s, %d members)",
-             data.shape[1] * data.shape[2], line, models.n_members)
-    flat, valid = _predict_blocks(data, models, batch_size, block_pixels, progress,
-                                  bool(refine), velocity)
-    maps = _assemble_maps(_to_physical(flat, flat["tmax"], velocity, nchan), valid)
-    _warn_centroid_range(*_centroids_outside(maps, velocity, line), line,
-                         "the band centre (%.2f km/s)" % centre)
+             work.shape[1] * work.shape[2], line, models.n_members)
+    net, valid, extra = network_pass(work, wvel, domain, models, rng, int(tile), batch_size, block_pixels, progress)
+    spectra = np.asarray(work[:, valid].T, np.float64)
+    result = _decide(spectra, wvel, net, line, refine, settings, domain, valid, cube)
+    flags = _domain_flags(result, net, extra, domain, line, valid, settings)
+    joint = _joint_22(cube22, valid, result, cube) if cube22 is not None else None
+    values = _map_values(result, flags, joint)
+    maps = _assemble_maps(values, valid)
+    _warn_centroid_range(int((flags & 4 > 0).sum()), int((result["ncomp"] > 0).sum()), line,
+                         "their window's centre")
+    table = _result_table(values, valid, cube, domain, line)
+    model = None
+    if result["model"] is not None:
+        model = np.full(work.shape, np.nan, np.float32)
+        model[:, valid] = result["model"].T
+        if cube.velocity[-1] < cube.velocity[0]:
+            model = model[::-1]
     if write:
-        if changed:
-            cube.data = fitted
-            write_fitted_cube(paths["cube"], cube, first, overwrite)
-        _write_maps(paths, maps, cube, overwrite)
+        _write_outputs(paths, maps, table, model, cube, extra, domain, stem, outdir, overwrite)
     seconds = time.perf_counter() - start
     log.info("predicted %d pixels in %.1f s", int(valid.sum()), seconds)
-    return {"maps": maps, "paths": paths if write else {}, "seconds": seconds,
-            "n_pixels": int(valid.sum()), "velocity": velocity}
+    return {"maps": maps, "table": table, "paths": paths if write else {}, "seconds": seconds,
+            "n_pixels": int(valid.sum()), "velocity": cube.velocity, "domain": domain, "model": model}
+
+
+def network_pass(work, wvel, domain, models, rng, tile, batch_size, block_pixels, progress):
+    """Run the networks on a cube brought into their domain.
+
+    Parameters
+    ----------
+    work : ndarray, shape (nchan, ny, nx)
+        The cube, velocity increasing.
+    wvel : ndarray, shape (nchan,)
+    domain : SpectralDomain
+    models : CloverModels
+    rng : numpy.random.Generator
+    tile, batch_size, block_pixels, progress
+        As :func:`predict`.
+
+    Returns
+    -------
+    net : dict
+        Flat (valid pixels, row-major) network output in physical units: ``probs``,
+        ``class``, ``prob``, ``one``/``one_err`` (m, 3), ``two``/``two_err`` (m, 6),
+        ``centre_kms`` (m,) the centre of the window each pixel was seen in.
+    valid : ndarray of bool, shape (ny, nx)
+    extra : dict
+        ``blank`` (ny, nx) pixels with filled channels; ``cube`` (data, velocity) the
+        network-domain cube when its axis differs from the input's (else None).
+    """
+    nchan = models.nchan
+    edges = trim_blank_edges(work)
+    filled, blank = fill_blank_channels(work[edges], rng)
+    svel = wvel[edges]
+    if domain.resampled:
+        filled, svel = resample_spectra(filled, svel, domain.network_dv_kms)
+    ny, nx = work.shape[1:]
+    store = {}
+    if tile:
+        fallback = emission_channel(filled)
+        fallback = filled.shape[0] // 2 if fallback is None else fallback
+        corners = [(y, x) for y in range(0, ny, tile) for x in range(0, nx, tile)]
+        log.info("%d tiles of %d x %d pixels, each with its own spectral window", len(corners), tile, tile)
+        for y0, x0 in _progress(corners, progress, "clover tiles"):
+            y1, x1 = min(ny, y0 + tile), min(nx, x0 + tile)
+            hy0, hx0 = max(0, y0 - 1), max(0, x0 - 1)             # one-pixel halo for the 3x3 mean
+            sub = filled[:, hy0:min(ny, y1 + 1), hx0:min(nx, x1 + 1)]
+            centre = emission_channel(filled[:, y0:y1, x0:x1])
+            data, first = fit_length(sub, nchan, rng, fallback if centre is None else centre)
+            inner = (slice(y0 - hy0, y1 - hy0), slice(x0 - hx0, x1 - hx0))
+            _store_network(store, data, _fitted_velocity(svel, first, nchan), models, batch_size,
+                           data.shape[1] * data.shape[2], False, (slice(y0, y1), slice(x0, x1)), inner, (ny, nx))
+        netcube = None
+    else:
+        data, first = fit_length(filled, nchan, rng)
+        vel = _fitted_velocity(svel, first, nchan)
+        _warn_bright_emission(work, wvel, models.line, 0.5 * (vel[0] + vel[-1]), domain.network_dv_kms)
+        _store_network(store, data, vel, models, batch_size, block_pixels, progress,
+                       (slice(None), slice(None)), (slice(None), slice(None)), (ny, nx))
+        changed = domain.resampled or data.shape[0] != work.shape[0] or edges != slice(0, work.shape[0])
+        netcube = (data, vel) if changed else None
+    valid = np.isfinite(store["prob"])
+    net = {k: v[valid] for k, v in store.items()}
+    net["class"] = net["class"].astype(int)
+    blank_px = blank.any(axis=0) if blank is not None else np.zeros((ny, nx), bool)
+    return net, valid, {"blank": blank_px, "cube": netcube}
+
+
+def _store_network(store, data, vel, models, batch_size, block_pixels, progress, target, inner, shape):
+    """Networks on ``data`` (velocity ``vel``); physical values stored into 2-D maps."""
+    flat, valid = _predict_blocks(data, models, batch_size, block_pixels, progress)
+    phys = _network_physical(flat, flat["tmax"], vel, models.nchan)
+    phys["centre_kms"] = np.full(len(flat["prob"]), 0.5 * (vel[0] + vel[-1]))
+    for key, arr in phys.items():
+        if key not in store:
+            store[key] = np.full(shape + arr.shape[1:], np.nan)
+        full = np.full(valid.shape + arr.shape[1:], np.nan)
+        full[valid] = arr
+        store[key][target] = full[inner]
+
+
+def _network_physical(res, tmax, velocity, nchan):
+    """Network output in training units -> km/s and brightness on the window ``velocity``."""
+    half = _centre_channel(nchan)
+    chan = np.arange(nchan)
+    dv = channel_width(velocity)
+    out = {"probs": res["probs"], "class": res["class"].astype(float), "prob": res["prob"]}
+    for kind, key in (("reg1", "one"), ("reg2", "two")):
+        mu, err = res[kind], res[kind + "_err"]
+        k = mu.shape[1] // 3
+        v = np.column_stack([np.interp(mu[:, j] * half + half, chan, velocity, left=np.nan, right=np.nan)
+                             for j in range(k)])
+        out[key] = np.column_stack([v, mu[:, k:2 * k] * dv, mu[:, 2 * k:] * tmax[:, None]])
+        out[key + "_err"] = np.column_stack([err[:, :k] * half * dv, err[:, k:2 * k] * dv,
+                                             err[:, 2 * k:] * tmax[:, None]])
+    return out
+
+
+def _decide(spectra, velocity, net, line, refine, settings, domain, valid, cube):
+    """Number of components and their values: fits checked against the data, or the networks."""
+    if refine:
+        check = check_against_data(spectra, velocity, net, line, settings)
+        aic = np.full(valid.shape + (3,), np.inf)
+        aic[valid] = check["aic"]
+        beam = beam_pixels(cube.spatial_header)
+        evidence = neighbour_evidence(aic, valid, beam)[valid]
+        ncomp, prob, lowered = select_components(check, net["probs"], settings, evidence, domain.resampled)
+        comp, comp_err, model, rchi2 = assemble_components(check, ncomp, spectra)
+        failed = check["fitted"] & ~(check["ok"][1] & check["ok"][2])
+        if lowered.any():
+            log.info("%d spectra lost a component the data do not support (matched-filter S/N < %.1f)",
+                     int(lowered.sum()), dict(DATA_CHECK, **(settings or {}))["min_snr"])
+        return {"ncomp": ncomp, "prob": prob, "comp": comp, "comp_err": comp_err, "model": model,
+                "rchi2": rchi2, "noise": check["noise"], "failed": failed, "check": check}
+    ncomp = np.choose(net["class"], [1, 0, 2])
+    comp, comp_err = network_components(net, ncomp)
+    return {"ncomp": ncomp, "prob": net["prob"], "comp": comp, "comp_err": comp_err, "model": None,
+            "rchi2": np.full(len(ncomp), np.nan), "noise": _difference_noise(spectra),
+            "failed": np.zeros(len(ncomp), bool)}
+
+
+def _domain_flags(result, net, extra, domain, line, valid, settings=None):
+    """Per-spectrum domain flag bits (:data:`DOMAIN_BITS`)."""
+    m = len(result["ncomp"])
+    flags = np.zeros(m, int)
+    if domain.resampled:
+        flags |= 1
+    sig = result["comp"][:, :, 1]
+    present = np.isfinite(sig)
+    if line == "gauss":
+        width = sig / domain.network_dv_kms
+        lo, hi = GAUSS_SIGMA_CH
+    else:
+        width, (lo, hi) = sig, NH3_SIGMA_KMS
+    floor = dict(DATA_CHECK, **(settings or {}))["min_sigma_channels"] * domain.native_dv_kms * 1.001  # at the floor
+    flags |= 2 * (present & ((width < lo) | (width > hi) | (sig <= floor))).any(axis=1)
+    flags |= 4 * (present & _centroid_outside(result["comp"][:, :, 0], net["centre_kms"][:, None], line,
+                                               domain.network_dv_kms)).any(axis=1)
+    flags |= 8 * extra["blank"][valid]
+    flags |= 16 * result["failed"]
+    return flags
+
+
+def _centroid_outside(v, centre_kms, line, network_dv):
+    """Centroids outside the trained range of the window the networks saw, in the range's
+    own units: channels of the network axis (Gaussian lines), km/s (NH3)."""
+    limit, unit = LINE_TYPES[line]["centroid_range"]
+    offset = np.abs(v - centre_kms)
+    if unit == "channels":
+        offset = offset / network_dv
+    return np.nan_to_num(offset) > limit
+
+
+def _map_values(result, flags, joint=None):
+    """Flat value per output map name."""
+    comp, err, n = result["comp"], result["comp_err"], result["ncomp"]
+    two, one = (n == 2)[:, None], (n == 1)[:, None]
+    vals = {"class": np.choose(n, [CLASS_CODES["noise"], CLASS_CODES["one"], CLASS_CODES["two"]]).astype(float),
+            "ncomp": n.astype(float), "prob": result["prob"], "rchi2": result["rchi2"], "rms": result["noise"],
+            "domain": flags.astype(float)}
+    dom, dom_err = dominant_component(comp, err)
+    for q, name in enumerate(("vlsr", "sig", "tpeak")):
+        for j in (0, 1):
+            vals["%s%d" % (name, j + 1)] = np.where(two[:, 0], comp[:, j, q], np.nan)
+            vals["%s%d_err" % (name, j + 1)] = np.where(two[:, 0], err[:, j, q], np.nan)
+        vals[name] = np.where(one[:, 0], comp[:, 0, q], np.nan)
+        vals[name + "_err"] = np.where(one[:, 0], err[:, 0, q], np.nan)
+        vals[name + "_dom"] = np.where(n > 0, dom[:, q], np.nan)
+        vals[name + "_dom_err"] = np.where(n > 0, dom_err[:, q], np.nan)
+    if joint is not None:
+        vals.update(joint)
+    return vals
+
+
+def _joint_22(cube22, valid, result, cube11):
+    """Joint (1,1)+(2,2) fits of the components found in the (1,1) cube, seeded by them.
+
+    Returns
+    -------
+    dict
+        Flat (valid pixels) values of the NH3_JOINT_MAPS outputs: per quantity ``q``
+        ``q1``, ``q2`` (two-component pixels), ``q`` (one-component), ``q_dom`` (the
+        dominant component) and their ``_err``; NaN where the fit did not converge.
+    """
+    spec11 = np.asarray(cube11.data[:, valid].T, np.float64)
+    spec22 = np.asarray(cube22.data[:, valid].T, np.float64)
+    f11 = NH3_11_REST_HZ * (1 - np.asarray(cube11.velocity, float) / C_KMS)
+    f22 = NH3_22_REST_HZ * (1 - np.asarray(cube22.velocity, float) / C_KMS)
+    ncomp, comp = result["ncomp"], result["comp"]
+    m = len(ncomp)
+    vals = {q: np.full((m, 2), np.nan) for q in NH3_JOINT_MAPS}
+    errs = {q: np.full((m, 2), np.nan) for q in NH3_JOINT_MAPS}
+    floor = DATA_CHECK["min_sigma_channels"] * min(channel_width(cube11.velocity), channel_width(cube22.velocity))
+    line11 = _joint_constants()["lines"][0]
+    for k in (1, 2):
+        rows = np.flatnonzero(ncomp == k)
+        if not rows.size:
+            continue
+        starts = joint_starts(comp[rows, :k, 0], comp[rows, :k, 1], comp[rows, :k, 2], k)
+        fit = fit_nh3_joint(spec11[rows], spec22[rows], f11, f22, starts, min_sigma=floor)
+        p, e, ok = fit["params"], fit["errors"], fit["ok"]
+        for i in range(k):
+            tk, tx, ln, sg = (p[:, 5 * i + j] for j in range(4))
+            etk, etx, eln, esg = (e[:, 5 * i + j] for j in range(4))
+            tau, dl_tk, dl_tx = _nh3_line_tau(line11, tk, tx, ln, sg)
+            # tau's error by linear propagation of the parameters' errors (covariances left out)
+            etau = tau * np.sqrt((dl_tk * etk) ** 2 + (dl_tx * etx) ** 2 + (np.log(10) * eln) ** 2 + (esg / sg) ** 2)
+            for q, v, ev in (("tkin", tk, etk), ("tex", tx, etx), ("logn", ln, eln), ("tau", tau, etau)):
+                vals[q][rows, i] = np.where(ok, v, np.nan)
+                errs[q][rows, i] = np.where(ok, ev, np.nan)
+        log.info("joint (1,1)+(2,2) fits of %d %d-component pixels: %d converged", rows.size, k, int(ok.sum()))
+    dom = np.argmax(np.where(np.isfinite(comp[:, :, 2]), comp[:, :, 2], -np.inf), axis=1)
+    out, two, one, idx = {}, ncomp == 2, ncomp == 1, np.arange(m)
+    for q in NH3_JOINT_MAPS:
+        for suffix, col, sel in (("1", 0, two), ("2", 1, two), ("", 0, one)):
+            out[q + suffix] = np.where(sel, vals[q][:, col], np.nan)
+            out[q + suffix + "_err"] = np.where(sel, errs[q][:, col], np.nan)
+        out[q + "_dom"] = np.where(ncomp > 0, vals[q][idx, dom], np.nan)
+        out[q + "_dom_err"] = np.where(ncomp > 0, errs[q][idx, dom], np.nan)
+    return out
+
+
+def _read_22(path, cube11, force_rest):
+    """The NH3 (2,2) cube of ``--nh3-22``, checked against the (1,1) cube's grid."""
+    cube22 = read_cube(path, nh3=True, force_rest=force_rest, line="twotwo")
+    if cube22.data.shape[1:] != cube11.data.shape[1:]:
+        raise InputError("%s: the (2,2) cube has %d x %d pixels, the (1,1) cube %d x %d; regrid it to the "
+                         "(1,1) grid" % (path, cube22.data.shape[2], cube22.data.shape[1],
+                                          cube11.data.shape[2], cube11.data.shape[1]))
+    return cube22
 
 
 def _models_for(line, models, model_dir, nproc):
@@ -2662,22 +4051,6 @@ def _models_for(line, models, model_dir, nproc):
         raise InputError("the given models are for %r spectra but nh3=%s; load CloverModels(%r)"
                          % (models.line, line == "nh3", line))
     return models
-
-
-def _assemble_maps(phys, valid):
-    """2-D maps (NaN where ``valid`` is False) from the flat physical values."""
-    maps = {}
-    for name in OUTPUT_MAPS:
-        image = np.full(valid.shape, np.nan, np.float32)
-        image[valid] = phys[name]
-        maps[name] = image
-    return maps
-
-
-def _write_maps(paths, maps, cube, overwrite):
-    units = {"class": "", "prob": "", "vel": "km/s", "width": "km/s", "peak": cube.bunit}
-    for name, (_, _, kind, text) in OUTPUT_MAPS.items():
-        write_map(paths[name], maps[name], cube.spatial_header, units[kind], overwrite, text)
 
 
 def emission_channel(data, smooth=5, min_snr=5.0):
@@ -2707,52 +4080,6 @@ def emission_channel(data, smooth=5, min_snr=5.0):
     return peak if mean[peak] - base > min_snr * max(noise, 1e-30) else None
 
 
-def _predict_tiled(cube, filled, stem, outdir, line, tile, opts, start):
-    """:func:`predict` in tile mode: a spectral window per tile x tile pixels of ``filled``
-    (the cube's data after :func:`fill_blank_channels`)."""
-    nchan = LINE_TYPES[line]["nchan"]
-    paths = _output_paths(stem, outdir)
-    if opts["write"]:
-        _check_outputs_free(paths.values(), opts["overwrite"])
-    models = _models_for(line, opts["models"], opts["model_dir"], opts["nproc"])
-    n, ny, nx = filled.shape
-    fallback = emission_channel(filled)
-    fallback = n // 2 if fallback is None else fallback
-    maps = {name: np.full((ny, nx), np.nan, np.float32) for name in OUTPUT_MAPS}
-    corners = [(y, x) for y in range(0, ny, tile) for x in range(0, nx, tile)]
-    log.info("Segmenting and predicting kinematics of %d pixels (%s, %d members) in %d tiles of "
-             "%d x %d pixels", ny * nx, line, models.n_members, len(corners), tile, tile)
-    rng = opts["rng"]
-    outside = total = 0
-    for y0, x0 in _progress(corners, opts["progress"], "clover tiles"):
-        y1, x1 = min(ny, y0 + tile), min(nx, x0 + tile)
-        hy0, hx0 = max(0, y0 - 1), max(0, x0 - 1)             # one-pixel halo for the 3x3 mean
-        sub = filled[:, hy0:min(ny, y1 + 1), hx0:min(nx, x1 + 1)]
-        centre = emission_channel(filled[:, y0:y1, x0:x1])
-        data, first = fit_length(sub, nchan, rng, fallback if centre is None else centre)
-        velocity = _fitted_velocity(cube.velocity, first, nchan)
-        if velocity[-1] < velocity[0]:
-            data, velocity = data[::-1], velocity[::-1]
-        flat, valid = _predict_blocks(data, models, opts["batch_size"], data.shape[1] * data.shape[2],
-                                      False, bool(opts["refine"]), velocity)
-        full = _assemble_maps(_to_physical(flat, flat["tmax"], velocity, nchan), valid)
-        inner = (slice(y0 - hy0, y1 - hy0), slice(x0 - hx0, x1 - hx0))
-        part = {name: image[inner] for name, image in full.items()}
-        for name, image in part.items():
-            maps[name][y0:y1, x0:x1] = image
-        o, t = _centroids_outside(part, velocity, line)
-        outside, total = outside + o, total + t
-    _check_channel_width(cube.velocity, line)
-    _warn_centroid_range(outside, total, line, "their tile's window centre")
-    if opts["write"]:
-        _write_maps(paths, maps, cube, opts["overwrite"])
-    seconds = time.perf_counter() - start
-    valid = np.isfinite(maps["class"])
-    log.info("predicted %d pixels in %.1f s", int(valid.sum()), seconds)
-    return {"maps": maps, "paths": paths if opts["write"] else {}, "seconds": seconds,
-            "n_pixels": int(valid.sum()), "velocity": None}
-
-
 def _progress(items, enabled, desc):
     """``items`` wrapped in a tqdm bar when enabled, there is more than one, and tqdm exists."""
     if not enabled or len(items) < 2:
@@ -2770,17 +4097,6 @@ def _fitted_velocity(velocity, first, nchan):
     return velocity[0] + (np.arange(nchan) - first) * step
 
 
-def _check_channel_width(velocity, line):
-    if line != "nh3":
-        return
-    dv = abs(velocity[-1] - velocity[0]) / (len(velocity) - 1)
-    if abs(dv / TEMPLATE_DV_KMS - 1) > 0.1:
-        warnings.warn("the NH3 cube's channel width %.4f km/s differs from the trained %.4f km/s; "
-                      "the hyperfine pattern spans a different number of channels, so results "
-                      "are unreliable: regrid the cube to 5.72 kHz channels" % (dv, TEMPLATE_DV_KMS),
-                      ChannelWidthWarning, stacklevel=3)
-
-
 # ===========================================================================
 # Stage: train and evaluate
 # ===========================================================================
@@ -2795,35 +4111,47 @@ def evaluate(line, models, n=9000, seed=1, batch_size=2048, refine=True):
     line : {'gauss', 'nh3'}
     models : CloverModels
     n : int
-        Test spectra for the classifier (thirds); a third of it for the regressor.
+        Test spectra (thirds per class).
     seed : int
         Test-set seed (use one different from the training seed).
     refine : bool
-        As :func:`predict_spectra` (NH3: fits settle uncertain one/two decisions).
+        As :func:`predict`: the networks' answer checked against the spectra by fits
+        (:func:`check_against_data`), or the networks alone.
 
     Returns
     -------
     dict
         ``class_accuracy`` {class: {'all', 'snr>=4'}} of the final classes,
         ``network_class_accuracy`` {class: S/N >= 4 accuracy of the ensemble alone},
-        ``settled_fraction`` (spectra decided by NH3 fits), ``snr_bins`` {class: {bin: [acc,
-        count]}} (two-component spectra binned by their weaker component's S/N),
-        ``confusion`` (3x3, rows truth), ``two_by_separation`` (two-component accuracy
-        at S/N >= 4 per bin of centroid separation / larger dispersion) and
-        ``regression`` (median absolute errors of vlsr and sigma in km/s at S/N >= 8,
-        with the mean linewidth; for Gaussian lines also after the refinement).
+        ``snr_bins`` {class: {bin: [acc, count]}} (two-component spectra binned by their
+        weaker component's S/N), ``confusion`` (3x3, rows truth), ``two_by_separation``
+        (two-component accuracy at S/N >= 4 per bin of centroid separation / larger
+        dispersion), ``calibration`` {prob bin: [mean prob, fraction correct, count]}
+        (the reliability curve of the ``prob`` map) and ``regression`` {'one', 'two':
+        median absolute errors of centroid and dispersion (km/s), relative peak error and
+        the pull spread (error / reported uncertainty) of correctly classified spectra at
+        S/N >= 8}.
     """
     rng = np.random.default_rng(seed)
-    simulate = LINE_TYPES[line]["simulate"]
-    sim = simulate(n, rng, windows=True) if line == "nh3" else simulate(n, rng)
-    near = simulated_neighbours(sim) if "windows" in sim else None
-    res = predict_spectra(sim["x"], models, batch_size, refine=refine, neighbours=near)
-    pred, network = res["class"], res["probs"].argmax(axis=1)
+    sim = LINE_TYPES[line]["simulate"](n, rng)
+    res = predict_spectra(sim["x"], models, batch_size)
+    network = res["probs"].argmax(axis=1)
+    nchan = models.nchan
+    vel = gaussian_template_axis() if line == "gauss" else nh3_template_axis()[1]
+    net = _network_physical(res, sim["tmax"], vel, nchan)
+    spectra = sim["x"][:, :, 0].astype(np.float64) * sim["tmax"][:, None]
+    if refine:
+        check = check_against_data(spectra, vel, net, line)
+        ncomp, prob, _ = select_components(check, res["probs"])
+        comp, comp_err = assemble_components(check, ncomp, spectra)[:2]
+    else:
+        ncomp, prob = np.choose(network, [1, 0, 2]), res["prob"]
+        comp, comp_err = network_components(net, ncomp)
+    pred = np.choose(ncomp, [CLASS_CODES["noise"], CLASS_CODES["one"], CLASS_CODES["two"]])
     truth = sim["label"].astype(int)
     snr = np.where(truth == CLASS_CODES["two"], sim["snr_min"], sim["snr"])
-    table = {"n": n, "seed": seed, "class_accuracy": {}, "network_class_accuracy": {}, "snr_bins": {},
-             "settled_fraction": float(res["settled"].mean()),
-             "confusion": np.bincount(truth * 3 + pred, minlength=9).reshape(3, 3).tolist()}
+    table = {"n": n, "seed": seed, "refine": bool(refine), "class_accuracy": {}, "network_class_accuracy": {},
+             "snr_bins": {}, "confusion": np.bincount(truth * 3 + pred, minlength=9).reshape(3, 3).tolist()}
     for name, code in CLASS_CODES.items():
         rows = truth == code
         ok = pred[rows] == code
@@ -2837,8 +4165,58 @@ def evaluate(line, models, n=9000, seed=1, batch_size=2048, refine=True):
                 bins["%g-%g" % (lo, hi)] = [float(ok[sel].mean()), int(sel.sum())]
         table["snr_bins"][name] = bins
     table["two_by_separation"] = _accuracy_by_separation(sim, pred, snr)
-    table["regression"] = _evaluate_regression(line, models, max(300, n // 3), rng, batch_size)
+    table["calibration"] = calibration_curve(prob, pred == truth)
+    table["regression"] = _regression_table(sim, comp, comp_err, pred, truth)
     return table
+
+
+PROB_BINS = (0.0, 0.5, 0.7, 0.9, 0.97, 0.99, 1.0001)
+
+
+def calibration_curve(prob, correct, bins=PROB_BINS):
+    """Reliability of a probability: {bin: [mean prob, fraction correct, count]}.
+
+    A ``prob`` map means what it says when, in every bin, the fraction of correct
+    classes equals the mean probability.
+    """
+    prob, correct = np.asarray(prob, float), np.asarray(correct, bool)
+    out = {}
+    for lo, hi in zip(bins[:-1], bins[1:]):
+        sel = (prob >= lo) & (prob < hi)
+        if sel.any():
+            out["%g-%g" % (lo, min(hi, 1.0))] = [float(prob[sel].mean()), float(correct[sel].mean()), int(sel.sum())]
+    return out
+
+
+def _regression_table(sim, comp, comp_err, pred, truth, min_snr=8.0):
+    """Median absolute errors and pull spreads of correctly classified spectra at S/N >= min_snr."""
+    out = {}
+    for name, k in (("one", 1), ("two", 2)):
+        code = CLASS_CODES[name]
+        good = (truth == code) & (pred == code) & (sim["snr_min"] >= min_snr)
+        if not good.any():
+            continue
+        order = np.argsort(np.where(np.isfinite(sim["v"][good]), sim["v"][good], np.inf), axis=1)[:, :k]
+        tv, ts = (np.take_along_axis(sim[q][good], order, 1) for q in ("v", "sigma"))
+        tp = np.take_along_axis(sim["peak"][good], order, 1)
+        c, e = comp[good, :k], comp_err[good, :k]
+        dv, ds, dp = c[:, :, 0] - tv, c[:, :, 1] - ts, c[:, :, 2] - tp
+        with np.errstate(all="ignore"):
+            out[name] = {"n": int(good.sum()), "mae_vlsr_kms": float(np.nanmedian(np.abs(dv))),
+                         "mae_sigma_kms": float(np.nanmedian(np.abs(ds))),
+                         "mae_tpeak_rel": float(np.nanmedian(np.abs(dp / tp))),
+                         "pull_std_vlsr": float(_robust_std(dv / e[:, :, 0])),
+                         "pull_std_sigma": float(_robust_std(ds / e[:, :, 1])),
+                         "pull_std_tpeak": float(_robust_std(dp / e[:, :, 2])),
+                         "mean_linewidth_kms": float(np.nanmean(ts))}
+    return out
+
+
+def _robust_std(x):
+    """1.4826 x median absolute deviation of the finite values (NaN if none)."""
+    x = np.asarray(x, float)
+    x = x[np.isfinite(x)]
+    return 1.4826 * np.median(np.abs(x - np.median(x))) if x.size else float("nan")
 
 
 SEP_BINS = (0.0, 1.5, 2.0, 3.0, np.inf)
@@ -2856,32 +4234,6 @@ def _accuracy_by_separation(sim, pred, snr):
         if sel.any():
             out["%g-%g" % (lo, hi)] = [float((pred[sel] == CLASS_CODES["two"]).mean()), int(sel.sum())]
     return out
-
-
-def _evaluate_regression(line, models, n, rng, batch_size):
-    """Median absolute errors (km/s) of the two-component regressor at S/N >= 8, of the
-    network alone and (Gaussian lines) after :func:`refine_gaussians`."""
-    sim = LINE_TYPES[line]["simulate"](n, rng, classes=CLASS_CODES["two"])
-    nchan = LINE_TYPES[line]["nchan"]
-    mu, err = models.regress("reg2", sim["x"], batch_size)
-    good = sim["snr_min"] >= 8
-    table = {"n": int(good.sum()), "mean_linewidth_kms": float(np.nanmean(sim["sigma"][good]))}
-    table.update(_regression_errors(mu, err, sim["reg2"], good, nchan))
-    if line == "gauss":
-        fit, fit_err, _ = _refine_rows(sim["x"], mu, err, nchan)
-        table["refined"] = _regression_errors(fit, fit_err, sim["reg2"], good, nchan)
-    return table
-
-
-def _regression_errors(mu, err, truth, good, nchan):
-    half, dv = _centre_channel(nchan), TEMPLATE_DV_KMS
-    dvel = np.abs(mu[:, :2] - truth[:, :2])[good] * half * dv
-    dsig = np.abs(mu[:, 2:4] - truth[:, 2:4])[good] * dv
-    dpeak = np.abs(mu[:, 4:] - truth[:, 4:])[good]
-    pull = ((mu - truth) / err)[good]
-    return {"mae_vlsr_kms": float(np.median(dvel)), "mae_sigma_kms": float(np.median(dsig)),
-            "mae_tpeak_rel": float(np.median(dpeak)),
-            "pull_std": [float(v) for v in np.nanstd(pull, axis=0)]}
 
 
 def _member_seed(seed, line, role, index=0):
@@ -3213,7 +4565,41 @@ def run_demo(outdir, seed=2024, ny=24, nx=24):
     fig.savefig(png, dpi=80)
     plt.close(fig)
     summary["figure"] = str(png)
+    real = HERE / "tests" / "data" / "nh3"
+    if (real / "ammonia_11_cutout.fits").is_file():   # a source checkout: the real G23.481 maps too
+        summary["g23"] = _demo_real_nh3(real, outdir)
     return summary
+
+
+def _demo_real_nh3(folder, outdir):
+    """clover on the real VLA+GBT NH3 (1,1)+(2,2) cutout of G23.481: maps and one spectrum."""
+    import matplotlib.pyplot as plt
+    res = predict(folder / "ammonia_11_cutout.fits", nh3=True, nh3_22=folder / "ammonia_22_cutout.fits",
+                  outdir=outdir / "g23", overwrite=True, progress=False)
+    maps = res["maps"]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7))
+    panels = (("ncomp", "components", "viridis", "", (0, 2)), ("vlsr_dom", "dominant centroid", "RdBu_r", "km/s", None),
+              ("sig_dom", "dominant dispersion", "magma", "km/s", None), ("tkin_dom", "T_kin (joint (1,1)+(2,2))",
+              "inferno", "K", None), ("rchi2", "reduced chi2", "cividis", "", (0.5, 2.0)))
+    for ax, (key, title, cmap, unit, lim) in zip(axes.flat, panels):
+        im = ax.imshow(maps[key], origin="lower", cmap=cmap, vmin=lim and lim[0], vmax=lim and lim[1])
+        ax.set(title=title, xlabel="x (pixel)", ylabel="y (pixel)")
+        fig.colorbar(im, ax=ax, fraction=0.046, label=unit)
+    from astropy.io import fits
+    data = fits.getdata(folder / "ammonia_11_cutout.fits")[:, 10, 10]
+    ax = axes.flat[5]
+    ax.plot(res["velocity"], data, color="k", lw=0.7, drawstyle="steps-mid", label="data (pixel 10, 10)")
+    ax.plot(res["velocity"], res["model"][:, 10, 10], color="C3", lw=1.0, label="clover model")
+    ax.set(xlabel="radio velocity (km/s, LSRK)", ylabel="T_B (K)", title="spectrum and model", xlim=(40, 88))
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = outdir / "clover_g23.png"
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    ncomp = maps["ncomp"]
+    return {"two_one_noise": [int((ncomp == k).sum()) for k in (2, 1, 0)],
+            "median_tkin_k": round(float(np.nanmedian(maps["tkin_dom"])), 2), "seconds": round(res["seconds"], 1),
+            "figure": str(png)}
 
 
 # ===========================================================================
@@ -3263,7 +4649,9 @@ def _plot_accuracy(tables, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    _plot_calibration(tables, axes[2])
+    axes = axes[:2]
     labels = [["%g-%g" % b for b in zip(edges[:-1], edges[1:])] for edges in (SNR_BINS, SEP_BINS)]
     for line, table in tables.items():
         curves = [(0, "%s %s" % (line, name), "os"[name == "two"], table["snr_bins"][name])
@@ -3284,6 +4672,20 @@ def _plot_accuracy(tables, path):
     with atomic_path(path, overwrite=True, suffix=".part.png") as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)
+
+
+def _plot_calibration(tables, ax):
+    """Reliability curve of the prob map: fraction correct against the mean probability."""
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfect calibration")
+    for line, table in tables.items():
+        curve = table.get("calibration", {})
+        if curve:
+            p, f, n = (np.array(v) for v in zip(*curve.values()))
+            ax.scatter(p, f, s=10 + 40 * np.sqrt(n / n.max()), label="%s (size ~ count)" % line)
+            ax.plot(p, f, lw=0.8)
+    ax.set(xlabel="prob (mean in bin)", ylabel="fraction of correct classes", xlim=(0.3, 1.01), ylim=(0.0, 1.01),
+           title="calibration of the prob map")
+    ax.legend(fontsize=8)
 
 
 def _evaluate_arguments(parser):
@@ -3326,8 +4728,28 @@ def _predict_arguments(parser):
     parser.add_argument("--tile", type=int, help="a spectral window per N x N-pixel tile, centred on "
                         "its emission (for cubes with large velocity gradients); 0 = one window")
     parser.add_argument("--no-refine", dest="refine", action="store_false", default=None,
-                        help="networks only: no least-squares polish of two-component Gaussian values, "
-                             "no NH3 model fits of pixels with uncertain one/two-component odds")
+                        help="networks only: no fits of the spectra (no model, residual or reduced-chi2 "
+                             "check; classes and values are the networks')")
+    parser.add_argument("--rest-frequency", type=_frequency_hz, metavar="FREQ",
+                        help="rest frequency, overriding the header (Hz, or with a unit: '115.2712018 GHz')")
+    parser.add_argument("--force-rest", action="store_true", default=None,
+                        help="NH3: accept a cube whose rest frequency is not NH3 (1,1)")
+    parser.add_argument("--nh3-22", metavar="CUBE22", help="NH3 (2,2) cube of the same field and grid: joint "
+                        "(1,1)+(2,2) fits give Tkin, Tex, N(NH3) and tau per component")
+
+
+def _frequency_hz(text):
+    """A frequency from the command line: Hz, or a number with a unit ('23.69 GHz')."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    from astropy import units as u
+    try:
+        return u.Quantity(text).to_value(u.Hz)
+    except (TypeError, ValueError, u.UnitsError):
+        raise argparse.ArgumentTypeError("%r is not a frequency; give Hz (2.36944955e10) or a number "
+                                         "with a unit (23.6944955 GHz)" % text) from None
 
 
 def _cli_train(args, config):
@@ -3355,10 +4777,11 @@ def _cli_predict(args, config):
     if not args.cube:
         raise InputError("no cube given; usage: clover predict CUBE.fits [--nh3] [--outdir DIR]")
     p = dict(config["Predict"])
-    for key in ("nh3", "nproc", "outdir", "model_dir", "tile", "refine"):
+    for key in ("nh3", "nproc", "outdir", "model_dir", "tile", "refine", "rest_frequency", "force_rest", "nh3_22"):
         value = getattr(args, key, None)
         if value is not None:
             p[key] = value
+    p["settings"] = {k: p.pop(k) for k in list(p) if k in DATA_CHECK}
     res = predict(args.cube, overwrite=args.overwrite, **p)
     log.info("wrote %d files to %s", len(res["paths"]), Path(next(iter(res["paths"].values()))).parent)
     return EXIT_OK
@@ -3382,7 +4805,23 @@ def main(argv=None):
         Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
     """
     parser = build_cli(__doc__.strip().splitlines()[0], SUBCOMMANDS, __version__, CONFIG_SCHEMA)
-    return run_cli(parser, argv, validators=(_validate_config,))
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        return run_cli(parser, argv, validators=(_validate_config,))
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """Warnings about the data as log lines (``clover: WARNING ...``), without source lines."""
+    if issubclass(category, CloverWarning) or not log.handlers:
+        if log.handlers:
+            log.warning("%s", message)
+        else:
+            print("%s: WARNING %s" % (log.name, message), file=sys.stderr)
+    else:
+        log.debug("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
 
 
 if invoked_as_script(globals()):

@@ -159,7 +159,7 @@ def main(argv=None):
         t_plain, plain = best_of(lambda: clover.predict(path, models=models, outdir=Path(tmp) / "plain",
                                                         overwrite=True, progress=False, refine=False), repeat=3)
     x, tmax, valid = clover.make_features(cube)
-    t_net, _ = best_of(lambda: clover.predict_spectra(x, models, refine=False), repeat=3)
+    t_net, _ = best_of(lambda: clover.predict_spectra(x, models), repeat=3)
     start = time.perf_counter()
     lsq = run_lsq(cube, vel, chosen)
     t_lsq = time.perf_counter() - start
