@@ -186,6 +186,7 @@ __all__ = [
     "neighbour_evidence",
     "beam_pixels",
     "assemble_components",
+    "model_spectra",
     "network_components",
     "dominant_component",
     "network_pass",
@@ -2168,11 +2169,17 @@ def check_against_data(spectra, velocity, net, line, settings=None, freq_hz=None
            "ok": {1: np.zeros(m, bool), 2: np.zeros(m, bool)}, "snr": {1: np.zeros((m, 1)), 2: np.zeros((m, 2))},
            "noise": _difference_noise(y),
            "nchan": np.isfinite(y).sum(axis=1), "fitted": fitted, "line": line,
-           "state": {"rows": np.flatnonzero(fitted)}}
+           "rchi2": {k: np.full(m, np.nan) for k in (0, 1, 2)}, "q": {1: np.full((m, 4), np.nan),
+                                                                       2: np.full((m, 8), np.nan)},
+           "tmax": np.ones(m), "state": {"rows": np.flatnonzero(fitted)}}
     finite = np.isfinite(y)
     out["bic"][:, 0] = np.where(finite.any(axis=1), np.nansum(y * y, axis=1) / out["noise"] ** 2, np.inf)
+    out["aic"] = out["bic"].copy()
+    with np.errstate(all="ignore"):
+        out["rchi2"][0] = out["bic"][:, 0] / np.maximum(out["nchan"], 1)
     rows = np.flatnonzero(fitted)
     if not rows.size:
+        out["state"]["models"] = {1: np.zeros((0, y.shape[1])), 2: np.zeros((0, y.shape[1]))}
         return out
     fit = _gauss_fit_models if line == "gauss" else _nh3_fit_models
     res = fit(y[rows], velocity, {k: np.asarray(net[k], float)[rows] for k in ("one", "two")}, cfg, freq_hz)
@@ -2183,19 +2190,26 @@ def check_against_data(spectra, velocity, net, line, settings=None, freq_hz=None
     n = np.maximum(out["nchan"][rows], 1)
     per = 3 if line == "gauss" else 4
     out["bic"][rows, 0] = corr * np.nansum(y[rows] ** 2, axis=1) / noise ** 2
-    out["aic"] = out["bic"].copy()
+    out["aic"][rows, 0] = out["bic"][rows, 0]
     for k in (1, 2):
         chi = np.nansum((y[rows] - models[k]) ** 2, axis=1) / noise ** 2
         out["bic"][rows, k] = np.where(res["ok"][k], corr * chi + per * k * np.log(n), np.inf)
         out["aic"][rows, k] = np.where(res["ok"][k], corr * chi + 2 * per * k, np.inf)
         rchi = _window_rchi2(y[rows], models[k], noise, per * k)
-        scale = np.sqrt(np.maximum(rchi, 1.0)) * noise / res["noise_used"]
+        out["rchi2"][k][rows] = rchi
+        scale = np.sqrt(np.maximum(np.nan_to_num(rchi, nan=1.0), 1.0)) * noise / res["noise_used"]
         out["params"][k][rows] = res["params"][k]
         out["errors"][k][rows] = res["errors"][k] * scale[:, None]
         out["ok"][k][rows] = res["ok"][k]
         out["snr"][k][rows] = res["energy"][k] / noise[:, None]
     out["noise"][rows] = noise
-    out["state"].update(res.get("state", {}), models=models)
+    out["rchi2"][0][rows] = out["bic"][rows, 0] / n
+    state = res.get("state", {})
+    if "q" in state:                       # NH3: slab parameters to redraw the models
+        for k in (1, 2):
+            out["q"][k][rows] = state["q"][k]
+        out["tmax"][rows] = state["tmax"]
+    out["state"].update(models=models)
     return out
 
 
@@ -2540,7 +2554,7 @@ def beam_pixels(header):
     return float(np.pi / (4 * np.log(2)) * bmaj * bmin / (scale[0] * scale[1]))
 
 
-def assemble_components(check, ncomp, spectra):
+def assemble_components(check, ncomp):
     """Final components of every spectrum after :func:`select_components`.
 
     Parameters
@@ -2548,38 +2562,50 @@ def assemble_components(check, ncomp, spectra):
     check : dict
         :func:`check_against_data` output.
     ncomp : ndarray of int, shape (m,)
-    spectra : ndarray, shape (m, nchan)
-        The fitted spectra (for the reduced chi^2).
 
     Returns
     -------
     comp, comp_err : ndarray, shape (m, 2, 3)
         (centroid km/s, dispersion km/s, peak) of components 1 and 2 sorted by
         centroid; NaN for absent components.
-    model : ndarray, shape (m, nchan), float32
-        Model spectrum of the chosen components (0 for none).
     rchi2 : ndarray, shape (m,)
         Reduced chi^2 of the chosen model over the channels of its lines (over the
         whole spectrum for no component).
     """
-    m, nchan = spectra.shape
+    m = len(ncomp)
     comp, err = np.full((m, 2, 3), np.nan), np.full((m, 2, 3), np.nan)
-    model = np.zeros((m, nchan), np.float32)
-    noise = check["noise"]
-    with np.errstate(all="ignore"):
-        rchi2 = np.nansum(spectra ** 2, axis=1) / noise ** 2 / np.maximum(check["nchan"], 1)
-    pos = np.full(m, -1)
-    pos[check["state"]["rows"]] = np.arange(len(check["state"]["rows"]))
+    rchi2 = np.array(check["rchi2"][0], float)
     for k in (1, 2):
-        sel = np.flatnonzero((ncomp == k) & (pos >= 0))
+        sel = np.flatnonzero((ncomp == k) & check["fitted"])
         if not sel.size:
             continue
         p, e = check["params"][k][sel], check["errors"][k][sel]
         for q in range(3):
             comp[sel, :k, q], err[sel, :k, q] = p[:, q * k:(q + 1) * k], e[:, q * k:(q + 1) * k]
-        model[sel] = check["state"]["models"][k][pos[sel]]
-        rchi2[sel] = _window_rchi2(spectra[sel], model[sel].astype(float), noise[sel], 3 * k)
-    return comp, err, model, rchi2
+        rchi2[sel] = check["rchi2"][k][sel]
+    return comp, err, rchi2
+
+
+def model_spectra(check, ncomp, comp, velocity, line, freq_hz=None):
+    """Model spectra (m, nchan) float32 of the chosen components on ``velocity``.
+
+    Gaussian lines from ``comp`` (:func:`assemble_components`); NH3 from the fitted slab
+    parameters kept in ``check`` (optical depth included), on ``freq_hz`` (default from
+    ``velocity`` and the (1,1) rest frequency).
+    """
+    m = len(ncomp)
+    model = np.zeros((m, len(velocity)), np.float32)
+    if line == "gauss":
+        rows = np.flatnonzero(ncomp > 0)
+        if rows.size:
+            model[rows] = gaussian_model_spectra(comp[rows], velocity)
+        return model
+    freq = NH3_11_REST_HZ * (1 - np.asarray(velocity, float) / C_KMS) if freq_hz is None else freq_hz
+    for k in (1, 2):
+        rows = np.flatnonzero((ncomp == k) & check["fitted"])
+        if rows.size:
+            model[rows] = nh3_slab_spectra(check["q"][k][rows], freq) * check["tmax"][rows, None]
+    return model
 
 
 def network_components(net, ncomp):
@@ -3567,6 +3593,19 @@ def _write_outputs(paths, maps, table, model, cube, extra, domain, stem, outdir,
         write_network_cube(outdir / (stem + "_clover.fits"), data, vel, cube, overwrite, history)
 
 
+def _remove_stale(stem, outdir, written, network_cube):
+    """Delete outputs of an earlier run under the same names that this run did not write
+    (e.g. model cubes after a run with refine=False, or the (2,2) maps): files in one
+    directory then always come from one run."""
+    every = list(_output_paths(stem, outdir, True, True).values())
+    if not network_cube:
+        every.append(Path(outdir) / (stem + "_clover.fits"))
+    for path in every:
+        if path not in written.values() and path.exists():
+            log.info("removing %s, left by an earlier run with other settings", path)
+            path.unlink()
+
+
 def write_native_cube(path, data, cube, overwrite=False, comment=""):
     """Write a (nchan, ny, nx) cube on the input's own spectral axis, as (x, y, spectrum)."""
     from astropy.io import fits
@@ -3794,8 +3833,7 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
     log.info("Segmenting and predicting kinematics of %d pixels (%s, %d members)",
              work.shape[1] * work.shape[2], line, models.n_members)
     net, valid, extra = network_pass(work, wvel, domain, models, rng, int(tile), batch_size, block_pixels, progress)
-    spectra = np.asarray(work[:, valid].T, np.float64)
-    result = _decide(spectra, wvel, net, line, refine, settings, domain, valid, cube)
+    result = _decide(work, wvel, net, line, refine, settings, domain, valid, cube, block_pixels, progress)
     flags = _domain_flags(result, net, extra, domain, line, valid, settings)
     joint = _joint_22(cube22, valid, result, cube) if cube22 is not None else None
     values = _map_values(result, flags, joint)
@@ -3803,14 +3841,14 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
     _warn_centroid_range(int((flags & 4 > 0).sum()), int((result["ncomp"] > 0).sum()), line,
                          "their window's centre")
     table = _result_table(values, valid, cube, domain, line)
-    model = None
-    if result["model"] is not None:
-        model = np.full(work.shape, np.nan, np.float32)
-        model[:, valid] = result["model"].T
+    model = result["model"]
+    if model is not None:
+        model[:, ~valid] = np.nan
         if cube.velocity[-1] < cube.velocity[0]:
             model = model[::-1]
     if write:
         _write_outputs(paths, maps, table, model, cube, extra, domain, stem, outdir, overwrite)
+        _remove_stale(stem, outdir, paths, extra["cube"] is not None)
     seconds = time.perf_counter() - start
     log.info("predicted %d pixels in %.1f s", int(valid.sum()), seconds)
     return {"maps": maps, "table": table, "paths": paths if write else {}, "seconds": seconds,
@@ -3910,27 +3948,69 @@ def _network_physical(res, tmax, velocity, nchan):
     return out
 
 
-def _decide(spectra, velocity, net, line, refine, settings, domain, valid, cube):
-    """Number of components and their values: fits checked against the data, or the networks."""
-    if refine:
-        check = check_against_data(spectra, velocity, net, line, settings)
-        aic = np.full(valid.shape + (3,), np.inf)
-        aic[valid] = check["aic"]
-        beam = beam_pixels(cube.spatial_header)
-        evidence = neighbour_evidence(aic, valid, beam)[valid]
-        ncomp, prob, lowered = select_components(check, net["probs"], settings, evidence, domain.resampled)
-        comp, comp_err, model, rchi2 = assemble_components(check, ncomp, spectra)
-        failed = check["fitted"] & ~(check["ok"][1] & check["ok"][2])
-        if lowered.any():
-            log.info("%d spectra lost a component the data do not support (matched-filter S/N < %.1f)",
-                     int(lowered.sum()), dict(DATA_CHECK, **(settings or {}))["min_snr"])
-        return {"ncomp": ncomp, "prob": prob, "comp": comp, "comp_err": comp_err, "model": model,
-                "rchi2": rchi2, "noise": check["noise"], "failed": failed, "check": check}
-    ncomp = np.choose(net["class"], [1, 0, 2])
-    comp, comp_err = network_components(net, ncomp)
-    return {"ncomp": ncomp, "prob": net["prob"], "comp": comp, "comp_err": comp_err, "model": None,
-            "rchi2": np.full(len(ncomp), np.nan), "noise": _difference_noise(spectra),
-            "failed": np.zeros(len(ncomp), bool)}
+def _decide(work, velocity, net, line, refine, settings, domain, valid, cube, block_pixels=20000, progress=False):
+    """Number of components and their values: fits checked against the data, or the networks.
+
+    The fits run on blocks of ``block_pixels`` spectra (memory); the neighbours' evidence
+    and the choice then use the whole map; model spectra are drawn block by block into the
+    model cube (``work``'s shape, velocity increasing).
+    """
+    ys, xs = np.nonzero(valid)
+    spectra = lambda rows: np.asarray(work[:, ys[rows], xs[rows]].T, np.float64)  # noqa: E731
+    blocks = [np.arange(i, min(i + block_pixels, len(ys))) for i in range(0, len(ys), block_pixels)]
+    if not refine:
+        ncomp = np.choose(net["class"], [1, 0, 2])
+        comp, comp_err = network_components(net, ncomp)
+        noise = np.concatenate([_difference_noise(spectra(rows)) for rows in blocks]) if blocks else np.zeros(0)
+        return {"ncomp": ncomp, "prob": net["prob"], "comp": comp, "comp_err": comp_err, "model": None,
+                "rchi2": np.full(len(ncomp), np.nan), "noise": noise, "failed": np.zeros(len(ncomp), bool)}
+    parts = []
+    for rows in _progress(blocks, progress, "clover fits"):
+        part = check_against_data(spectra(rows), velocity, {k: net[k][rows] for k in ("probs", "one", "two")},
+                                  line, settings)
+        part.pop("state")                                     # model spectra: redrawn below
+        parts.append(part)
+    check = _concatenate_checks(parts)
+    aic = np.full(valid.shape + (3,), np.inf)
+    aic[valid] = check["aic"]
+    evidence = neighbour_evidence(aic, valid, beam_pixels(cube.spatial_header))[valid]
+    ncomp, prob, lowered = select_components(check, net["probs"], settings, evidence, domain.resampled)
+    comp, comp_err, rchi2 = assemble_components(check, ncomp)
+    model = np.zeros(work.shape, np.float32)
+    for rows in blocks:
+        model[:, ys[rows], xs[rows]] = model_spectra({k: _take(check[k], rows) for k in ("q", "tmax", "fitted")},
+                                                     ncomp[rows], comp[rows], velocity, line).T
+    failed = check["fitted"] & ~(check["ok"][1] & check["ok"][2])
+    if lowered.any():
+        log.info("%d spectra lost a component the data do not support (matched-filter S/N < %.1f)",
+                 int(lowered.sum()), dict(DATA_CHECK, **(settings or {}))["min_snr"])
+    return {"ncomp": ncomp, "prob": prob, "comp": comp, "comp_err": comp_err, "model": model,
+            "rchi2": rchi2, "noise": check["noise"], "failed": failed, "check": check}
+
+
+def _take(value, rows):
+    """``value[rows]`` for arrays and for dicts of arrays (one level)."""
+    return {k: v[rows] for k, v in value.items()} if isinstance(value, dict) else value[rows]
+
+
+def _concatenate_checks(parts):
+    """One :func:`check_against_data` result from the results of consecutive blocks."""
+    if not parts:
+        return {"bic": np.zeros((0, 3)), "aic": np.zeros((0, 3)), "noise": np.zeros(0), "nchan": np.zeros(0, int),
+                "fitted": np.zeros(0, bool), "tmax": np.zeros(0),
+                **{key: {k: np.zeros((0,) + shape) for k, shape in shapes.items()}
+                   for key, shapes in (("params", {1: (3,), 2: (6,)}), ("errors", {1: (3,), 2: (6,)}),
+                                       ("snr", {1: (1,), 2: (2,)}), ("q", {1: (4,), 2: (8,)}),
+                                       ("rchi2", {0: (), 1: (), 2: ()}), ("ok", {1: (), 2: ()}))}}
+    out = {}
+    for key, value in parts[0].items():
+        if isinstance(value, dict):
+            out[key] = {k: np.concatenate([p[key][k] for p in parts]) for k in value}
+        elif isinstance(value, np.ndarray):
+            out[key] = np.concatenate([p[key] for p in parts])
+        else:
+            out[key] = value
+    return out
 
 
 def _domain_flags(result, net, extra, domain, line, valid, settings=None):
@@ -4143,7 +4223,7 @@ def evaluate(line, models, n=9000, seed=1, batch_size=2048, refine=True):
     if refine:
         check = check_against_data(spectra, vel, net, line)
         ncomp, prob, _ = select_components(check, res["probs"])
-        comp, comp_err = assemble_components(check, ncomp, spectra)[:2]
+        comp, comp_err = assemble_components(check, ncomp)[:2]
     else:
         ncomp, prob = np.choose(network, [1, 0, 2]), res["prob"]
         comp, comp_err = network_components(net, ncomp)
@@ -4720,7 +4800,8 @@ def _train_arguments(parser):
 
 
 def _predict_arguments(parser):
-    parser.add_argument("cube", nargs="?", help="FITS cube (any spectral unit)")
+    parser.add_argument("cube", nargs="?", help="FITS cube or 1-D FITS spectrum (any spectral axis and unit), or a "
+                        "two-column text spectrum (.txt/.dat/.csv/.tsv: km/s or Hz; .ecsv with units)")
     parser.add_argument("--nh3", action="store_true", default=None, help="NH3 (1,1) mode")
     parser.add_argument("--nproc", type=int, help="CPU threads for TensorFlow")
     parser.add_argument("--outdir", help="output directory (default: next to the cube)")
@@ -4775,7 +4856,7 @@ def _cli_train(args, config):
 
 def _cli_predict(args, config):
     if not args.cube:
-        raise InputError("no cube given; usage: clover predict CUBE.fits [--nh3] [--outdir DIR]")
+        raise InputError("no cube given; usage: clover predict CUBE.fits|SPECTRUM.txt [--nh3] [--outdir DIR]")
     p = dict(config["Predict"])
     for key in ("nh3", "nproc", "outdir", "model_dir", "tile", "refine", "rest_frequency", "force_rest", "nh3_22"):
         value = getattr(args, key, None)

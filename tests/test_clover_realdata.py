@@ -375,3 +375,43 @@ def test_console_is_quiet_and_warnings_are_log_lines(tmp_path):
     for noise in ("oneDNN", "I0000", "absl", "cuda", "warnings.warn", "clover.py:"):
         assert noise not in err, err
     assert "WARNING clover:" in err and "outside the trained range" in err
+
+
+def test_rerun_with_other_settings_leaves_no_stale_outputs(gauss_models, tmp_path):
+    """A re-run with --overwrite and other settings removes the files of the earlier run that
+    it does not write itself (model/residual after --no-refine, the padded cube)."""
+    cube, vel, _ = clover.simulate_cube("gauss", 6, 6, np.random.default_rng(3), nchan=300)
+    path = tmp_path / "c.fits"
+    clover.cube_hdu(cube, vel).writeto(path)
+    out = tmp_path / "o"
+    clover.predict(path, models=gauss_models, outdir=out, progress=False)
+    assert (out / "c_model.fits").exists() and (out / "c_clover.fits").exists()
+    with pytest.raises(clover.OutputExistsError):
+        clover.predict(path, models=gauss_models, outdir=out, progress=False, refine=False)
+    clover.predict(path, models=gauss_models, outdir=out, progress=False, refine=False, overwrite=True)
+    assert not (out / "c_model.fits").exists() and not (out / "c_residual.fits").exists()
+    assert (out / "c_class.fits").exists() and (out / "c_clover.fits").exists()
+
+
+def test_pure_noise_cube_gives_noise_everywhere(gauss_models, nh3_models, tmp_path):
+    """No emission at all (beam-correlated noise on the real header): every pixel noise, no
+    component, no crash, an empty model cube."""
+    from astropy.io import fits
+    hdr = fits.getheader(CUBE11)
+    noise = sc.beam_noise(np.random.default_rng(8), (380, 20, 20), 2.5).astype(np.float32) * 0.35
+    path = tmp_path / "noise.fits"
+    fits.PrimaryHDU(noise, hdr).writeto(path)
+    for nh3, models in ((True, nh3_models), (False, gauss_models)):
+        res = clover.predict(path, nh3=nh3, models=models, write=False, progress=False)
+        assert (res["maps"]["ncomp"] == 0).mean() >= 0.99, nh3
+        assert np.nanmax(np.abs(res["model"])) == 0 or (res["maps"]["ncomp"] > 0).any()
+
+
+def test_block_processing_gives_the_same_maps(g23, nh3_models):
+    """The fits run block by block (memory); blocks of 100 pixels give the maps of one block
+    (to the rounding of fits grouped differently: 3e-5)."""
+    small = clover.predict(CUBE11, nh3=True, models=nh3_models, write=False, progress=False, block_pixels=100)
+    for name in ("ncomp", "vlsr_dom", "sig_dom", "rchi2", "prob"):
+        np.testing.assert_allclose(small["maps"][name], g23["maps"][name], rtol=1e-3, atol=1e-5, equal_nan=True,
+                                   err_msg=name)
+    np.testing.assert_allclose(small["model"], g23["model"], atol=1e-3)
