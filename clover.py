@@ -150,6 +150,7 @@ __all__ = [
     "CloverWarning",
     "CentroidRangeWarning",
     "LineWidthWarning",
+    "LineTypeWarning",
     "LINE_TYPES",
     "OUTPUT_MAPS",
     "simulate_gaussian",
@@ -713,6 +714,10 @@ class CentroidRangeWarning(CloverWarning):
 
 class LineWidthWarning(CloverWarning):
     """The cube's lines are much narrower or wider (in channels) than the training set's."""
+
+
+class LineTypeWarning(CloverWarning):
+    """A cube run in Gaussian mode is of a line with hyperfine structure (NH3)."""
 
 
 # ===========================================================================
@@ -3800,7 +3805,7 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
 
     Warns
     -----
-    CentroidRangeWarning, LineWidthWarning
+    CentroidRangeWarning, LineWidthWarning, LineTypeWarning
 
     Notes
     -----
@@ -3815,6 +3820,12 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
     if int(tile) < 0:
         raise InputError("tile = %r: use 0 (one window for the cube) or a tile size in pixels" % tile)
     cube = read_cube(f, rest_frequency=rest_frequency, nh3=nh3, force_rest=force_rest)
+    if not nh3 and cube.rest_hz and min(abs(cube.rest_hz - r) for r in NH3_REST_HZ.values()) < NH3_REST_TOLERANCE_HZ:
+        warnings.warn("%s is an NH3 inversion-line cube (rest frequency %.6f GHz) but runs in Gaussian mode: "
+                      "its hyperfine satellites would pass for extra components; use --nh3 / nh3=True"
+                      % (cube.path, cube.rest_hz / 1e9), LineTypeWarning, stacklevel=2)
+    if nh3_22 and not nh3:
+        raise InputError("nh3_22 / --nh3-22 needs NH3 mode (--nh3 / nh3=True)")
     cube22 = _read_22(nh3_22, cube, force_rest) if nh3_22 else None
     outdir = Path(outdir) if outdir else cube.path.parent
     stem = cube.path.name[:-5] if cube.path.name.lower().endswith(".fits") else cube.path.stem

@@ -415,3 +415,12 @@ def test_block_processing_gives_the_same_maps(g23, nh3_models):
         np.testing.assert_allclose(small["maps"][name], g23["maps"][name], rtol=1e-3, atol=1e-5, equal_nan=True,
                                    err_msg=name)
     np.testing.assert_allclose(small["model"], g23["model"], atol=1e-3)
+
+
+def test_nh3_cube_in_gaussian_mode_warns(gauss_models):
+    """The real NH3 (1,1) cube without --nh3: a LineTypeWarning naming the rest frequency;
+    --nh3-22 without --nh3 is refused."""
+    with pytest.warns(clover.LineTypeWarning, match="23.694"):
+        clover.predict(CUBE11, models=gauss_models, write=False, progress=False)
+    with pytest.raises(clover.InputError, match="needs NH3 mode"):
+        clover.predict(CUBE11, nh3_22=CUBE22, models=gauss_models, write=False)
