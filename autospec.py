@@ -43,8 +43,10 @@ Relative file names are read from the parameter file's directory.
 import argparse
 import ast
 import configparser
+import csv
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -102,6 +104,10 @@ __all__ = [
     "SourceFileWriter",
     "fits_card",
     "make_plots",
+    "QUALITY_FLAGS",
+    "quality_flags",
+    "split_shared_segments",
+    "catalogue_origin",
 ]
 __version__ = "1.0.0"
 
@@ -607,7 +613,7 @@ CONFIG_SCHEMA = (
     ConfigKey("autospec", "XCOR", "bool", True, help="run the cross-correlation extraction"),
     ConfigKey("autospec", "CONT_SUB", "bool", True, help="subtract a polynomial continuum (with XCOR)"),
     ConfigKey("autospec", "CONT_POLY", "int", 5, (0, 20), "polynomial order of the continuum", bounds=True),
-    ConfigKey("autospec", "SKY_SUB", "bool", True, help="subtract the local sky (mean of the sky-mask spaxels); spectra get the suffix _SKYSUB"),
+    ConfigKey("autospec", "SKY_SUB", "bool", True, help="subtract the sky (see SKY_METHOD); spectra get the suffix _SKYSUB"),
     ConfigKey("autospec", "PLOTS", "bool", True, help="write ID_IMAGES, ID_MASKS, ID_SPECTRA, ID_XCOR .jpg plots per object"),
     ConfigKey("autospec", "OUT_SUB", "bool", False, help="keep sub-cubes in the Source files (large)"),
     ConfigKey("autospec", "OUT_IMG", "bool", True, help="keep images in the Source files"),
@@ -632,6 +638,10 @@ CONFIG_SCHEMA = (
     ConfigKey("autospec", "DEBLEND_CONT", "float", 0.005, (0.0, 1.0), "sep deblending contrast", bounds=True),
     ConfigKey("autospec", "MATCH_RADIUS", "float", 0.5, (0.0, None), "largest distance (arcsec) from the catalogue position to the object's segment", bounds=True),
     ConfigKey("autospec", "SKY_GROW", "float", 0.6, (0.0, None), "sky mask: grow every segment by this distance (arcsec) so PSF wings stay out of the sky", bounds=True),
+    ConfigKey("autospec", "SKY_METHOD", "str", "annulus", ("annulus", "local", "global"), "sky spectrum: annulus = per-channel median of the segment-free spaxels in an annulus beyond the grown object mask (robust to extended emission); local = mean of every segment-free stamp spaxel (the original); global = per-channel median of the segment-free spaxels of the whole field"),
+    ConfigKey("autospec", "SKY_WIDTH", "float", 1.5, (0.2, None), "width of the sky annulus (arcsec; widened until it holds SKY_MIN spaxels)", bounds=True),
+    ConfigKey("autospec", "SKY_MIN", "int", 10, (3, None), "fewest sky spaxels for a sky estimate", bounds=True),
+    ConfigKey("autospec", "SPLIT_SHARED", "bool", True, help="split a segment that holds several catalogue positions between them (nearest position, Voronoi) instead of giving each the whole segment; flagged either way"),
     ConfigKey("autospec", "SUMMARY", "str", "summary", help="summary catalogue name in OUTPUT (written as .csv and .ecsv)"),
     ConfigKey("autospec", "MARZ", "str", "marz.fits", help="MARZ input file of all final spectra in OUTPUT ('' = none)"),
 )
@@ -1003,13 +1013,19 @@ def weighted_extraction(data, var, profile, sky_var=None):
     For data :math:`D_i = F P_i + n_i` the estimator
     :math:`\\hat F = \\sum P_i D_i / \\sum P_i^2` is unbiased for the flux inside the
     mask, with :math:`\\sigma^2 = \\sum P_i^2 V_i / (\\sum P_i^2)^2` (plus the sky term).
+    The sums run per channel over the spaxels with data in that channel (blank spaxels -
+    variance 0 - are left out of numerator and normalisation alike), so a NaN strip
+    does not bias the flux low.
     """
-    norm = float((profile ** 2).sum())
-    if norm <= 0:
-        return np.full(data.shape[0], np.nan), np.full(data.shape[0], np.nan)
-    column = (profile / norm)[:, None]
-    flux, variance = sum_extraction(data, var, column, sky_var)
-    return flux[:, 0], variance[:, 0]
+    valid = (np.asarray(var) > 0).astype(float)          # channels x spaxels with data
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = valid @ (profile ** 2)                       # per channel: blank spaxels left out
+        norm = np.where(norm > 0, norm, np.nan)
+        flux = (data * valid) @ profile / norm
+        variance = (var * valid) @ (profile ** 2) / norm ** 2
+        if sky_var is not None:
+            variance = variance + ((valid @ profile) / norm) ** 2 * sky_var
+    return flux, variance
 
 
 def optimal_extraction(data, var, profile, sky_var=None):
@@ -1184,12 +1200,15 @@ def read_cube(path, data_ext=(), prefix=""):
     from mpdaf.obj import Cube
     import astropy.units as u
     exts = [_ext_value(e) for e in data_ext]
+    if len(exts) == 2:
+        _check_extension_shapes(path, exts)
     try:
         cube = Cube(str(path), ext=(tuple(exts) if len(exts) == 2 else exts[0])) if exts \
             else Cube(str(path))
-    except (OSError, KeyError, IndexError, ValueError) as exc:
+    except (OSError, KeyError, IndexError, ValueError, np.ma.MaskError) as exc:
         raise InputError("cannot read the cube %s (DATA_EXT = %s): %s; give the data and "
-                         "variance extensions with DATA_EXT, e.g. (1, 2) or ('FLUX', 'IVAR')"
+                         "variance extensions with DATA_EXT, e.g. (1, 2) or ('DATA', 'STAT') "
+                         "(the variance, not an inverse variance or a field map)"
                          % (path, tuple(data_ext), exc)) from None
     data = np.ascontiguousarray(cube.data.filled(np.nan), dtype=np.float32)
     has_var = cube._var is not None
@@ -1197,7 +1216,8 @@ def read_cube(path, data_ext=(), prefix=""):
         var = np.ascontiguousarray(cube.var.filled(np.nan), dtype=np.float32)
     else:
         warnings.warn("cube %s has no variance; estimating it per channel from the robust "
-                      "scatter of its spaxels" % path, NoVarianceWarning, stacklevel=2)
+                      "scatter of its segment-free spaxels (flag estimated_variance)" % path,
+                      NoVarianceWarning, stacklevel=2)
         var = _estimate_variance(data)
     if not prefix:
         prefix = str(cube.primary_header.get("INSTRUME", "") or cube.data_header.get(
@@ -1207,11 +1227,47 @@ def read_cube(path, data_ext=(), prefix=""):
                     (abs(step[0]), abs(step[1])), prefix, str(path), has_var)
 
 
-def _estimate_variance(data):
-    """Per-channel variance (1.4826 MAD over spaxels) broadcast to the cube's shape."""
+def _check_extension_shapes(path, exts):
+    """InputError when the DATA_EXT variance extension is not the data's shape."""
+    from astropy.io import fits
+    try:
+        with fits.open(path) as hdul:
+            shapes = [hdul[e].shape for e in exts]
+    except (OSError, KeyError, IndexError) as exc:
+        raise InputError("cannot read extensions %s of %s: %s; list them with astropy's "
+                         "fits.info" % (tuple(exts), path, exc)) from None
+    if shapes[0] != shapes[1]:
+        raise InputError("DATA_EXT = %s of %s: the variance extension %r has shape %s but the data %s; "
+                         "give the data's variance extension (e.g. ('DATA', 'STAT')), or the data "
+                         "extension alone to estimate the variance" % (tuple(exts), path, exts[1],
+                                                                       shapes[1], shapes[0]))
+
+
+def _estimate_variance(data, sky=None, smooth=31):
+    """Per-channel variance broadcast to the cube's shape.
+
+    With ``sky`` (a spatial mask of segment-free spaxels, >= 20 of them): each sky spaxel's
+    spectrum minus its running median over ``smooth`` channels (removing the smooth glow
+    of extended objects that a spatial scatter would count as noise), then (1.4826 MAD)^2
+    over the sky spaxels per channel.  On the Abell 478 minicube this is 0.89x the
+    pipeline's STAT (median over channels); the plain spatial scatter is 1.6x (sky
+    spaxels) to 2.4-2.8x (all spaxels) too large.  Without ``sky``: the spatial scatter of
+    all spaxels (the provisional estimate of :func:`read_cube`).
+    """
     flat = data.reshape(data.shape[0], -1)
-    med = np.nanmedian(flat, axis=1, keepdims=True)
-    sigma = 1.4826 * np.nanmedian(np.abs(flat - med), axis=1)
+    if sky is not None and sky.sum() >= 20:
+        from scipy.ndimage import median_filter
+        flat = np.asarray(flat[:, sky.ravel()], np.float64)
+        flat = flat - median_filter(np.nan_to_num(flat), size=(smooth, 1), mode="mirror")
+        flat[~np.isfinite(data.reshape(data.shape[0], -1)[:, sky.ravel()])] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        med = np.nanmedian(flat, axis=1, keepdims=True)
+        sigma = 1.4826 * np.nanmedian(np.abs(flat - med), axis=1)
+    good = np.isfinite(sigma) & (sigma > 0)
+    if good.any() and not good.all():       # a channel without an estimate: its neighbours'
+        idx = np.arange(len(sigma))
+        sigma = np.interp(idx, idx[good], sigma[good])
     var = np.where(np.isfinite(sigma) & (sigma > 0), sigma ** 2, np.nan).astype(np.float32)
     return np.ascontiguousarray(np.broadcast_to(var[:, None, None], data.shape))
 
@@ -1296,90 +1352,571 @@ def segment_image(image, thresh, minarea, deblend_cont):
 
 @dataclass
 class CatalogueRow:
-    """One catalogue object: ID, position (deg), stamp size (arcsec) and REF."""
+    """One catalogue object: ID, position (deg), stamp size (arcsec), REF and ORIGIN.
+
+    ``ORIGIN`` is the detection software of the row (a catalogue ORIGIN/FROM column, or
+    MUSELET/ORIGIN named in the catalogue's comments or header); '' when unknown.
+    """
 
     ID: int
     RA: float
     DEC: float
     SIZE: float
     REF: str
+    ORIGIN: str = ""
 
 
-def _catalogue_fields(line):
-    return [f for f in line.replace(",", " ").split() if f]
+#: Catalogue columns: the name used here -> accepted names in a header (any case).
+CATALOGUE_COLUMNS = {
+    "ID": ("ID", "ID_OBJ"),
+    "RA": ("RA", "RA_DEG", "ALPHA"),
+    "DEC": ("DEC", "DEC_DEG", "DELTA"),
+    "SIZE": ("SIZE",),
+    "REF": ("REF",),
+    "ORIGIN": ("ORIGIN", "FROM", "ORIGIN_NAME"),
+}
+#: Catalogue values that mean "missing" (any case); masked table cells are missing too.
+MISSING_WORDS = ("", "--", "nan")
+_TABLE_SUFFIXES = (".fits", ".fit", ".fits.gz", ".fit.gz", ".ecsv", ".vot", ".votable", ".xml")
+_POSITIONAL = ("ID", "RA", "DEC", "SIZE", "REF")
+_MIN_SIZE_PIX = 3
+_MAX_LISTED = 20
 
 
-def read_catalogue(path, mode="param", size=5.0, ref=""):
-    """Read a catalogue: text/CSV (ID RA DEC [SIZE REF]) or a FITS/ECSV table.
+def read_catalogue(path, mode="param", size=5.0, ref="", step_arcsec=None, apertures=(),
+                   images=None):
+    """Read and check a catalogue: text/CSV, or a FITS/ECSV/VOTable table.
 
     Parameters
     ----------
     path : str or Path
+        Text/CSV (whitespace- or comma-separated, ``#`` comments), or a table with suffix
+        .fits/.fit[.gz]/.ecsv/.vot/.votable/.xml (read with astropy).  A text file whose
+        first non-comment line starts with a non-number is read by column name (see
+        :data:`CATALOGUE_COLUMNS`; any case), as is one whose last comment line before
+        the data names ID, RA and DEC with one name per data field (``# ID RA DEC Z``);
+        otherwise columns are positional: ``ID RA DEC [SIZE REF]``, extra fields
+        ignored.  Tables are always read by name.
     mode : {'param', 'cat'}
-        In 'cat' mode SIZE and REF are read per row; missing values (e.g. a 3-column
-        row) fall back to ``size`` and ``ref``.  Extra columns are ignored (MUSELET).
-    size, ref :
-        The parameter-file defaults.
+        'cat': SIZE and REF per row, from the SIZE/REF columns; missing values (``--``,
+        ``nan``, empty, masked) and absent columns fall back to ``size`` and ``ref``.
+        'param': every row gets ``size`` and ``ref``.
+    size : float
+        Default full width of the stamps (arcsec), > 0.
+    ref : str
+        Default reference extraction (see :func:`_parse_ref`).
+    step_arcsec : float or tuple of float, optional
+        Pixel size of the cube (arcsec; the largest of a tuple is used): SIZE must then
+        cover at least 3 pixels.
+    apertures : sequence of float
+        Aperture radii (arcsec, APER): SIZE must be at least twice the largest of them
+        and of a REF aperture radius.
+    images : sequence of str, optional
+        IMG images (file names or :func:`image_tag` tags) a REF may name; None skips
+        that check.
 
     Returns
     -------
     list of CatalogueRow
+        In file order.  ``ORIGIN`` is read from an ORIGIN/FROM/ORIGIN_NAME column, else
+        from the catalogue's comments or table header (see :func:`_origin_from_text`).
 
     Raises
     ------
     InputError
-        Naming the file and line of a row that cannot be read.
+        Every problem at once, each naming the file, line (text) or row (table), column
+        and value and saying what is valid: a missing or unreadable ID/RA/DEC, a
+        non-integer or duplicated ID, a SIZE that is not positive or too small for the
+        pixels or apertures, a REF that is no aperture, white light or IMG image; also
+        a bad ``size`` or ``ref`` default.
     """
     path = Path(path)
-    if path.suffix.lower() in (".fits", ".fit", ".ecsv", ".vot", ".xml"):
-        return _read_table_catalogue(path, mode, size, ref)
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        text = line.split("#", 1)[0].strip()
-        if not text:
-            continue
-        fields = _catalogue_fields(text)
-        try:
-            ident, ra, dec = int(float(fields[0])), float(fields[1]), float(fields[2])
-        except (ValueError, IndexError):
-            if not rows and not any(ch.isdigit() for ch in fields[0]):
-                continue  # a header line such as "ID,RA,DEC"
-            raise InputError("%s, line %d: expected ID RA DEC [SIZE REF], got %r"
-                             % (path, number, line)) from None
-        row_size, row_ref = size, ref
-        if mode == "cat":
-            row_size = _float_or(fields[3], size) if len(fields) > 3 else size
-            row_ref = fields[4] if len(fields) > 4 else ref
-        rows.append(CatalogueRow(ident, ra, dec, row_size, row_ref))
-    if not rows:
-        raise InputError("catalogue %s has no objects; expected lines 'ID RA DEC [SIZE REF]'"
-                         % path)
+    if mode not in ("param", "cat"):
+        raise InputError("MODE = %r is invalid: use 'param' or 'cat'" % (mode,))
+    if not path.is_file():
+        raise InputError("catalogue %s does not exist; check CATALOG" % path)
+    checks = _row_checks(step_arcsec, apertures, images)
+    _check_defaults(path, size, ref, checks)
+    if path.name.lower().endswith(_TABLE_SUFFIXES):
+        records, columns, origin, errors = _table_records(path)
+    else:
+        records, columns, origin, errors = _text_records(path)
+    if not records and not errors:
+        raise InputError("catalogue %s has no objects; expected lines 'ID RA DEC [SIZE REF]' "
+                         "or a table with ID, RA and DEC columns" % path)
+    _log_defaults(path, mode, columns, size, ref)
+    rows, wheres = [], []
+    for where, values in records:
+        row = _catalogue_row(where, values, mode, size, ref, origin, checks, errors)
+        if row is not None:
+            rows.append(row)
+            wheres.append(where)
+    _raise_errors(path, _duplicate_ids(rows, wheres) + errors)
     return rows
 
 
-def _float_or(text, default):
+def catalogue_origin(rows):
+    """The detection software shared by every row (their common ``ORIGIN``), else ''.
+
+    Parameters
+    ----------
+    rows : sequence of CatalogueRow
+
+    Returns
+    -------
+    str
+        E.g. ``'MUSELET'`` for a MUSELET catalogue; '' when the rows name no origin, or
+        different ones, or only some of them name one.  Meant for the Source header FROM
+        (``ORIG_FROM or catalogue_origin(rows) or 'AutoSpec'``).
+    """
+    origins = {getattr(row, "ORIGIN", "") or "" for row in rows}
+    return origins.pop() if len(origins) == 1 else ""
+
+
+# ---------------------------------------------------------------------------
+# Checks of SIZE and REF (defaults and per row)
+# ---------------------------------------------------------------------------
+def _row_checks(step_arcsec, apertures, images):
+    """Normalised limits: (pixel size or None, largest APER radius, image tags or None)."""
+    step = None
+    if step_arcsec is not None:
+        step = float(np.max(np.atleast_1d(np.asarray(step_arcsec, dtype=float))))
+    largest = max((float(a) for a in apertures), default=0.0)
+    tags = None if images is None else sorted({image_tag(n) for n in images})
+    return step, largest, tags
+
+
+def _size_problem(value, ref_radius, checks):
+    """Why a SIZE (arcsec) is invalid, or None."""
+    step, largest, _ = checks
+    if not np.isfinite(value) or value <= 0:
+        return "must be a positive number of arcsec"
+    if step is not None and value < _MIN_SIZE_PIX * step:
+        return ("is smaller than %d pixels of %g arcsec; give SIZE >= %g arcsec"
+                % (_MIN_SIZE_PIX, step, _MIN_SIZE_PIX * step))
+    radius = max(largest, ref_radius)
+    if value < 2 * radius:
+        which = "the REF aperture radius" if ref_radius > largest else "the largest APER radius"
+        return ("is smaller than twice %s (%g arcsec); give SIZE >= %g arcsec or use smaller "
+                "apertures" % (which, radius, 2 * radius))
+    return None
+
+
+def _ref_problem(text, checks):
+    """Why a REF is invalid (as a sentence ending in what is valid), or None."""
+    kind, value = _parse_ref(text)
+    tags = checks[2]
+    if kind == "aper" and not (np.isfinite(value) and value > 0):
+        return "is not a positive aperture radius (arcsec); " + _valid_refs(tags)
+    if kind == "image" and tags is not None and value not in tags:
+        return "names no IMG image; " + _valid_refs(tags)
+    return None
+
+
+def _valid_refs(tags):
+    images = ", ".join(tags) if tags else "none given in IMG"
+    return ("valid: '' / WHITE / MUSE_WHITE (white light), an aperture radius in arcsec "
+            "(e.g. 1.5), or an IMG image tag (%s)" % images)
+
+
+def _ref_radius(text):
+    kind, value = _parse_ref(text)
+    return value if kind == "aper" and np.isfinite(value) else 0.0
+
+
+def _check_defaults(path, size, ref, checks):
+    """InputError when the SIZE or REF parameter (the defaults of every row) is invalid."""
+    problems = []
     try:
-        return float(text)
+        size = float(size)
+    except (TypeError, ValueError):
+        problems.append("the SIZE parameter %r is not a number of arcsec" % (size,))
+    else:
+        why = _size_problem(size, _ref_radius(ref), checks)
+        if why:
+            problems.append("the SIZE parameter (%g arcsec) %s" % (size, why))
+    why = _ref_problem(ref, checks)
+    if why:
+        problems.append("the REF parameter %r %s" % (ref, why))
+    if problems:
+        raise InputError("cannot use catalogue %s: %s" % (path, "; ".join(problems)))
+
+
+def _log_defaults(path, mode, columns, size, ref):
+    """Say which of SIZE/REF come from the parameters for every object, and why."""
+    if mode == "param":
+        present = [name for name in ("SIZE", "REF") if name in columns]
+        if present:
+            log.info("catalogue %s: its %s column%s ignored in MODE='param' (SIZE = %r, "
+                     "REF = %r for every object; MODE='cat' reads them)", path,
+                     "/".join(present), "s are" if len(present) > 1 else " is", size, ref)
+        return
+    absent = [name for name in ("SIZE", "REF") if name not in columns]
+    if absent:
+        log.info("catalogue %s has no %s column%s: %s come%s from the parameters (%s) for "
+                 "every object", path, "/".join(absent), "s" if len(absent) > 1 else "",
+                 "/".join(absent), "" if len(absent) > 1 else "s",
+                 ", ".join("%s = %r" % (n, size if n == "SIZE" else ref) for n in absent))
+
+
+# ---------------------------------------------------------------------------
+# One row: raw values -> CatalogueRow
+# ---------------------------------------------------------------------------
+def _is_missing(value):
+    if value is None or value is np.ma.masked:
+        return True
+    if isinstance(value, float):
+        return bool(np.isnan(value))
+    return isinstance(value, str) and value.strip().lower() in MISSING_WORDS
+
+
+def _parse_id(value):
+    """An integer ID from 3, 3.0 or '3'; ValueError otherwise."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    number = float(str(value).strip())
+    if not (np.isfinite(number) and number == int(number)):
+        raise ValueError(value)
+    return int(number)
+
+
+def _parse_angle(value, axis):
+    """Degrees from a number (deg) or sexagesimal text (RA in hours unless 'd' is used)."""
+    from astropy.coordinates import Angle
+    import astropy.units as u
+    try:
+        degrees = float(value)
+    except (TypeError, ValueError):
+        text = str(value).strip()
+        unit = u.deg if axis == "DEC" or re.search("[d\u00b0]", text, re.I) else u.hourangle
+        try:
+            degrees = float(Angle(text, unit=unit).deg)
+        except u.UnitsError:
+            raise ValueError(value) from None
+    low, high = (0.0, 360.0) if axis == "RA" else (-90.0, 90.0)
+    if not (np.isfinite(degrees) and low <= degrees <= high):
+        raise ValueError(value)
+    return degrees
+
+
+_PARSERS = {
+    "ID": (_parse_id, "is not an integer; IDs must be whole numbers (e.g. 3 or 3.0)"),
+    "RA": (lambda v: _parse_angle(v, "RA"),
+           "is not a right ascension: give degrees in [0, 360] or hours such as "
+           "04:13:25.5 / 04h13m25.5s (or 63d21m22s)"),
+    "DEC": (lambda v: _parse_angle(v, "DEC"),
+            "is not a declination: give degrees in [-90, 90] such as 10.465, "
+            "+10:27:54 or 10d27m54s"),
+    "SIZE": (float, "is not a number: give the stamp width in arcsec, or -- for the SIZE "
+             "parameter"),
+}
+
+
+def _catalogue_row(where, values, mode, size, ref, origin, checks, errors):
+    """The CatalogueRow of one record ``{name: (column, raw)}``; None after an error."""
+    parsed, bad = {}, False
+    for name in ("ID", "RA", "DEC"):
+        column, raw = values[name]
+        if _is_missing(raw):
+            errors.append("%s, column %s: the %s is missing (%r); every object needs ID, RA "
+                          "and DEC" % (where, column, name, _show(raw)))
+            bad = True
+            continue
+        bad |= not _parse_field(where, name, column, raw, parsed, errors)
+    if bad:
+        return None
+    row_size, row_ref = float(size), str(ref)
+    if mode == "cat":
+        row_size, row_ref = _row_size_ref(where, parsed["ID"], values, row_size, row_ref,
+                                          checks, errors)
+    column, raw = values.get("ORIGIN", (None, None))
+    row_origin = origin if _is_missing(raw) else str(raw).strip()
+    return CatalogueRow(parsed["ID"], parsed["RA"], parsed["DEC"], row_size, row_ref,
+                        row_origin)
+
+
+def _parse_field(where, name, column, raw, parsed, errors):
+    parse, why = _PARSERS[name]
+    try:
+        parsed[name] = parse(raw)
+    except (ValueError, TypeError):
+        errors.append("%s, column %s: %s %r %s" % (where, column, name, _show(raw), why))
+        return False
+    return True
+
+
+def _row_size_ref(where, ident, values, size, ref, checks, errors):
+    """SIZE and REF of one row in MODE='cat' (defaults for missing values), checked."""
+    ref_column, raw = values.get("REF", (None, None))
+    own_ref = not _is_missing(raw)
+    if own_ref:
+        ref = _ref_text(raw)
+        why = _ref_problem(ref, checks)
+        if why:
+            errors.append("%s (ID %d), column %s: REF %r %s" % (where, ident, ref_column, ref, why))
+            return size, ref
+    column, raw = values.get("SIZE", (None, None))
+    if not _is_missing(raw):
+        parsed = {}
+        if not _parse_field(where, "SIZE", column, raw, parsed, errors):
+            return size, ref
+        size, label = parsed["SIZE"], "column %s: SIZE" % column
+    elif own_ref:
+        label = "column %s: the SIZE parameter" % ref_column
+    else:
+        return size, ref  # the defaults, checked once by _check_defaults
+    why = _size_problem(size, _ref_radius(ref), checks)
+    if why:
+        errors.append("%s (ID %d), %s = %g arcsec %s" % (where, ident, label, size, why))
+    return size, ref
+
+
+def _ref_text(raw):
+    """REF as text: a numeric cell 1.5 -> '1.5' (an aperture radius)."""
+    if isinstance(raw, (float, np.floating)):
+        return repr(float(raw))
+    return str(raw).strip()
+
+
+def _show(raw):
+    return "" if raw is None or raw is np.ma.masked else raw
+
+
+def _duplicate_ids(rows, wheres):
+    """One message listing every duplicated ID with its lines/rows, or none."""
+    seen = {}
+    for row, where in zip(rows, wheres):
+        seen.setdefault(row.ID, []).append(where)
+    dups = ["%d (%s)" % (ident, ", ".join(places)) for ident, places in seen.items()
+            if len(places) > 1]
+    if not dups:
+        return []
+    return ["duplicate IDs %s; every object needs its own ID (it names its Source file)"
+            % "; ".join(dups)]
+
+
+def _raise_errors(path, errors):
+    if not errors:
+        return
+    if len(errors) == 1:
+        joiner = ", " if errors[0].startswith(("line ", "row ")) else ": "
+        raise InputError("catalogue %s%s%s" % (path, joiner, errors[0]))
+    shown = errors[:_MAX_LISTED]
+    more = len(errors) - len(shown)
+    raise InputError("catalogue %s has %d problems:\n  %s%s" % (
+        path, len(errors), "\n  ".join(shown), "\n  ... and %d more" % more if more else ""))
+
+
+# ---------------------------------------------------------------------------
+# Column names and the origin of a catalogue
+# ---------------------------------------------------------------------------
+def _match_columns(names):
+    """``{ID/RA/DEC/SIZE/REF/ORIGIN: index}`` of the header names that match (any case)."""
+    upper = [str(n).strip().upper() for n in names]
+    found = {}
+    for key, aliases in CATALOGUE_COLUMNS.items():
+        for alias in aliases:
+            if alias in upper:
+                found[key] = upper.index(alias)
+                break
+    return found
+
+
+def _missing_columns_error(path, where, names):
+    need = "; ".join("%s (or %s)" % (k, ", ".join(CATALOGUE_COLUMNS[k][1:]))
+                     for k in ("ID", "RA", "DEC"))
+    return ("catalogue %s%s: needs columns %s; it has %s" % (
+        path, where, need, ", ".join(map(str, names)) or "none"))
+
+
+def _origin_from_text(texts):
+    """'MUSELET' or 'ORIGIN' when the texts name exactly one of them, else ''.
+
+    MUSELET is matched in any case; ORIGIN only in capitals as a word (the software's
+    spelling), so that "origin of the data" does not count.
+    """
+    joined = "\n".join(texts)
+    named = [name for name, pattern, flags in (("MUSELET", r"\bMUSELET\b", re.I),
+                                               ("ORIGIN", r"\bORIGIN\b", 0))
+             if re.search(pattern, joined, flags)]
+    return named[0] if len(named) == 1 else ""
+
+
+def _log_origin(path, origin, how):
+    if origin:
+        log.info("catalogue %s: %s; ORIGIN = %r for rows without an ORIGIN value",
+                 path, how, origin)
+
+
+# ---------------------------------------------------------------------------
+# Text / CSV catalogues
+# ---------------------------------------------------------------------------
+def _catalogue_fields(text):
+    """Fields of one line: comma-separated (empty fields kept) or whitespace-separated;
+    double quotes group a field (``""`` is an empty one, as astropy writes it)."""
+    if "," in text:
+        return [f.strip() for f in next(csv.reader([text], skipinitialspace=True))]
+    return next(csv.reader([text.replace("\t", " ")], delimiter=" ", skipinitialspace=True))
+
+
+def _is_number(text):
+    try:
+        float(text)
     except ValueError:
-        return default
+        return False
+    return True
 
 
-def _read_table_catalogue(path, mode, size, ref):
+def _text_lines(path):
+    """``[(line number, fields)]`` of the data lines and ``[(line number, text)]`` of
+    the comments."""
+    try:
+        content = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise InputError("catalogue %s is not a UTF-8 text file; give text/CSV, or a table "
+                         "with suffix %s" % (path, "/".join(_TABLE_SUFFIXES))) from None
+    data, comments = [], []
+    for number, line in enumerate(content.splitlines(), 1):
+        text, hashed, comment = line.partition("#")
+        if hashed and comment.strip():
+            comments.append((number, comment.strip()))
+        if text.strip():
+            data.append((number, _catalogue_fields(text.strip())))
+    return data, comments
+
+
+def _comment_header(data, comments):
+    """``(line, names)`` of the last comment before the data when it names ID, RA and DEC
+    with one name per field of every data line (``# ID RA DEC Z``), else None (the
+    catalogue is then positional, as a ragged ``#ID RA DEC SIZE REF`` one)."""
+    before = [c for c in comments if data and c[0] < data[0][0]]
+    if not before:
+        return None
+    number, text = before[-1]
+    names = _catalogue_fields(text)
+    if (all(len(fields) == len(names) for _, fields in data)
+            and not any(_is_number(n) for n in names)
+            and {"ID", "RA", "DEC"} <= set(_match_columns(names))):
+        return number, names
+    return None
+
+
+def _text_records(path):
+    """Records ``(where, {name: (column, raw)})``, found columns, origin and errors."""
+    data, comments = _text_lines(path)
+    header = None
+    first = data[0][1][0] if data else ""
+    if data and not (_is_number(first) or _is_missing(first)):
+        header, data = data[0], data[1:]
+    elif data:
+        header = _comment_header(data, comments)
+    used = [c for c in comments if header is None or c[0] != header[0]]
+    origin = _origin_from_text([text for _, text in used])
+    _log_origin(path, origin, "its comments name %s" % origin)
+    if header is None:
+        records, columns, errors = _positional_records(data)
+        return records, columns, origin, errors
+    columns = _match_columns(header[1])
+    if not {"ID", "RA", "DEC"} <= set(columns):
+        raise InputError(_missing_columns_error(path, ", line %d (the header)" % header[0],
+                                                header[1]))
+    records, errors = [], []
+    for number, fields in data:
+        if len(fields) != len(header[1]):
+            errors.append("line %d: %d values, but the header (line %d) names %d columns "
+                          "(%s); write -- for a missing value"
+                          % (number, len(fields), header[0], len(header[1]), " ".join(header[1])))
+            continue
+        records.append(("line %d" % number,
+                        {k: (header[1][i], fields[i]) for k, i in columns.items()}))
+    return records, columns, origin, errors
+
+
+def _positional_records(data):
+    """Records of a headerless catalogue ``ID RA DEC [SIZE REF]``, its columns, errors."""
+    records, errors, width = [], [], 0
+    for number, fields in data:
+        if len(fields) < 3:
+            errors.append("line %d: expected ID RA DEC [SIZE REF], got %r"
+                          % (number, " ".join(fields)))
+            continue
+        width = max(width, min(len(fields), len(_POSITIONAL)))
+        records.append(("line %d" % number, {
+            name: ("%d (%s)" % (i + 1, name), fields[i])
+            for i, name in enumerate(_POSITIONAL) if i < len(fields)}))
+    return records, {name: i for i, name in enumerate(_POSITIONAL[:width])}, errors
+
+
+# ---------------------------------------------------------------------------
+# FITS / ECSV / VOTable catalogues (astropy Table)
+# ---------------------------------------------------------------------------
+def _read_table(path):
     from astropy.table import Table
-    table = Table.read(str(path))
-    names = {n.upper(): n for n in table.colnames}
-    keys = [next((names[c] for c in cands if c in names), None)
-            for cands in (("ID",), ("RA", "RA_DEG"), ("DEC", "DEC_DEG"))]
-    if None in keys:
-        raise InputError("catalogue %s needs ID, RA and DEC columns; it has %s"
-                         % (path, ", ".join(table.colnames)))
-    rows = []
-    for rec in table:
-        row_size = float(rec[names["SIZE"]]) if mode == "cat" and "SIZE" in names else size
-        row_ref = str(rec[names["REF"]]) if mode == "cat" and "REF" in names else ref
-        rows.append(CatalogueRow(int(rec[keys[0]]), float(rec[keys[1]]), float(rec[keys[2]]),
-                                 row_size, row_ref))
-    return rows
+    try:
+        return Table.read(str(path))
+    except Exception as exc:  # astropy raises many types for unreadable files
+        why = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InputError("cannot read catalogue %s as a table (%s); give a FITS, ECSV or "
+                         "VOTable file, or text/CSV with another suffix" % (path, why)) from None
+
+
+def _table_origin(meta):
+    """The origin named by a table's header: a FROM keyword, else MUSELET/ORIGIN in its
+    comments, history or description."""
+    upper = {str(k).upper(): v for k, v in meta.items()}
+    if str(upper.get("FROM", "")).strip():
+        return str(upper["FROM"]).strip(), "its header has FROM = %r" % upper["FROM"]
+    texts = []
+    for key in ("COMMENTS", "COMMENT", "HISTORY", "DESCRIPTION"):
+        value = upper.get(key, [])
+        texts.extend([value] if isinstance(value, str) else map(str, value))
+    origin = _origin_from_text(texts)
+    return origin, "its header comments name %s" % origin
+
+
+def _unit_factor(column, target):
+    """Factor from the column's unit to ``target`` (1 when it has none, or no angle)."""
+    import astropy.units as u
+    unit = getattr(column, "unit", None)
+    if unit is None or column.dtype.kind not in "iuf":
+        return 1.0
+    try:
+        return float(unit.to(target))
+    except (u.UnitsError, ValueError, TypeError, AttributeError):
+        return 1.0
+
+
+def _table_value(column, index, factor):
+    """One cell as a Python value; None when masked."""
+    mask = getattr(column, "mask", None)
+    if mask is not None and np.ndim(mask) and bool(mask[index]):
+        return None
+    value = column[index]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, np.generic):
+        value = value.item()
+    if factor != 1.0 and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = value * factor
+    return value
+
+
+def _table_records(path):
+    """Records ``(where, {name: (column, raw)})``, found columns, origin and errors."""
+    import astropy.units as u
+    table = _read_table(path)
+    columns = _match_columns(table.colnames)
+    if not {"ID", "RA", "DEC"} <= set(columns):
+        raise InputError(_missing_columns_error(path, "", table.colnames))
+    origin, how = _table_origin(table.meta)
+    _log_origin(path, origin, how)
+    targets = {"RA": u.deg, "DEC": u.deg, "SIZE": u.arcsec}
+    cols = {k: table.columns[i] for k, i in columns.items()}
+    factors = {k: _unit_factor(c, targets[k]) if k in targets else 1.0 for k, c in cols.items()}
+    records = [("row %d" % (index + 1),
+                {k: (c.name, _table_value(c, index, factors[k])) for k, c in cols.items()})
+               for index in range(len(table))]
+    return records, columns, origin, []
 
 
 # ===========================================================================
@@ -1400,14 +1937,30 @@ class RunState:
     outdir: Path
     overwrite: bool
     writer: object = None
+    shared: dict = None       # ID -> IDs of the other catalogue positions in its segment
+    global_sky: tuple = None  # (spectrum, variance, npix) of SKY_METHOD = global
 
 
-def build_state(params, overwrite=False):
+def build_state(params, overwrite=False, rows=None):
     """Read the cube, IMG and SEG files and segment every image (once, on the full field).
 
     Segmenting the whole field once (instead of SExtractor on every stamp, as the
     original) gives a better background estimate and segments that do not depend on
     where a stamp was cut, and it is the main speed-up over the per-object loop.
+
+    Parameters
+    ----------
+    params : dict
+    overwrite : bool
+    rows : list of CatalogueRow, optional
+        The catalogue: segments holding several positions are found (and split with
+        SPLIT_SHARED, see :func:`split_shared_segments`).
+
+    Notes
+    -----
+    A cube without variance gets a per-channel variance from the robust scatter (1.4826
+    MAD) of its segment-free spaxels (objects and their glow left out; the whole-field
+    scatter of a galaxy-filled cube is several times too large).
     """
     cube = read_cube(params["DATACUBE"], params["DATA_EXT"], params["PREFIX"])
     shape = cube.data.shape[1:]
@@ -1421,10 +1974,83 @@ def build_state(params, overwrite=False):
             segmaps["SEG_" + tag] = segment_image(image, params["DETECT_THRESH"],
                                                   params["DETECT_MINAREA"], params["DEBLEND_CONT"])
     user_segs = {"SEG_" + image_tag(n): read_segmentation(n, shape) for n in params["SEG"]}
+    allsegs = list(segmaps.values()) + list(user_segs.values())
+    segfree = np.logical_and.reduce([s == 0 for s in allsegs]) if allsegs else np.ones(shape, bool)
+    if not cube.has_variance:
+        cube.var = _estimate_variance(cube.data, segfree)
+    shared = {}
+    if rows:
+        radius = params["MATCH_RADIUS"] / min(cube.step)
+        positions = {row.ID: object_pixel(cube, row) for row in rows}
+        for maps in (segmaps, user_segs):
+            for tag in maps:
+                maps[tag], found = split_shared_segments(maps[tag], positions, radius, params["SPLIT_SHARED"])
+                for ident, others in found.items():
+                    shared[ident] = sorted(set(shared.get(ident, ())) | set(others))
+        if shared:
+            log.info("%d catalogue objects share a segment with another (%s): %s", len(shared),
+                     "split between them" if params["SPLIT_SHARED"] else "flagged", sorted(shared))
+    global_sky = _global_sky(cube, segfree) if params["SKY_METHOD"] == "global" else None
     basis = legendre_basis(cube.data.shape[0], params["CONT_POLY"])
     return RunState(cube, params, images, segmaps, user_segs, basis, np.linalg.pinv(basis),
                     [_parse_nb_range(t) for t in params["NB_RANGES"]],
-                    Path(params["OUTPUT"]), overwrite, SourceFileWriter(cube, params))
+                    Path(params["OUTPUT"]), overwrite, SourceFileWriter(cube, params), shared, global_sky)
+
+
+def split_shared_segments(labels, positions, radius_pix, split=True):
+    """Find segments that hold several catalogue positions; split them between those.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (ny, nx)
+    positions : dict
+        ID -> (y, x) pixel position.
+    radius_pix : float
+        Matching radius (:func:`segment_at`).
+    split : bool
+        Give each position the part of the segment nearer to it than to the others
+        (a Voronoi split inside the segment, new labels); False leaves the map as it is.
+
+    Returns
+    -------
+    labels : ndarray
+        The (possibly) relabelled map (a copy when changed).
+    shared : dict
+        ID -> list of the other IDs found in its segment.
+    """
+    owners = {}
+    for ident, yx in positions.items():
+        label = segment_at(labels, yx, radius_pix)
+        if label:
+            owners.setdefault(label, []).append(ident)
+    shared = {i: [j for j in ids if j != i] for ids in owners.values() if len(ids) > 1 for i in ids}
+    if not split or not shared:
+        return labels, shared
+    labels = labels.copy()
+    next_label = int(labels.max()) + 1
+    for label, ids in owners.items():
+        if len(ids) < 2:
+            continue
+        yy, xx = np.nonzero(labels == label)
+        pos = np.array([positions[i] for i in ids])
+        nearest = np.argmin((yy[:, None] - pos[None, :, 0]) ** 2 + (xx[:, None] - pos[None, :, 1]) ** 2, axis=1)
+        for k in range(1, len(ids)):             # the first position keeps the old label
+            labels[yy[nearest == k], xx[nearest == k]] = next_label
+            next_label += 1
+    return labels, shared
+
+
+def _global_sky(cube, segfree):
+    """Per-channel median of the segment-free spaxels of the field, its variance, count."""
+    data = cube.data[:, segfree]
+    var = cube.var[:, segfree]
+    good = np.isfinite(data) & np.isfinite(var) & (var > 0)
+    count = good.sum(axis=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        spec = np.nanmedian(np.where(good, data, np.nan), axis=1)
+        svar = np.pi / 2 * np.where(good, var, 0).sum(axis=1) / np.maximum(count, 1) ** 2
+    return np.nan_to_num(spec), np.where(count > 0, svar, 0.0), int(segfree.sum())
 
 
 # ===========================================================================
@@ -1514,14 +2140,88 @@ def _grow_sky_mask(sky, valid, radius_pix):
     return grown if grown.sum() >= 3 else sky & valid
 
 
-def _sky(stamp, sky_mask, enabled):
-    """Mean sky spectrum of the sky spaxels and its variance (zeros when disabled)."""
+def _sky(state, stamp, sky_mask, obj_mask, enabled):
+    """Sky spectrum per channel and its variance by SKY_METHOD; blank spaxels left out.
+
+    Returns
+    -------
+    spectrum, variance : ndarray, shape (nwave,)
+        Zeros when disabled or impossible.
+    info : dict
+        ``method``, ``npix`` (spaxels used), ``failed`` (bool), ``mask`` (the spaxels used).
+
+    Notes
+    -----
+    annulus: the segment-free spaxels (every segment grown by SKY_GROW) at distances from
+    the object between the grown object mask's extent and SKY_WIDTH beyond it (widened
+    until SKY_MIN spaxels), per-channel median (variance ``pi/2`` x that of the mean);
+    local: mean of all segment-free stamp spaxels (the original); global: the field's
+    per-channel median (:func:`build_state`).  In every case only the spaxels with data in
+    a channel count for that channel, and object and sky spaxels never overlap.
+    """
+    p = state.params
     nwave = stamp.data.shape[0]
+    zeros = np.zeros(nwave)
+    info = {"method": p["SKY_METHOD"] if enabled else "none", "npix": 0, "failed": False,
+            "mask": np.zeros(sky_mask.shape, bool)}
+    if not enabled:
+        return zeros, zeros, info
+    if p["SKY_METHOD"] == "global":
+        info["npix"] = state.global_sky[2]
+        return state.global_sky[0], state.global_sky[1], info
+    sky_mask = sky_mask & ~obj_mask
+    assert not (sky_mask & obj_mask).any(), "sky and object masks overlap"
+    if p["SKY_METHOD"] == "annulus":
+        clean = sky_mask & _line_free(state, stamp)
+        if clean.sum() >= p["SKY_MIN"]:       # leave out spaxels of extended line emission
+            sky_mask = clean
+        sky_mask = _annulus(sky_mask, obj_mask, stamp.center, state.cube.step, p["SKY_WIDTH"], p["SKY_MIN"])
+    info["mask"], info["npix"] = sky_mask, int(sky_mask.sum())
+    if sky_mask.sum() < (3 if p["SKY_METHOD"] == "local" else p["SKY_MIN"]):
+        info["failed"] = True
+        return zeros, zeros, info
     flat = sky_mask.ravel()
-    if not enabled or flat.sum() < 3:
-        return np.zeros(nwave), np.zeros(nwave), enabled
-    n = flat.sum()
-    return stamp.data[:, flat].mean(axis=1), stamp.var[:, flat].sum(axis=1) / n ** 2, False
+    data, var = stamp.data[:, flat], stamp.var[:, flat]
+    good = var > 0
+    count = good.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if p["SKY_METHOD"] == "local":
+            spec = np.where(good, data, 0).sum(axis=1) / count
+            svar = np.where(good, var, 0).sum(axis=1) / count ** 2
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                spec = np.nanmedian(np.where(good, data, np.nan), axis=1)
+            svar = np.pi / 2 * np.where(good, var, 0).sum(axis=1) / count ** 2
+    bad = count == 0
+    return np.where(bad, 0.0, spec), np.where(bad, 0.0, svar), info
+
+
+def _line_free(state, stamp, threshold=5.0):
+    """Spaxels of a stamp without significant emission lines: after removing a polynomial
+    continuum, no 5-channel run above ``threshold`` sigma (extended line emission - cluster
+    filaments, ionised gas - is kept out of the sky)."""
+    data, var = stamp.data, stamp.var
+    resid = data - state.basis @ (state.basis_pinv @ data)
+    kernel = np.ones(5)
+    run = np.apply_along_axis(lambda col: np.convolve(col, kernel, mode="same"), 0, resid)
+    err = np.sqrt(np.apply_along_axis(lambda col: np.convolve(col, kernel, mode="same"), 0, var))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = np.where(err > 0, run / err, 0.0)
+    return (snr.max(axis=0) < threshold).reshape(stamp.shape)
+
+
+def _annulus(sky_mask, obj_mask, center, step, width, min_pix):
+    """Sky spaxels in an annulus beyond the object mask, widened until ``min_pix``."""
+    yy, xx = np.indices(sky_mask.shape, dtype=float)
+    dist = np.hypot((yy - center[0]) * step[0], (xx - center[1]) * step[1])
+    inner = float(dist[obj_mask].max()) if obj_mask.any() else 0.0
+    outer = inner + width
+    while True:
+        ring = sky_mask & (dist > inner) & (dist <= outer)
+        if ring.sum() >= min_pix or outer > dist.max():
+            return ring if ring.sum() >= min_pix else sky_mask
+        outer += width / 2
 
 
 def _resolve_reference(kind, value, prefix, images_available, apertures, suffix):
@@ -1576,21 +2276,28 @@ def extract_object(state, row):
     notes = []
     if empty:
         notes.append("no segment at the position in %s" % ", ".join(empty))
+    flags = []
     if mask is None:
         radius = min(p["APER"]) if p["APER"] else 1.0
         mask = circular_mask(stamp.shape, stamp.center, radius, cube.step) & stamp.valid
         info["MASK_USED"] = "circle r=%.1f (empty segmentation)" % radius
         notes.append("all segmentations empty at the position; used a circular mask of "
                      "radius %.1f arcsec" % radius)
+        flags.append("fallback_mask")
     mask &= stamp.valid
     if not mask.any():
         raise ObjectError("the object mask has no valid spaxel (the stamp is empty or NaN)")
-    sky_spec, sky_var, sky_failed = _sky(stamp, sky_mask, p["SKY_SUB"])
-    if sky_failed:
-        notes.append("fewer than 3 sky spaxels; no sky subtraction")
-    suffix = "_SKYSUB" if p["SKY_SUB"] and not sky_failed else ""
+    grow = p["SKY_GROW"] / min(cube.step)
+    sky_mask = sky_mask & ~(_grow(mask, grow) if grow > 0 else mask)   # never the object's own light
+    sky_spec, sky_var, sky = _sky(state, stamp, sky_mask, mask, p["SKY_SUB"])
+    if sky["failed"]:
+        notes.append("fewer than %d sky spaxels; no sky subtraction" % p["SKY_MIN"])
+    suffix = "_SKYSUB" if p["SKY_SUB"] and not sky["failed"] else ""
     data = stamp.data - sky_spec[:, None] if suffix else stamp.data
     sky_v = sky_var if suffix else None
+    if p["SKY_METHOD"] != "global" or not suffix:
+        sky_mask = sky["mask"] if suffix else sky_mask
+    info.update(SKY_METHOD=sky["method"] if suffix else "none")
     info.update(MASK_OBJ_NPIX=int(mask.sum()), MASK_SKY_NPIX=int(sky_mask.sum()),
                 MASK_UNION_NPIX=int(union.sum()) if union is not None else 0,
                 MASK_INTER_NPIX=int(inter.sum()) if inter is not None else 0)
@@ -1612,8 +2319,10 @@ def extract_object(state, row):
         spectra[prefix + "_OPTIMAL" + suffix] = optimal_extraction(data, stamp.var, white_profile, sky_v)
     kind, value = _parse_ref(row.REF)
     apertures = sorted(set(p["APER"]) | ({value} if kind == "aper" else set()))
+    fractions = []
     for radius in apertures:
         disc = circular_mask(stamp.shape, stamp.center, radius, cube.step) & stamp.valid
+        fractions.append(disc.sum() / max(_disc_pixels(stamp.center, radius, cube.step), 1))
         flux, var = sum_extraction(data, stamp.var, disc.ravel().astype(float)[:, None], sky_v)
         spectra["%s_APER_%.1f%s" % (prefix, radius, suffix)] = (flux[:, 0], var[:, 0])
         if kind == "aper" and radius == value:
@@ -1639,10 +2348,95 @@ def extract_object(state, row):
         if "_CONTSUB_CUBE" in xcor_maps:   # continuum-subtracted cube, variance unchanged
             subcubes[prefix + "_CONTSUB"] = xcor_maps.pop("_CONTSUB_CUBE").reshape(
                 (-1,) + stamp.shape)
-    info["NOTES"] = "; ".join(notes)
+    info["APER_FRACTION"] = float(min(fractions)) if fractions else 1.0
     info["FINAL_SPECTRUM"] = _final_spectrum_name(spectra, ref_name, suffix)
+    shared = state.shared.get(row.ID, ())
+    info["SHARED_SEGMENT"] = ",".join(str(i) for i in shared)
+    flags += quality_flags(state, stamp, spectra, info, mask, sky_spec if suffix else None, sky_v, prefix, suffix)
+    if shared:
+        flags.append("shared_segment")
+    info["FLAGS"] = ",".join(dict.fromkeys(flags))
+    if flags:
+        notes.append("flags: " + info["FLAGS"])
+    info["NOTES"] = "; ".join(notes)
     return ObjectResult(spectra, stamps, masks, segs, xcor_maps, info,
                         {"slices": subcubes, "stamp": stamp})
+
+
+def _grow(mask, radius_pix):
+    """``mask`` grown by ``radius_pix`` pixels (Euclidean)."""
+    from scipy import ndimage
+    return ndimage.distance_transform_edt(~mask) <= radius_pix
+
+
+def _disc_pixels(center, radius, step):
+    """Pixels of a disc of ``radius`` arcsec at ``center`` on an unbounded grid (the
+    denominator of the aperture fraction inside the cube)."""
+    ry, rx = int(np.ceil(radius / step[0])) + 2, int(np.ceil(radius / step[1])) + 2
+    cy, cx = int(round(center[0])), int(round(center[1]))
+    yy, xx = np.mgrid[cy - ry:cy + ry + 1, cx - rx:cx + rx + 1].astype(float)
+    return int((((yy - center[0]) * step[0]) ** 2 + ((xx - center[1]) * step[1]) ** 2 <= radius ** 2).sum())
+
+
+#: quality flags of an extraction (summary column FLAGS, FLAG_<NAME> booleans, Source header)
+QUALITY_FLAGS = {
+    "inverted_line": "the final spectrum has a significant negative line (S/N < -5) where the "
+                     "spectrum before sky subtraction has none: the sky subtracted a line",
+    "negative_flux": "the final spectrum's integrated flux is negative at more than 3 sigma",
+    "sky_brighter": "the sky (per spaxel) is brighter than the object's mean spaxel",
+    "sky_lines": "the sky spectrum has significant emission lines (S/N > 5 in 3+ channels after "
+                 "continuum removal): extended line emission in the sky region",
+    "shared_segment": "the object's segment held other catalogue positions (split between them "
+                      "with SPLIT_SHARED)",
+    "truncated": "an aperture is cut by the cube edge or blank spaxels (APER_FRACTION < 0.99)",
+    "estimated_variance": "the cube has no variance; it was estimated from the sky spaxels",
+    "fallback_mask": "no segment at the position: a circular mask was used",
+}
+
+
+def quality_flags(state, stamp, spectra, info, mask, sky_spec, sky_var, prefix, suffix):
+    """Names of the :data:`QUALITY_FLAGS` that apply to one extraction."""
+    flags = []
+    final = spectra[info["FINAL_SPECTRUM"]]
+    basis, pinv = state.basis, state.basis_pinv
+    resid = final[0] - basis @ (pinv @ np.nan_to_num(final[0]))
+    err = np.sqrt(np.where(final[1] > 0, final[1], np.nan))
+    line_snr = _boxcar(resid, 5) / (err / np.sqrt(5))
+    if sky_spec is not None:
+        sky_resid = sky_spec - basis @ (pinv @ sky_spec)
+        sky_err = np.sqrt(np.where(sky_var > 0, sky_var, np.nan))
+        sky_snr = np.nan_to_num(sky_resid / sky_err)
+        # inverted: a negative line (S/N < -5) where the sky has a line, at least half as
+        # significant as the spectrum's strongest emission line (night-sky residuals of a
+        # sky-subtracted cube make weak negative features everywhere; those are not flagged)
+        sky_line = np.nan_to_num(_boxcar(sky_resid, 5) / (sky_err / np.sqrt(5))) > 3
+        snr = np.nan_to_num(line_snr)
+        neg = np.min(np.where(sky_line, snr, 0.0), initial=0.0)
+        if neg < -5 and -neg > 0.5 * max(snr.max(initial=0.0), 0.0):
+            flags.append("inverted_line")
+        raw = sum_extraction(stamp.data, stamp.var, mask.ravel().astype(float)[:, None])[0][:, 0]
+        npix = max(int(mask.sum()), 1)
+        if np.nanmedian(sky_spec) > 0 and np.nanmedian(sky_spec) > np.nanmedian(raw / npix):
+            flags.append("sky_brighter")
+        # sky lines: significant (S/N > 5 over 3 channels) and, summed over the object mask,
+        # at least 20 % of the object's strongest line before sky subtraction
+        run = np.convolve((sky_snr > 5).astype(float), np.ones(3), mode="same") >= 3
+        raw_line = np.max(_boxcar(raw - basis @ (pinv @ raw), 3), initial=0.0)
+        if run.any() and np.max(np.where(run, _boxcar(sky_resid, 3), 0.0)) * npix > 0.2 * max(raw_line, 0.0):
+            flags.append("sky_lines")
+    total = integrated_snr(final[0], final[1])
+    if np.isfinite(total) and total < -3:
+        flags.append("negative_flux")
+    if info["APER_FRACTION"] < 0.99:
+        flags.append("truncated")
+    if not state.cube.has_variance:
+        flags.append("estimated_variance")
+    return flags
+
+
+def _boxcar(values, width):
+    """Running mean over ``width`` channels (NaN counted as 0)."""
+    return np.convolve(np.nan_to_num(np.asarray(values, float)), np.ones(width) / width, mode="same")
 
 
 def _final_spectrum_name(spectra, ref_name, suffix):
@@ -1870,8 +2664,19 @@ class SourceFileWriter:
                  fits_card("BITPIX", 8, "array data type"), fits_card("NAXIS", 0),
                  fits_card("EXTEND", True)]
         cards += [c for _, c in self._replace(self.primary_cards, updates)]
-        cards += [fits_card("MASKUSED", result.info["MASK_USED"][:60], "object mask used"),
-                  fits_card("REFSPEC", result.info["REF_SPECTRUM"], "reference spectrum")]
+        if getattr(row, "ORIGIN", "") and not p["ORIG_FROM"]:       # the catalogue's detection software
+            cards = [fits_card("FROM", str(row.ORIGIN)[:60], "detection software") if c.startswith("FROM    ")
+                     else c for c in cards]
+        info = result.info
+        cards += [fits_card("MASKUSED", info["MASK_USED"][:60], "object mask used"),
+                  fits_card("REFSPEC", info["REF_SPECTRUM"], "reference spectrum"),
+                  fits_card("SKYMETH", info.get("SKY_METHOD", "none"), "sky estimate"),
+                  fits_card("APERFRAC", round(float(info.get("APER_FRACTION", 1.0)), 4),
+                            "aperture fraction inside the cube"),
+                  fits_card("VAREST", not cube.has_variance, "variance estimated from sky spaxels"),
+                  fits_card("QFLAGS", (info.get("FLAGS", "") or "none")[:60], "autospec quality flags")]
+        if info.get("SHARED_SEGMENT"):
+            cards.append(fits_card("SHARED", info["SHARED_SEGMENT"][:60], "IDs sharing the segment"))
         chunks = [self._pad("".join(cards) + "END".ljust(80), b" ")]
         for name, (flux, var) in result.spectra.items():
             if _keep_spectrum(name, p, result):
@@ -2021,9 +2826,11 @@ def process_object(state, row):
     out = {"ID": row.ID, "RA": row.RA, "DEC": row.DEC, "SIZE": row.SIZE, "REF": row.REF,
            "FILE": str(source_path(state.params, row.ID))}
     path = source_path(state.params, row.ID)
-    if path.exists() and not state.overwrite:
-        out.update(STATUS="skipped", REASON="output exists (use --overwrite to redo)")
-        return out, None
+    done = read_done_record(state.params, row) if not state.overwrite else None
+    if done is not None and path.exists():
+        previous, marz = done
+        previous["REASON"] = ("skipped: done in an earlier run; " + str(previous.get("REASON", ""))).strip("; ")
+        return previous, marz
     try:
         result = extract_object(state, row)
         state.writer.write(path, row, result, state.cube)
@@ -2040,18 +2847,117 @@ def process_object(state, row):
                    TIME_S=time.perf_counter() - start)
         return out, None
     info = result.info
-    out.update(STATUS="fallback" if info["MASK_USED"].startswith("circle") else "ok",
-               REASON=info["NOTES"], **{k: info[k] for k in (
+    flags = [f for f in info["FLAGS"].split(",") if f]
+    status = "fallback" if "fallback_mask" in flags else "flagged" if flags else "ok"
+    out.update(STATUS=status, REASON=info["NOTES"], **{k: info[k] for k in (
                    "MASK_USED", "MASK_OBJ_NPIX", "MASK_SKY_NPIX", "MASK_UNION_NPIX",
-                   "MASK_INTER_NPIX", "REF_SPECTRUM", "FINAL_SPECTRUM", "EMPTY_SEG")})
+                   "MASK_INTER_NPIX", "REF_SPECTRUM", "FINAL_SPECTRUM", "EMPTY_SEG", "FLAGS",
+                   "SHARED_SEGMENT", "SKY_METHOD", "APER_FRACTION")})
+    out["VAR_ESTIMATED"] = not state.cube.has_variance
+    for name in QUALITY_FLAGS:
+        out["FLAG_" + name.upper()] = name in flags
     for name, (flux, var) in result.spectra.items():
         if "_CONTSUB" not in name or name.startswith("CROSS_CORRELATION"):
             out["SN_" + name] = integrated_snr(flux, var)  # a continuum-free ref has S/N ~ 0
     out["TIME_S"] = time.perf_counter() - start
     log.debug("%s: Extracted Successfully in %.2fs", row.ID, out["TIME_S"])
     final = result.spectra[info["FINAL_SPECTRUM"]]
-    return out, {"ID": row.ID, "RA": row.RA, "DEC": row.DEC, "name": info["FINAL_SPECTRUM"],
-                 "flux": final[0], "var": final[1]}
+    marz = {"ID": row.ID, "RA": row.RA, "DEC": row.DEC, "name": info["FINAL_SPECTRUM"],
+            "flux": final[0], "var": final[1]}
+    write_done_record(state.params, row, out, marz)      # last: the object is complete
+    return out, marz
+
+
+# ---------------------------------------------------------------------------
+# Completion records: what makes a run resumable after SIGINT or SIGKILL
+# ---------------------------------------------------------------------------
+DONE_DIR = ".autospec_done"
+_HASH_IGNORED = ("OUTPUT", "WARNINGS", "SUMMARY", "MARZ")
+
+
+def settings_hash(params):
+    """SHA-256 of everything that shapes an object's products: the parameters (not where
+    or how verbosely they are written) and the cube file's size and modification time."""
+    import hashlib
+    import json
+    cube = Path(params["DATACUBE"])
+    stat = cube.stat() if cube.exists() else None
+    key = {k: str(v) for k, v in params.items() if k not in _HASH_IGNORED}
+    key["_cube"] = [str(cube.resolve()), stat.st_size if stat else 0, stat.st_mtime_ns if stat else 0]
+    key["_version"] = __version__
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def _done_path(params, ident):
+    return Path(params["OUTPUT"]) / DONE_DIR / ("%s.npz" % ident)
+
+
+def write_done_record(params, row, summary, marz):
+    """Record that one object is complete (its Source file, plots and summary row), with
+    the settings it was made with; written atomically after everything else."""
+    import json
+    record = {"summary": json.dumps(summary, default=_json_default), "hash": settings_hash(params),
+              "position": json.dumps([row.ID, row.RA, row.DEC, row.SIZE, row.REF]),
+              "name": marz["name"], "flux": np.asarray(marz["flux"]), "var": np.asarray(marz["var"])}
+    with atomic_path(_done_path(params, row.ID), overwrite=True, suffix=".part.npz") as tmp:
+        np.savez(tmp, **record)
+
+
+def read_done_record(params, row):
+    """(summary row, MARZ entry) of an object completed with these settings, else None."""
+    import json
+    path = _done_path(params, row.ID)
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as rec:
+            if str(rec["hash"]) != settings_hash(params) or \
+                    str(rec["position"]) != json.dumps([row.ID, row.RA, row.DEC, row.SIZE, row.REF]):
+                return None
+            summary = json.loads(str(rec["summary"]))
+            marz = {"ID": row.ID, "RA": row.RA, "DEC": row.DEC, "name": str(rec["name"]),
+                    "flux": rec["flux"], "var": rec["var"]}
+    except (OSError, ValueError, KeyError):
+        return None
+    return summary, marz
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return str(value)
+
+
+def check_output_settings(params, rows, overwrite):
+    """Refuse to mix products of other settings into OUTPUT (unless ``overwrite``); remove
+    temporary files left by a killed run."""
+    outdir = Path(params["OUTPUT"])
+    if not outdir.is_dir():
+        return
+    for tmp in list(outdir.rglob(".*.part*")):
+        log.info("removing %s, left by an interrupted run", tmp)
+        tmp.unlink()
+    if overwrite:
+        return
+    current = settings_hash(params)
+    other = []
+    for row in rows:
+        path = _done_path(params, row.ID)
+        if path.is_file():
+            try:
+                with np.load(path) as rec:
+                    if str(rec["hash"]) != current:
+                        other.append(row.ID)
+            except (OSError, ValueError, KeyError):
+                other.append(row.ID)
+    if other:
+        raise OutputExistsError("OUTPUT %s holds products of %d object(s) made with other settings or another "
+                                "cube (IDs %s); use --overwrite to redo them, or another OUTPUT"
+                                % (outdir, len(other), other[:10]))
 
 
 def _process_chunk(rows):
@@ -2137,30 +3043,24 @@ def _process_catalogue(state, rows, nproc, progress):
     return [r for r, _ in results], [m for _, m in results if m is not None]
 
 
-SUMMARY_COLUMNS = ("ID", "RA", "DEC", "STATUS", "REASON", "SIZE", "REF", "REF_SPECTRUM",
+SUMMARY_COLUMNS = ("ID", "RA", "DEC", "STATUS", "FLAGS", "REASON", "SIZE", "REF", "REF_SPECTRUM",
                    "FINAL_SPECTRUM", "MASK_USED", "MASK_OBJ_NPIX", "MASK_SKY_NPIX",
-                   "MASK_UNION_NPIX", "MASK_INTER_NPIX", "EMPTY_SEG", "TIME_S", "FILE")
+                   "MASK_UNION_NPIX", "MASK_INTER_NPIX", "EMPTY_SEG", "SHARED_SEGMENT", "SKY_METHOD",
+                   "APER_FRACTION", "VAR_ESTIMATED") + tuple("FLAG_" + f.upper() for f in QUALITY_FLAGS) + (
+                   "TIME_S", "FILE")
 
 
-def _merge_previous(rows, summary_path):
-    """Keep the earlier summary rows of objects skipped because their output exists."""
-    path = Path(summary_path).with_suffix(".ecsv")
-    if not path.is_file() or not any(r.get("STATUS") == "skipped" for r in rows):
-        return rows
-    from astropy.table import Table
-    try:
-        old = {int(r["ID"]): {c: r[c] for c in r.colnames} for r in Table.read(str(path))}
-    except (OSError, ValueError):
-        return rows
-    merged = []
-    for row in rows:
-        if row.get("STATUS") == "skipped" and row["ID"] in old:
-            previous = dict(old[row["ID"]])
-            previous["REASON"] = ("skipped: output exists; " + str(previous.get("REASON", ""))).strip("; ")
-            merged.append(previous)
-        else:
-            merged.append(row)
-    return merged
+def _write_partial(values, rows, state):
+    """Summary and MARZ file of the objects completed before an interrupt."""
+    done = [read_done_record(values, row) for row in rows]
+    done = [d for d in done if d is not None]
+    outdir = Path(values["OUTPUT"])
+    summary_rows = [d[0] for d in done]
+    if summary_rows:
+        write_table(summary_rows, outdir / (values["SUMMARY"] or "summary"), _summary_columns(summary_rows))
+        if values["MARZ"]:
+            write_marz(outdir / values["MARZ"], [d[1] for d in done], state.cube.wave)
+    log.warning("interrupted: %d of %d objects complete; run again to resume", len(done), len(rows))
 
 
 def _summary_columns(rows):
@@ -2217,31 +3117,43 @@ def run(param=None, config=None, nproc=1, overwrite=False, progress=True, **para
     if nproc < 1:
         raise ConfigError("--nproc %d is invalid: give 1 or more processes" % nproc)
     outdir = Path(values["OUTPUT"])
-    outdir.mkdir(parents=True, exist_ok=True)
-    _write_provenance(outdir, cfg)
     with _quiet_warnings(values["WARNINGS"]):
-        rows = read_catalogue(values["CATALOG"], values["MODE"], values["SIZE"], values["REF"])
-        state = build_state(values, overwrite)
+        rows = read_catalogue(values["CATALOG"], values["MODE"], values["SIZE"], values["REF"],
+                              apertures=values["APER"])
+        values["ORIG_FROM"] = values["ORIG_FROM"] or catalogue_origin(rows)
+        state = build_state(values, overwrite, rows)
+        if values["MODE"] == "cat":   # now that the pixel size and image tags are known
+            read_catalogue(values["CATALOG"], "cat", values["SIZE"], values["REF"],
+                           step_arcsec=state.cube.step, apertures=values["APER"], images=list(state.images))
+    check_output_settings(values, rows, overwrite)
+    outdir.mkdir(parents=True, exist_ok=True)        # only once the inputs are known to be good
+    _write_provenance(outdir, cfg)
     log.info("%d objects, cube %s (%d x %d x %d), %d worker(s)", len(rows), values["DATACUBE"],
              *state.cube.data.shape[::-1], nproc)
     setup_s = time.perf_counter() - start
-    summary_rows, marz = process_catalogue(state, rows, nproc, progress)
+    try:
+        summary_rows, marz = process_catalogue(state, rows, nproc, progress)
+    except KeyboardInterrupt:                 # keep what is finished: summary + MARZ of done objects
+        _write_partial(values, rows, state)
+        raise
     objects_s = time.perf_counter() - start - setup_s
     outside = [r["ID"] for r in summary_rows if r["STATUS"] == "outside"]
     if outside:
         warnings.warn("%d catalogue position(s) outside the cube: IDs %s (marked 'outside' in "
                       "the summary)" % (len(outside), outside[:20]), OutsideCubeWarning, stacklevel=2)
     summary_path = outdir / (values["SUMMARY"] or "summary")
-    summary_rows = _merge_previous(summary_rows, summary_path)
     write_table(summary_rows, summary_path, _summary_columns(summary_rows))
     marz_path = write_marz(outdir / values["MARZ"], marz, state.cube.wave) \
         if values["MARZ"] else None
     counts = {"n_%s" % s: sum(1 for r in summary_rows if r["STATUS"] == s)
-              for s in ("ok", "fallback", "failed", "outside", "skipped")}
+              for s in ("ok", "flagged", "fallback", "failed", "outside", "skipped")}
+    flag_counts = {f: sum(1 for r in summary_rows if f in str(r.get("FLAGS", "")).split(",")) for f in QUALITY_FLAGS}
+    flag_counts = {f: n for f, n in flag_counts.items() if n}
+    log.info("quality flags: %s", ", ".join("%d %s" % (n, f) for f, n in flag_counts.items()) or "none")
     elapsed = time.perf_counter() - start
     log.info("done in %.1fs: %s; summary %s", elapsed, counts, summary_path.with_suffix(".ecsv"))
     return dict(rows=summary_rows, summary=summary_path.with_suffix(".ecsv"), marz=marz_path,
-                elapsed_s=elapsed, setup_s=setup_s, objects_s=objects_s, **counts)
+                elapsed_s=elapsed, setup_s=setup_s, objects_s=objects_s, flags=flag_counts, **counts)
 
 
 def _write_provenance(outdir, cfg):
@@ -2275,23 +3187,80 @@ def _run(args, config):
                           "param.py and set DATACUBE and CATALOG")
     overrides = {k: v for (s, k), v in parse_overrides(args.set).items()}
     handler = _run_log_handler(param, args.config, overrides)
+    shown = warnings.showwarning
+    warnings.showwarning = _log_warning                     # NoVariance/Outside warnings in the run log
     try:
         result = run(param=param, config=args.config, nproc=args.nproc, overwrite=args.overwrite,
                      progress=not (args.no_progress or args.quiet), **overrides)
+    except ToolError as exc:                                 # the run log keeps fatal errors too
+        if handler is not None:                              # (the console gets it from run_cli)
+            handler.handle(log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (exc,), None))
+        raise
     finally:
+        warnings.showwarning = shown
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
-    return EXIT_OK if result["n_ok"] + result["n_fallback"] + result["n_skipped"] > 0 or \
+    return EXIT_OK if result["n_ok"] + result["n_fallback"] + result["n_flagged"] + result["n_skipped"] > 0 or \
         not result["rows"] else EXIT_FAILURE
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None):
+    """AutoSpec's warnings as log lines (console and run log) without source lines."""
+    if issubclass(category, AutoSpecWarning):
+        log.warning("%s", message)
+    else:
+        log.debug("%s: %s (%s:%d)", category.__name__, message, filename, lineno)
+
+
+class _DeferredFileHandler(logging.Handler):
+    """Log file handler that holds records until the output directory exists.
+
+    A run that fails before any object (bad cube, bad catalogue) creates no output
+    directory; its records are then dropped when the handler closes (the console shows
+    them).  Once ``outdir`` exists the file ``outdir/logs/<name>`` is opened, the held
+    records written, and later ones appended.
+    """
+
+    def __init__(self, outdir, name, header):
+        super().__init__(logging.DEBUG)
+        self.outdir, self.name, self.header = Path(outdir), name, header
+        self.held, self.stream = [], None
+
+    def _open(self):
+        if self.stream is None and self.outdir.is_dir():
+            path = self.outdir / "logs" / self.name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.stream = open(path, "a")
+            self.stream.write(self.header)
+            for record in self.held:
+                self.stream.write(self.format(record) + "\n")
+            self.held = []
+        return self.stream
+
+    def emit(self, record):
+        stream = self._open()
+        if stream is None:
+            self.held.append(record)
+        else:
+            stream.write(self.format(record) + "\n")
+            stream.flush()
+
+    def close(self):
+        self._open()
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        super().close()
 
 
 def _run_log_handler(param, config, overrides):
     """Per-run log file ``<OUTPUT>/logs/<DDMonYYYY_HHMMSS>.log`` (as the original's logs/).
 
     Starts with the original's header lines ``# Log file: <date>`` and
-    ``# AutoSpec: <version>``; None when the configuration cannot be read yet (the run
-    then reports the problem itself).
+    ``# AutoSpec: <version>``; OUTPUT is resolved as the run resolves it (relative to the
+    param/INI file), so a run started from another directory logs beside its products.
+    None when the configuration cannot be read yet (the run then reports the problem).
     """
     try:
         cfg = load_autospec_config(param, config, {(PARAM_SECTION, PARAM_ALIASES.get(
@@ -2299,15 +3268,12 @@ def _run_log_handler(param, config, overrides):
     except ToolError:
         return None
     output = Path(cfg[PARAM_SECTION]["OUTPUT"])
-    if param and not output.is_absolute():
-        output = Path(param).parent / output
-    stamp = time.strftime("%d%b%Y_%H%M%S")
-    path = output / "logs" / ("%s.log" % stamp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# Log file: %s\n# AutoSpec: %s (autospec.py %s)\n"
-                    % (time.strftime("%d %b %Y %H:%M:%S"), "1.1.2-compatible", __version__))
-    handler = logging.FileHandler(path)
-    handler.setLevel(logging.DEBUG)
+    if not output.is_absolute():
+        base = Path(param).parent if param else Path(config).parent if config else Path.cwd()
+        output = base / output
+    header = "# Log file: %s\n# AutoSpec: %s (autospec.py %s)\n" % (
+        time.strftime("%d %b %Y %H:%M:%S"), "1.1.2-compatible", __version__)
+    handler = _DeferredFileHandler(output, "%s.log" % time.strftime("%d%b%Y_%H%M%S"), header)
     handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
     handler._toolkit_handler = True
     log.addHandler(handler)

@@ -7,7 +7,6 @@ spectrum inside the extraction's mask (isolated, bright), line peak exact to a c
 propagated noise within 15 % of the measured scatter.
 """
 import shutil
-import warnings
 
 import numpy as np
 import pytest
@@ -176,8 +175,9 @@ def test_xcor_contsub_reduces_blend_contamination(scene_files):
     keeping >= 50 % of the object's own line.
     """
     scene, files, tmp = scene_files
-    result = _run(tmp / "blend", files, REF="1.0", XCOR_ITER=3, DEBLEND_CONT=1.0)
+    result = _run(tmp / "blend", files, REF="1.0", XCOR_ITER=3, DEBLEND_CONT=1.0, SPLIT_SHARED=False)
     assert result["rows"][4]["MASK_OBJ_NPIX"] == result["rows"][5]["MASK_OBJ_NPIX"]  # shared
+    assert "shared_segment" in result["rows"][4]["FLAGS"] and result["rows"][4]["SHARED_SEGMENT"] == "6"
     row = next(r for r in result["rows"] if r["ID"] == 5)
     src, wave = _source(row["FILE"]), scene.wave
 
@@ -200,7 +200,9 @@ def test_xcor_contsub_reduces_blend_contamination(scene_files):
 # ---------------------------------------------------------------------------
 def test_source_files_contents_and_summary(default_run):
     _, _, result = default_run
-    assert result["n_ok"] + result["n_fallback"] == 6 and result["n_failed"] == 0
+    assert result["n_ok"] + result["n_fallback"] + result["n_flagged"] == 6 and result["n_failed"] == 0
+    flagged = {r["ID"]: r["FLAGS"] for r in result["rows"] if r["FLAGS"]}
+    assert set(flagged) <= {4, 5, 6}, flagged      # 4 fallback mask; 5 + 6 share a segment
     from astropy.table import Table
     table = Table.read(str(result["summary"]))
     assert list(table["ID"]) == [1, 2, 3, 4, 5, 6]
@@ -270,6 +272,12 @@ def test_cat_mode_per_row_size_and_ref(scene_files, tmp_path):
     cat.write_text("# ID RA DEC SIZE REF\n"
                    "1 %.8f %.8f 4.0 2.0\n2 %.8f %.8f\n3 %.8f %.8f 5.0 nosuchimage\n"
                    % (t[1]["ra"], t[1]["dec"], t[2]["ra"], t[2]["dec"], t[3]["ra"], t[3]["dec"]))
+    with pytest.raises(autospec.InputError, match=r"line 4 \(ID 3\), column 5 \(REF\): REF "
+                                                  r"'nosuchimage' names no IMG image"):
+        autospec.run(DATACUBE=files["cube"], CATALOG=cat, MODE="cat", APER=[1.0],
+                     OUTPUT=tmp_path / "bad", PLOTS=False, progress=False)
+    assert not (tmp_path / "bad").exists()
+    cat.write_text("\n".join(cat.read_text().splitlines()[:3]) + "\n")
     result = autospec.run(DATACUBE=files["cube"], CATALOG=cat, MODE="cat", APER=[1.0],
                           OUTPUT=tmp_path / "out", PLOTS=False, progress=False)
     rows = {r["ID"]: r for r in result["rows"]}
@@ -277,7 +285,6 @@ def test_cat_mode_per_row_size_and_ref(scene_files, tmp_path):
     src = _source(rows[1]["FILE"])
     assert src.images["MUSE_WHITE"].shape == (21, 21) and "MASK_APER_2.0_OBJ" in src.images
     assert rows[2]["REF_SPECTRUM"] == "MUSE_WHITE_SKYSUB" and rows[2]["SIZE"] == 5.0
-    assert rows[3]["STATUS"] == "failed" and "NOSUCHIMAGE" in rows[3]["REASON"]
 
 
 def test_seg_input_union_and_use_imgs_false(scene_files, tmp_path):
@@ -327,7 +334,8 @@ def test_cube_without_variance_warns_and_estimates(scene_files, tmp_path):
     with pytest.warns(autospec.NoVarianceWarning, match="no variance"):
         result = autospec.run(DATACUBE=tmp_path / "novar.fits", CATALOG=files["catalogue"],
                               APER=[1.0], OUTPUT=tmp_path / "out", PLOTS=False, progress=False)
-    assert result["n_ok"] + result["n_fallback"] == 6
+    assert result["n_ok"] + result["n_fallback"] + result["n_flagged"] == 6
+    assert all(r["VAR_ESTIMATED"] and "estimated_variance" in r["FLAGS"] for r in result["rows"])
     sky = _source(result["rows"][0]["FILE"]).spectra["MUSE_TOT_SKYSUB"]
     assert np.isfinite(sky.var.data).all() and (sky.var.data > 0).all()
 
