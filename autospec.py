@@ -108,6 +108,9 @@ __all__ = [
     "quality_flags",
     "split_shared_segments",
     "catalogue_origin",
+    "read_fsf",
+    "psf_profile",
+    "psf_extraction",
 ]
 __version__ = "1.0.0"
 
@@ -630,6 +633,7 @@ CONFIG_SCHEMA = (
     # --- beyond the original ------------------------------------------------
     ConfigKey("autospec", "PREFIX", "str", "", help="name prefix of cube products ('' = the cube's INSTRUME keyword, else CUBE)"),
     ConfigKey("autospec", "OPTIMAL", "bool", True, help="also extract the optimal (Horne 1986) variance-weighted spectrum"),
+    ConfigKey("autospec", "PSF", "bool", True, help="when the cube has FSF keywords (FSFMODE, FSFnnFWA...): also the optimal extraction with the cube's PSF at the position (<P>_PSF: the total flux of a point source)"),
     ConfigKey("autospec", "XCOR_ITER", "int", 2, (1, 10), "cross-correlation passes (>1: iterate with the last spectrum as reference)", bounds=True),
     ConfigKey("autospec", "XCOR_MASK", "float", 0.1, (0.0, 1.0), "cross-correlation mask: spaxels of the reference mask above this fraction of the map's peak", bounds=True),
     ConfigKey("autospec", "NB_RANGES", "list", [], help="narrow-band images: wavelength ranges 'LMIN-LMAX' in Angstrom"),
@@ -1939,6 +1943,7 @@ class RunState:
     writer: object = None
     shared: dict = None       # ID -> IDs of the other catalogue positions in its segment
     global_sky: tuple = None  # (spectrum, variance, npix) of SKY_METHOD = global
+    fsf: list = None          # mpdaf FSF models of the cube (FSF keywords), or None
 
 
 def build_state(params, overwrite=False, rows=None):
@@ -1991,10 +1996,65 @@ def build_state(params, overwrite=False, rows=None):
             log.info("%d catalogue objects share a segment with another (%s): %s", len(shared),
                      "split between them" if params["SPLIT_SHARED"] else "flagged", sorted(shared))
     global_sky = _global_sky(cube, segfree) if params["SKY_METHOD"] == "global" else None
+    fsf = read_fsf(params["DATACUBE"], cube.step) if params["PSF"] else None
     basis = legendre_basis(cube.data.shape[0], params["CONT_POLY"])
     return RunState(cube, params, images, segmaps, user_segs, basis, np.linalg.pinv(basis),
                     [_parse_nb_range(t) for t in params["NB_RANGES"]],
-                    Path(params["OUTPUT"]), overwrite, SourceFileWriter(cube, params), shared, global_sky)
+                    Path(params["OUTPUT"]), overwrite, SourceFileWriter(cube, params), shared, global_sky, fsf)
+
+
+def read_fsf(path, step):
+    """The cube's FSF (PSF) models from its FSF keywords (mpdaf ``FSFModel``), or None.
+
+    A mosaic (NFIELDS > 1) has one model per field; their mean profile is used (the
+    fields' FWHM differ by ~10 % in the UDF mosaic).
+    """
+    try:
+        from astropy.io import fits
+        from mpdaf.MUSE import FSFModel
+        with fits.open(path) as hdul:
+            header = next((h.header for h in hdul if "FSFMODE" in h.header), None)
+        if header is None:
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = FSFModel.read(header, pixstep=float(min(step)))
+    except (ImportError, ValueError, KeyError, NotImplementedError, TypeError) as exc:
+        log.warning("cannot read the FSF keywords of %s (%s): no PSF extraction", path, exc)
+        return None
+    models = [m for m in (model if isinstance(model, list) else [model]) if m is not None]
+    if models:
+        log.info("FSF of %s: %d model(s), FWHM %.2f\" at 7000 A (PSF extraction)", path, len(models),
+                 float(np.mean([m.get_fwhm(7000.0) for m in models])))
+    return models or None
+
+
+def psf_profile(models, wave, shape, center, nodes=8):
+    """PSF profile (nwave, ny * nx) at ``center`` (y, x) of a stamp: the FSF models' mean
+    2-D profile (unit sum over the stamp) at ``nodes`` wavelengths, linearly interpolated
+    per channel (the FWHM varies slowly with wavelength)."""
+    grid = np.linspace(wave[0], wave[-1], nodes)
+    planes = np.array([np.mean([m.get_2darray(lbda, shape, center=center) for m in models], axis=0).ravel()
+                       for lbda in grid])
+    pos = np.interp(wave, grid, np.arange(nodes))
+    i0 = np.minimum(pos.astype(int), nodes - 2)
+    f = (pos - i0)[:, None]
+    return planes[i0] * (1 - f) + planes[i0 + 1] * f
+
+
+def psf_extraction(data, var, profile, mask, sky_var=None):
+    """Optimal extraction with a per-channel profile (the PSF) inside ``mask``:
+    :math:`\\hat F_\\lambda = \\sum_i P_{i\\lambda} D_{i\\lambda} / V_{i\\lambda} \\big/ \\sum_i
+    P_{i\\lambda}^2 / V_{i\\lambda}` - with P normalised over the whole stamp, the total flux
+    of a point source, whatever part of it the mask holds."""
+    weight = np.where((var > 0) & mask.ravel()[None, :], profile / np.where(var > 0, var, 1.0), 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        denom = (weight * profile).sum(axis=1)
+        flux = (weight * data).sum(axis=1) / denom
+        variance = 1.0 / denom
+        if sky_var is not None:
+            variance = variance + (weight.sum(axis=1) / denom) ** 2 * sky_var
+    return flux, variance
 
 
 def split_shared_segments(labels, positions, radius_pix, split=True):
@@ -2317,6 +2377,11 @@ def extract_object(state, row):
     if p["OPTIMAL"]:
         white_profile = profile_weights(stamps[prefix + "_WHITE"], mask)
         spectra[prefix + "_OPTIMAL" + suffix] = optimal_extraction(data, stamp.var, white_profile, sky_v)
+    if state.fsf:
+        fwhm = float(np.max([m.get_fwhm(cube.wave[len(cube.wave) // 2]) for m in state.fsf]))
+        disc = circular_mask(stamp.shape, stamp.center, 1.5 * fwhm, cube.step) & stamp.valid
+        profile = psf_profile(state.fsf, cube.wave, stamp.shape, stamp.center)
+        spectra[prefix + "_PSF" + suffix] = psf_extraction(data, stamp.var, profile, disc, sky_v)
     kind, value = _parse_ref(row.REF)
     apertures = sorted(set(p["APER"]) | ({value} if kind == "aper" else set()))
     fractions = []

@@ -19,7 +19,7 @@ SIZE = 5.0                # full width of sub-cubes and stamps (arcsec)
 XCOR = True               # cross-correlation extraction
 CONT_SUB = True           # polynomial continuum subtraction (with XCOR)
 CONT_POLY = 5             # polynomial order of the continuum
-SKY_SUB = True            # local sky subtraction (mean of the sky-mask spaxels)
+SKY_SUB = True            # sky subtraction (see SKY_METHOD)
 PLOTS = True              # ID_IMAGES, ID_MASKS, ID_SPECTRA, ID_XCOR .jpg plots per object
 OUT_SUB = False           # keep sub-cubes in the Source files (large)
 OUT_IMG = True
@@ -44,5 +44,9 @@ DETECT_MINAREA = 5        # sep minimum area (pixels)
 DEBLEND_CONT = 0.005      # sep deblending contrast (1.0 = no deblending)
 MATCH_RADIUS = 0.5        # arcsec from the catalogue position to the object's segment
 SKY_GROW = 0.6            # arcsec kept clear around every segment in the sky mask
+SKY_METHOD = 'annulus'    # annulus (median of line-free sky spaxels beyond the object), local (original), global
+SKY_WIDTH = 1.5           # arcsec, width of the sky annulus
+SKY_MIN = 10              # fewest sky spaxels
+SPLIT_SHARED = True       # split a segment shared by several catalogue positions
 SUMMARY = 'summary'       # summary catalogue (summary.ecsv + summary.csv in OUTPUT)
 MARZ = 'marz.fits'        # MARZ input file of the final spectra ('' = none)
