@@ -633,6 +633,8 @@ CONFIG_SCHEMA = (
     # --- beyond the original ------------------------------------------------
     ConfigKey("autospec", "PREFIX", "str", "", help="name prefix of cube products ('' = the cube's INSTRUME keyword, else CUBE)"),
     ConfigKey("autospec", "OPTIMAL", "bool", True, help="also extract the optimal (Horne 1986) variance-weighted spectrum"),
+    ConfigKey("autospec", "NB_SEGMENT", "str", "", help="emission-line objects: '' = masks from the white light (and IMG/SEG); 'auto' = also segment a continuum-subtracted narrow-band image of each object's brightest line; a wavelength (Angstrom) = of the line there. The object mask is then that segment and <P>_NB is weighted by the narrow-band image"),
+    ConfigKey("autospec", "NB_WIDTH", "float", 6.0, (0.5, None), "half-width (Angstrom) of the NB_SEGMENT narrow band", bounds=True),
     ConfigKey("autospec", "PSF", "bool", True, help="when the cube has FSF keywords (FSFMODE, FSFnnFWA...): also the optimal extraction with the cube's PSF at the position (<P>_PSF: the total flux of a point source)"),
     ConfigKey("autospec", "XCOR_ITER", "int", 2, (1, 10), "cross-correlation passes (>1: iterate with the last spectrum as reference)", bounds=True),
     ConfigKey("autospec", "XCOR_MASK", "float", 0.1, (0.0, 1.0), "cross-correlation mask: spaxels of the reference mask above this fraction of the map's peak", bounds=True),
@@ -799,6 +801,13 @@ def validate_autospec(config):
     if c["APER"] and max(c["APER"]) > c["SIZE"] / 2:
         errors.append("[autospec] APER = %s: the largest radius must be at most SIZE / 2 = %g "
                       "arcsec; raise SIZE or use smaller apertures" % (c["APER"], c["SIZE"] / 2))
+    nb = str(c["NB_SEGMENT"]).strip().lower()
+    if nb not in ("", "auto"):
+        try:
+            float(nb)
+        except ValueError:
+            errors.append("[autospec] NB_SEGMENT = %r: use '' (off), 'auto' (each object's brightest line) "
+                          "or a wavelength in Angstrom" % c["NB_SEGMENT"])
     if len(c["DATA_EXT"]) > 2:
         errors.append("[autospec] DATA_EXT = %s: give the data extension, or (data, variance)"
                       % (c["DATA_EXT"],))
@@ -2337,6 +2346,10 @@ def extract_object(state, row):
     if empty:
         notes.append("no segment at the position in %s" % ", ".join(empty))
     flags = []
+    nb = line_segment(state, stamp, radius_pix) if p["NB_SEGMENT"] else None
+    if nb is not None:
+        mask, info["MASK_USED"] = nb["mask"], "narrow band %.1f A" % nb["wave"]
+        notes.append("mask from the narrow-band image of the line at %.1f A" % nb["wave"])
     if mask is None:
         radius = min(p["APER"]) if p["APER"] else 1.0
         mask = circular_mask(stamp.shape, stamp.center, radius, cube.step) & stamp.valid
@@ -2374,6 +2387,9 @@ def extract_object(state, row):
     stamps = {tag: image[sl] for tag, image in state.images.items()}
     for tag, image in stamps.items():
         spectra[tag + suffix] = weighted_extraction(data, stamp.var, profile_weights(image, mask), sky_v)
+    if nb is not None:
+        stamps["NB_LINE"] = nb["image"]
+        spectra[prefix + "_NB" + suffix] = weighted_extraction(data, stamp.var, profile_weights(nb["image"], mask), sky_v)
     if p["OPTIMAL"]:
         white_profile = profile_weights(stamps[prefix + "_WHITE"], mask)
         spectra[prefix + "_OPTIMAL" + suffix] = optimal_extraction(data, stamp.var, white_profile, sky_v)
@@ -2426,6 +2442,41 @@ def extract_object(state, row):
     info["NOTES"] = "; ".join(notes)
     return ObjectResult(spectra, stamps, masks, segs, xcor_maps, info,
                         {"slices": subcubes, "stamp": stamp})
+
+
+def line_segment(state, stamp, radius_pix, threshold=3.0):
+    """Object segment on a continuum-subtracted narrow-band image of the object's line.
+
+    The line is at NB_SEGMENT (Angstrom) or, with 'auto', at the most significant
+    5-channel emission peak of the continuum-subtracted spectrum of a 1" disc at the
+    position.  The image sums +-NB_WIDTH around it; the segment is the connected region
+    above ``threshold`` sigma (its propagated noise) at, or within ``radius_pix`` of, the
+    position.  None when there is no such region.
+    """
+    from scipy import ndimage
+    p, cube = state.params, state.cube
+    contsub = stamp.data - state.basis @ (state.basis_pinv @ stamp.data)
+    if str(p["NB_SEGMENT"]).strip().lower() == "auto":
+        disc = circular_mask(stamp.shape, stamp.center, 1.0, cube.step) & stamp.valid
+        if not disc.any():
+            return None
+        w = disc.ravel().astype(float)
+        spec, var = contsub @ w, stamp.var @ w
+        snr = _boxcar(spec, 5) / np.sqrt(np.where(var > 0, var, np.inf) / 5)
+        wave = float(cube.wave[int(np.argmax(snr))])
+    else:
+        wave = float(p["NB_SEGMENT"])
+    sel = np.abs(cube.wave - wave) <= p["NB_WIDTH"]
+    if not sel.any():
+        return None
+    image = contsub[sel].sum(axis=0).reshape(stamp.shape)
+    noise = np.sqrt(stamp.var[sel].sum(axis=0)).reshape(stamp.shape)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        labels, _ = ndimage.label(np.where(noise > 0, image / noise, 0.0) > threshold)
+    label = segment_at(labels, stamp.center, radius_pix)
+    if not label:
+        return None
+    return {"mask": (labels == label) & stamp.valid, "image": image, "wave": wave}
 
 
 def _grow(mask, radius_pix):

@@ -48,5 +48,8 @@ SKY_METHOD = 'annulus'    # annulus (median of line-free sky spaxels beyond the 
 SKY_WIDTH = 1.5           # arcsec, width of the sky annulus
 SKY_MIN = 10              # fewest sky spaxels
 SPLIT_SHARED = True       # split a segment shared by several catalogue positions
+NB_SEGMENT = ''           # line emitters: 'auto' or a wavelength (A) -> mask on the line's narrow band
+NB_WIDTH = 6.0            # A, half-width of that narrow band
+PSF = True                # PSF extraction when the cube has FSF keywords
 SUMMARY = 'summary'       # summary catalogue (summary.ecsv + summary.csv in OUTPUT)
 MARZ = 'marz.fits'        # MARZ input file of the final spectra ('' = none)
