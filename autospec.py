@@ -2867,58 +2867,578 @@ def write_marz(path, entries, wave):
     return Path(path)
 
 
+PLOT_DPI = 80                  # pixels per inch of the JPEG plots
+PLOT_JPEG_QUALITY = 85         # PIL JPEG quality (1-95)
+_PLOT_FONT = 7                 # points
+_PLOT_CACHE_SIZE = 8           # figures kept for reuse (one per layout and thread)
+_PLOT_FIGURES = {}             # (thread, kind, layout...) -> _PlotFigure, reused across objects
+_OBJ_COLOUR, _SKY_COLOUR, _MARK_COLOUR, _COMPASS_COLOUR = "red", "white", "red", "orange"
+
+
 def make_plots(state, row, result):
     """ID_IMAGES, ID_MASKS, ID_SPECTRA and ID_XCOR .jpg under ``OUTPUT/images/<ID>/``.
 
-    Every figure is closed after saving (the original never closed them, so memory grew
-    over long catalogues); written atomically.
+    * IMAGES: every weight image of the stamp (white light first, IMG, NB) with a colour
+      bar, then the segmentation maps; the catalogue position (+), N/E arrows from the
+      WCS, and on the white light the outlines of the object (red) and sky (white) masks.
+    * MASKS: every mask of the object, with its number of spaxels.
+    * XCOR: the cross-correlation maps with colour bars and the MASK_XCOR outline (only
+      when XCOR ran).
+    * SPECTRA: the reference and cross-correlation spectra with the 1-sigma band of the
+      propagated variance, each with its integrated S/N; flux in the cube's unit.
+
+    Six to seven times cheaper than pyplot figures built per object: Agg canvases without
+    pyplot state, built once per layout and re-used for every object; what does not change
+    between objects (frames, names, axis labels, the wavelength axis) is drawn once and
+    restored from a saved copy of the canvas, and only the data, the flux and colour-bar
+    ticks, S/N values and IDs are drawn per object.  Files are written atomically (JPEG by
+    PIL).  Figures are per thread (and forked workers have their own copies).
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     outdir = Path(state.params["OUTPUT"]) / "images" / str(row.ID)
     outdir.mkdir(parents=True, exist_ok=True)
-    cmap = state.params["CMAP"]
-    panels = {
-        "IMAGES": [list(result.images.items()),
-                   [(k, v) for k, v in result.segs.items() if k in state.segmaps],
-                   [(k, v) for k, v in result.segs.items() if k in state.user_segs]],
-        "MASKS": [list(result.masks.items())],
-        "XCOR": [list(result.xcor.items())] if result.xcor else None,
-    }
-    with plt.rc_context({"font.size": 7, "axes.titlesize": 7}):
-        for kind, rows in panels.items():
-            rows = [r for r in rows or () if r]
-            if not rows:
-                continue
-            ncol = max(len(r) for r in rows)
-            size = 4.0 if kind == "XCOR" else 2.5
-            fig, axes = plt.subplots(len(rows), ncol, figsize=(size * ncol, size * len(rows)),
-                                     squeeze=False)
-            for i, items in enumerate(rows):
-                for j in range(ncol):
-                    ax = axes[i][j]
-                    ax.set_axis_off()
-                    if j < len(items):
-                        ax.imshow(np.asarray(items[j][1], float), origin="lower", cmap=cmap)
-                        ax.set_title(items[j][0])
-            _save_figure(fig, outdir / ("%s_%s.jpg" % (row.ID, kind)))
-            plt.close(fig)
-        names = [result.info["REF_SPECTRUM"]] + [n for n in result.spectra
-                                                 if n.startswith("CROSS_CORRELATION")]
-        fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.5 * len(names)), squeeze=False)
-        for ax, name in zip(axes[:, 0], names):
-            ax.plot(state.cube.wave, result.spectra[name][0], lw=0.6, color="k")
-            ax.set_title(name)
-        axes[-1, 0].set_xlabel("wavelength (Angstrom)")
-        fig.tight_layout()
-        _save_figure(fig, outdir / ("%s_SPECTRA.jpg" % row.ID))
-        plt.close(fig)
+    for kind, panels in _image_panels(state, result).items():
+        if panels:
+            _save_figure(_image_figure(kind, panels, state, result, "ID %s" % row.ID),
+                         outdir / ("%s_%s.jpg" % (row.ID, kind)))
+    title = "ID %s   RA %.6f   Dec %.6f" % (row.ID, row.RA, row.DEC)
+    _save_figure(_spectra_figure(state, result, title), outdir / ("%s_SPECTRA.jpg" % row.ID))
 
 
 def _save_figure(fig, path):
+    """Render ``fig`` (see :func:`_render_figure`) and write it as JPEG, atomically."""
+    from PIL import Image
+    canvas = _render_figure(fig)
+    image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(),
+                             "raw", "RGBA", 0, 1).convert("RGB")     # opaque white face
     with atomic_path(path, overwrite=True, suffix=".jpg") as tmp:
-        fig.savefig(tmp, dpi=80, format="jpg")
+        image.save(tmp, format="JPEG", quality=PLOT_JPEG_QUALITY)
+
+
+def _render_figure(fig):
+    """Draw ``fig`` on an Agg canvas and return the canvas.
+
+    A figure of :func:`make_plots` restores its saved static layer and draws only its
+    per-object artists on it; any other figure is drawn in full.
+    """
+    slot = getattr(fig, "_autospec_plot", None)
+    if slot is not None:
+        return slot.render()
+    canvas = fig.canvas
+    if not hasattr(canvas, "copy_from_bbox"):        # a figure of another backend
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas
+
+
+class _PlotFigure:
+    """A re-used figure: its panels' artists and a static layer drawn once per layout.
+
+    ``dynamic`` lists the artists that change from object to object, in drawing order;
+    all the others are static and are drawn (with the dynamic ones hidden) only when
+    ``signature`` - a tuple of everything the static layer shows - changes.
+    """
+
+    def __init__(self, fig):
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        self.fig, self.canvas = fig, FigureCanvasAgg(fig)
+        self.panels, self.dynamic = [], []
+        self.signature, self.drawn_signature, self.background = None, None, None
+        self.suptitle = fig.text(0.5, 1 - 0.06 / fig.get_figheight(), "", ha="center",
+                                 va="top", fontsize=_PLOT_FONT)
+        self.dynamic.append(self.suptitle)
+        fig._autospec_plot = self
+
+    def render(self):
+        if self.background is None or self.signature != self.drawn_signature:
+            shown = [a.get_visible() for a in self.dynamic]
+            for artist in self.dynamic:
+                artist.set_visible(False)
+            try:
+                self.canvas.draw()
+            finally:
+                for artist, visible in zip(self.dynamic, shown):
+                    artist.set_visible(visible)
+            self.background = self.canvas.copy_from_bbox(self.fig.bbox)
+            self.drawn_signature = self.signature
+        else:
+            self.canvas.restore_region(self.background)
+        for artist in self.dynamic:
+            if artist.get_visible():
+                self.fig.draw_artist(artist)
+        return self.canvas
+
+
+def _plot_cached_figure(key, build):
+    """The figure of ``key`` for this thread, built on first use (bounded cache)."""
+    import threading
+    key = (threading.get_ident(),) + key
+    slot = _PLOT_FIGURES.pop(key, None) or build()
+    _PLOT_FIGURES[key] = slot                    # most recently used last
+    while len(_PLOT_FIGURES) > _PLOT_CACHE_SIZE:
+        del _PLOT_FIGURES[next(iter(_PLOT_FIGURES))]
+    return slot
+
+
+def _plot_new_figure(width, height):
+    from matplotlib.figure import Figure
+    return Figure(figsize=(width, height), dpi=PLOT_DPI, facecolor="white")
+
+
+def _plot_offset(fig, dx, dy):
+    """A translation by (dx, dy) points."""
+    from matplotlib.transforms import ScaledTranslation
+    return ScaledTranslation(dx / 72.0, dy / 72.0, fig.dpi_scale_trans)
+
+
+def _plot_tick_artists(ax, side, fontsize, nmax=8):
+    """Own tick marks and labels on the left or right side of ``ax`` (data y).
+
+    Cheaper than a matplotlib Axis when they change for every object; set by
+    :func:`_plot_set_ticks`.
+    """
+    from matplotlib.markers import TICKLEFT, TICKRIGHT
+    from matplotlib.transforms import offset_copy
+    left = side == "left"
+    ax.set_yticks([])
+    trans = ax.get_yaxis_transform()                         # x: axes, y: data
+    marks, = ax.plot([], [], ls="none", marker=TICKLEFT if left else TICKRIGHT, ms=3, mew=0.8,
+                     color="k", transform=trans, clip_on=False)
+    text_trans = offset_copy(trans, fig=ax.get_figure(), x=-4.5 if left else 4.5, units="points")
+    labels = [ax.text(0.0 if left else 1.0, 0.0, "", transform=text_trans, fontsize=fontsize,
+                      ha="right" if left else "left", va="center", clip_on=False)
+              for _ in range(nmax)]
+    offset = ax.text(0.004, 0.97, "", transform=ax.transAxes, ha="left", va="top",
+                     fontsize=fontsize) if left else \
+        ax.text(0.5, 1.01, "", transform=ax.transAxes, ha="center", va="bottom", fontsize=fontsize)
+    return dict(marks=marks, labels=labels, offset=offset, x=0.0 if left else 1.0,
+                artists=[marks, *labels, offset])
+
+
+def _plot_set_ticks(ticks, lo, hi, nbins, to_axis=None):
+    """Nice ticks of the values ``lo``-``hi`` (placed at ``to_axis(values)``)."""
+    values, labels, offset = _plot_tick_labels(lo, hi, nbins)
+    positions = to_axis(values) if to_axis is not None else values
+    positions, labels = positions[:len(ticks["labels"])], labels[:len(ticks["labels"])]
+    ticks["marks"].set_data(np.full(len(positions), ticks["x"]), positions)
+    for k, text in enumerate(ticks["labels"]):
+        if k < len(labels):
+            text.set_y(positions[k])
+            text.set_text(labels[k])
+        else:
+            text.set_text("")
+    ticks["offset"].set_text(offset)
+
+
+def _plot_tick_labels(lo, hi, nbins):
+    """Nice values inside [lo, hi], their labels and a common 'x1eN' factor."""
+    from matplotlib.ticker import MaxNLocator
+    if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+        return np.empty(0), [], ""
+    values = MaxNLocator(nbins=nbins).tick_values(lo, hi)
+    eps = 1e-9 * (hi - lo)
+    values = values[(values >= lo - eps) & (values <= hi + eps)]
+    big = max(abs(lo), abs(hi))
+    exponent = int(np.floor(np.log10(big))) if big > 0 else 0
+    scale, offset = (10.0 ** exponent, "x1e%d" % exponent) if not -3 < exponent < 5 else (1.0, "")
+    return values, ["%g" % (round(v / scale, 10) + 0.0) for v in values], offset
+
+
+# ---------------------------------------------------------------------------
+# Image plots: IMAGES, MASKS, XCOR
+# ---------------------------------------------------------------------------
+def _image_panels(state, result):
+    """{kind: [(name, array, role, outlines)]}; role 'flux', 'seg' or 'mask'."""
+    masks = result.masks
+    white = state.cube.prefix + "_WHITE"
+    if white not in result.images:
+        white = next(iter(result.images), None)
+    images = [(name, image, "flux",
+               ((masks.get("MASK_OBJ"), _OBJ_COLOUR), (masks.get("MASK_SKY"), _SKY_COLOUR))
+               if name == white else ()) for name, image in result.images.items()]
+    images += [(name, seg, "seg", ()) for name, seg in result.segs.items()]
+    return {"IMAGES": images,
+            "MASKS": [(name, mask, "mask", ()) for name, mask in masks.items()],
+            "XCOR": [(name, cmap, "flux", ((masks.get("MASK_XCOR"), _OBJ_COLOUR),))
+                     for name, cmap in (result.xcor or {}).items() if np.ndim(cmap) == 2]}
+
+
+def _plot_cmap(name, role):
+    import matplotlib
+    if role == "seg":
+        return matplotlib.colormaps["tab20"].with_extremes(bad="black")
+    if role == "mask":
+        return matplotlib.colormaps["gray"].with_extremes(bad="0.6")
+    try:
+        cmap = matplotlib.colormaps[name]
+    except (KeyError, ValueError):
+        cmap = matplotlib.colormaps["viridis"]
+    return cmap.with_extremes(bad="0.75")
+
+
+def _build_image_figure(roles, ncol, cmap_name):
+    """One panel per (role, number of outlines, compass); colour bars on 'flux' panels."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
+    nrow = -(-len(roles) // ncol)
+    bar = any(role == "flux" for role, _, _ in roles)
+    cell_w, cell_h, box, top = (2.5 if bar else 2.05), 2.2, 1.8, 0.3
+    width, height = cell_w * ncol + 0.05, cell_h * nrow + top
+    slot = _PlotFigure(_plot_new_figure(width, height))
+    fig = slot.fig
+    for k, (role, noutline, compass) in enumerate(roles):
+        i, j = divmod(k, ncol)
+        x0, y0 = j * cell_w + 0.12, height - top - (i + 1) * cell_h + 0.1
+        ax = fig.add_axes((x0 / width, y0 / height, box / width, box / height))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for spine in ax.spines.values():
+            spine.set_visible(False)     # a frame is drawn over the image instead
+        ax.set_facecolor("0.75")         # outside the cube: as blank spaxels
+        cmap = _plot_cmap(cmap_name, role)
+        im = ax.imshow(np.zeros((2, 2)), origin="lower", interpolation="nearest", cmap=cmap,
+                       vmin=-0.5 if role == "seg" else 0.0, vmax=19.5 if role == "seg" else 1.0)
+        above = ax.transAxes + _plot_offset(fig, 0, 3)   # not titles: no title placement pass
+        name = ax.text(0.0, 1.0, "", transform=above, ha="left", va="baseline",
+                       fontsize=_PLOT_FONT)
+        note = ax.text(1.0, 1.0, "", transform=above, ha="right", va="baseline",
+                       fontsize=_PLOT_FONT)
+        outlines = [ax.plot([], [], lw=1.0, scalex=False, scaley=False)[0]
+                    for _ in range(noutline)]
+        cross, = ax.plot([], [], marker="+", ms=11, mew=1.4, color=_MARK_COLOUR, ls="none",
+                         scalex=False, scaley=False)
+        arrows = []
+        if compass:
+            for label in ("N", "E"):
+                arrow = ax.annotate("", xy=(0, 0), xytext=(0, 0), annotation_clip=False,
+                                    arrowprops=dict(arrowstyle="-|>", color=_COMPASS_COLOUR,
+                                                    lw=1.1, shrinkA=0, shrinkB=0,
+                                                    mutation_scale=7))
+                text = ax.text(0, 0, label, color=_COMPASS_COLOUR, fontsize=_PLOT_FONT,
+                               fontweight="bold", ha="center", va="center", clip_on=False)
+                arrows.append((arrow, text))
+        frame = ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, fill=False,
+                                       lw=0.8, edgecolor="k", clip_on=False))
+        slot.dynamic += [im, *outlines, cross, *[a for pair in arrows for a in pair], note,
+                         frame]
+        ticks = None
+        if role == "flux":   # a fixed 0-1 colour bar; the image is scaled to it
+            cax = fig.add_axes(((x0 + box + 0.05) / width, y0 / height, 0.09 / width, box / height))
+            fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), cax=cax).set_ticks([])
+            ticks = _plot_tick_artists(cax, "right", _PLOT_FONT - 1)
+            slot.dynamic += ticks["artists"]
+        slot.panels.append(dict(ax=ax, im=im, name=name, note=note, outlines=outlines,
+                                cross=cross, arrows=arrows, ticks=ticks))
+    return slot
+
+
+def _image_figure(kind, panels, state, result, title=""):
+    """The (cached) figure of one kind of image plot, updated for ``result``."""
+    ncol = min(len(panels), 5 if kind == "MASKS" else 4)
+    roles = tuple((role, len(outlines), k == 0 and kind != "MASKS")   # N/E on the first panel
+                  for k, (_, _, role, outlines) in enumerate(panels))
+    cmap_name = state.params.get("CMAP", "viridis")
+    slot = _plot_cached_figure((kind, roles, ncol, cmap_name),
+                               lambda: _build_image_figure(roles, ncol, cmap_name))
+    stamp = (result.subcubes or {}).get("stamp")
+    center = getattr(stamp, "center", None)
+    compass = _compass_vectors(getattr(state.cube, "wcs", None))
+    static = []
+    for (name, image, role, outlines), p in zip(panels, slot.panels):
+        static.append(_update_image_panel(p, name, np.asarray(image), role, outlines, center,
+                                          compass))
+    slot.suptitle.set_text(title)
+    slot.signature = tuple(static)
+    return slot.fig
+
+
+def _update_image_panel(p, name, image, role, outlines, center, compass):
+    """Set one panel's data; returns what its static layer shows (its name)."""
+    ax, im = p["ax"], p["im"]
+    if image.ndim != 2 or image.size == 0:
+        image = np.full((1, 1), np.nan)
+    ny, nx = image.shape
+    note = ""
+    if role == "flux":
+        data = np.asarray(image, float)
+        vmin, vmax = _plot_limits(data)
+        with np.errstate(invalid="ignore"):
+            im.set_data((data - vmin) / (vmax - vmin))
+        _plot_set_ticks(p["ticks"], vmin, vmax, 3, lambda v: (v - vmin) / (vmax - vmin))
+        note = "" if np.isfinite(data).any() else "no data"
+    elif role == "seg":
+        labels = np.asarray(image)
+        _, rank = np.unique(labels, return_inverse=True)
+        blank = ~np.isfinite(labels) | (labels == 0)
+        im.set_data(np.ma.masked_array(((rank.reshape(labels.shape) - 1) % 20).astype(float),
+                                       mask=blank))
+    else:
+        mask = np.nan_to_num(np.asarray(image, float)) != 0
+        im.set_data(mask.astype(float))
+        note = "N=%d" % int(mask.sum())
+    if p.get("shape") != (ny, nx):
+        im.set_extent((-0.5, nx - 0.5, -0.5, ny - 0.5))
+        p["shape"] = (ny, nx)
+    known = center is not None and len(center) == 2 and np.all(np.isfinite(center))
+    cy, cx = (float(center[0]), float(center[1])) if known else ((ny - 1) / 2.0, (nx - 1) / 2.0)
+    # a square view centred on the object's pixel (as the stamp is) that holds the whole
+    # stamp: a stamp cut by the cube's edge keeps square pixels, the object in the middle
+    # and the frame in place (what lies outside the cube is grey)
+    vy, vx = (float(np.round(cy)), float(np.round(cx))) if known else (cy, cx)
+    half = max(vx + 0.5, nx - 0.5 - vx, vy + 0.5, ny - 0.5 - vy, 1.0)
+    ax.set_xlim(vx - half, vx + half)
+    ax.set_ylim(vy - half, vy + half)
+    p["name"].set_text(name)
+    p["note"].set_text(note)
+    for line, (mask, colour) in zip(p["outlines"], outlines):
+        line.set_data(*_mask_outline(mask if np.shape(mask) == (ny, nx) else None))
+        line.set_color(colour)
+    p["cross"].set_data([cx] if known else [], [cy] if known else [])   # center is (y, x)
+    if p["arrows"]:
+        _place_compass(p["arrows"], compass, (vx, vy), half)
+    return name
+
+
+def _plot_limits(data):
+    """Display range of an image: the 0.5-99.5 percentiles of its finite pixels."""
+    finite = data[np.isfinite(data)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = (float(v) for v in np.percentile(finite, (0.5, 99.5)))
+    if not hi > lo:
+        pad = 0.1 * abs(lo) or 1.0
+        lo, hi = lo - pad, hi + pad
+    return lo, hi
+
+
+def _mask_outline(mask):
+    """Pixel-edge outline of a boolean mask as (x, y) line data, NaN between edges.
+
+    The edges between a mask spaxel and a non-mask one (the stamp border is no edge): a
+    single spaxel is a square, an empty or full mask (or None) has no outline.
+    """
+    if mask is None:
+        return np.empty(0), np.empty(0)
+    m = np.pad(np.nan_to_num(np.asarray(mask, float)) != 0, 1, mode="edge")
+    ny, nx = m.shape[0] - 2, m.shape[1] - 2
+    vy, vx = np.nonzero(m[1:-1, 1:] != m[1:-1, :-1])     # vertical edges at x = vx - 0.5
+    hy, hx = np.nonzero(m[1:, 1:-1] != m[:-1, 1:-1])     # horizontal edges at y = hy - 0.5
+    keep_v, keep_h = (vx > 0) & (vx < nx), (hy > 0) & (hy < ny)
+    vy, vx, hy, hx = vy[keep_v], vx[keep_v], hy[keep_h], hx[keep_h]
+    gap_v, gap_h = np.full(vx.size, np.nan), np.full(hx.size, np.nan)
+    x = np.concatenate([np.stack([vx - 0.5, vx - 0.5, gap_v], 1).ravel(),
+                        np.stack([hx - 0.5, hx + 0.5, gap_h], 1).ravel()])
+    y = np.concatenate([np.stack([vy - 0.5, vy + 0.5, gap_v], 1).ravel(),
+                        np.stack([hy - 0.5, hy - 0.5, gap_h], 1).ravel()])
+    return x, y
+
+
+def _compass_vectors(wcs):
+    """Unit (dx, dy) pixel directions of north and east from an mpdaf WCS, or None.
+
+    A pixel offset ``d`` moves by ``CD @ d`` in the projected (east, north) plane, so north
+    is along ``CD^-1 (0, 1)`` and east along ``CD^-1 (1, 0)``: (0, 1) and (-1, 0), up and
+    left, for the usual orientation; rotations and flips follow from the CD matrix.
+    """
+    try:
+        cd = np.array(wcs.get_cd(), dtype=float)
+        inner = wcs.wcs.wcs
+        if (inner.lng, inner.lat) == (1, 0):            # latitude on the first axis
+            cd = cd[::-1]
+        inv = np.linalg.inv(cd)
+    except (AttributeError, TypeError, ValueError, np.linalg.LinAlgError):
+        return None
+    north, east = inv @ (0.0, 1.0), inv @ (1.0, 0.0)
+    if not (np.all(np.isfinite(north)) and np.all(np.isfinite(east))):
+        return None
+    return north / np.hypot(*north), east / np.hypot(*east)
+
+
+def _place_compass(arrows, vectors, centre, half):
+    """N and E arrows (20 % of the view) on the side opposite to where they point."""
+    if vectors is None:
+        for arrow, text in arrows:
+            arrow.set_visible(False)
+            text.set_visible(False)
+        return
+    size = 2.0 * half
+    total = vectors[0] + vectors[1]
+    norm = np.hypot(*total)
+    anchor = np.asarray(centre, float) - (0.36 * size * total / norm if norm > 0 else 0.0)
+    for (arrow, text), vec in zip(arrows, vectors):
+        arrow.xy = tuple(anchor + 0.2 * size * vec)
+        arrow.set_position(tuple(anchor))
+        text.set_position(tuple(anchor + 0.27 * size * vec))
+        arrow.set_visible(True)
+        text.set_visible(True)
+
+
+# ---------------------------------------------------------------------------
+# SPECTRA
+# ---------------------------------------------------------------------------
+def _spectrum_names(result):
+    """The reference spectrum, then the cross-correlation spectra (as before)."""
+    names = [result.info.get("REF_SPECTRUM")] + [n for n in result.spectra
+                                                 if n.startswith("CROSS_CORRELATION")]
+    names = [n for n in dict.fromkeys(names) if n in result.spectra]
+    return names or list(result.spectra)[:1]
+
+
+def _flux_label(unit):
+    text = "" if unit is None else str(unit).strip()
+    return "flux (%s)" % text if text else "flux"
+
+
+def _wave_label(state):
+    unit = getattr(getattr(state.cube, "wavecoord", None), "unit", None)
+    return "wavelength (%s)" % (unit or "Angstrom")
+
+
+def _build_spectra_figure(n):
+    from matplotlib.patches import PathPatch
+    width, panel, top, bottom = 10.0, 1.9, 0.3, 0.45
+    height = top + bottom + panel * n
+    slot = _PlotFigure(_plot_new_figure(width, height))
+    fig = slot.fig
+    slot.ylabel = fig.supylabel(" ", fontsize=_PLOT_FONT, x=0.008)
+    first = None
+    for i in range(n):
+        y0 = height - top - (i + 1) * panel + bottom - 0.1
+        ax = fig.add_axes((0.07, y0 / height, 0.92, (panel - 0.45) / height), sharex=first)
+        first = first or ax
+        ax.tick_params(labelsize=_PLOT_FONT, length=3, pad=2)
+        ticks = _plot_tick_artists(ax, "left", _PLOT_FONT)
+        name = ax.set_title(" ", loc="left", fontsize=_PLOT_FONT, pad=3)
+        above = ax.transAxes + _plot_offset(fig, 0, 3)               # where the titles are
+        ax.text(0.955, 1.0, "S/N = ", transform=above, ha="right", va="baseline",
+                fontsize=_PLOT_FONT)                               # static; the value is not
+        snr = ax.text(0.955, 1.0, "", transform=above, ha="left", va="baseline",
+                      fontsize=_PLOT_FONT)
+        zero = ax.axhline(0.0, color="0.6", lw=0.5)
+        band = ax.add_patch(PathPatch(_band_path([], [], []), facecolor="tab:orange",
+                                      alpha=0.45, lw=0, edgecolor="none"))
+        line, = ax.plot([], [], color="k", lw=0.5)
+        note = ax.text(0.5, 0.5, "", transform=ax.transAxes, ha="center", va="center",
+                       fontsize=_PLOT_FONT + 1, color="0.4")
+        if i < n - 1:
+            ax.tick_params(labelbottom=False)
+        else:
+            ax.set_xlabel(" ", fontsize=_PLOT_FONT, labelpad=2)
+        slot.dynamic += [zero, band, line, *ax.spines.values(), *ticks["artists"], snr, note]
+        slot.panels.append(dict(ax=ax, band=band, line=line, name=name, snr=snr, note=note,
+                                ticks=ticks))
+    return slot
+
+
+def _spectra_figure(state, result, title=""):
+    """The (cached) SPECTRA figure updated for ``result``: flux, 1-sigma band, S/N."""
+    names = _spectrum_names(result)
+    slot = _plot_cached_figure(("SPECTRA", len(names)), lambda: _build_spectra_figure(len(names)))
+    wave = np.asarray(state.cube.wave, float)
+    for name, p in zip(names, slot.panels):
+        flux, var = (np.asarray(a, float) for a in result.spectra[name][:2])
+        _update_spectrum_panel(p, name, wave, flux, var)
+    ax = slot.panels[-1]["ax"]
+    finite = wave[np.isfinite(wave)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    ax.set_xlim(lo, hi if hi > lo else lo + 1.0)
+    xlabel, ylabel = _wave_label(state), _flux_label(getattr(state.cube, "unit", None))
+    ax.xaxis.label.set_text(xlabel)
+    slot.ylabel.set_text(ylabel)
+    slot.suptitle.set_text(title)
+    slot.signature = (tuple(names), xlabel, ylabel, ax.get_xlim())
+    return slot.fig
+
+
+def _update_spectrum_panel(p, name, wave, flux, var):
+    n = min(wave.size, flux.size)
+    wave, flux = wave[:n], flux[:n]
+    var = var[:n] if var.size >= n else np.full(n, np.nan)
+    with np.errstate(invalid="ignore"):
+        sigma = np.sqrt(np.where(np.isfinite(var) & (var > 0), var, np.nan))
+    npix = max(int(p["ax"].bbox.width), 16)       # at most 2 points per pixel column drawn
+    p["line"].set_data(*_envelope_line(wave, flux, npix))
+    p["band"].set_path(_band_path(*_envelope_band(wave, flux - sigma, flux + sigma, npix)))
+    snr = integrated_snr(flux, var)
+    p["name"].set_text(name)
+    p["snr"].set_text("%.1f" % snr if np.isfinite(snr) else "n/a")
+    finite = flux[np.isfinite(flux)]
+    p["note"].set_text("" if finite.size else "no finite flux")
+    lo, hi = _spectrum_limits(finite)
+    p["ax"].set_ylim(lo, hi)
+    _plot_set_ticks(p["ticks"], lo, hi, 3)
+
+
+def _plot_chunk(n, npix):
+    """Channels per display chunk (1: draw every channel)."""
+    return 1 if n <= 2 * npix else int(np.ceil(n / float(npix)))
+
+
+def _plot_chunked(values, k, fill):
+    """``values`` padded with ``fill`` to a multiple of ``k`` and reshaped (-1, k)."""
+    pad = (-len(values)) % k
+    return np.concatenate([values, np.full(pad, fill)]).reshape(-1, k)
+
+
+def _envelope_line(x, y, npix):
+    """(x, y) to draw for ``npix`` pixel columns: per chunk its minimum and maximum, in
+    channel order, so that lines and spikes look as with every channel; a chunk without
+    finite values is a gap."""
+    k = _plot_chunk(len(y), npix)
+    if k == 1:
+        return x, y
+    bad = ~np.isfinite(y)
+    lo = _plot_chunked(np.where(bad, np.inf, y), k, np.inf).argmin(axis=1)
+    hi = _plot_chunked(np.where(bad, -np.inf, y), k, -np.inf).argmax(axis=1)
+    start = np.arange(len(lo)) * k
+    order = np.sort(np.stack([lo, hi], 1), axis=1) + start[:, None]
+    index = np.minimum(order.ravel(), len(y) - 1)
+    return x[index], y[index]
+
+
+def _envelope_band(x, low, high, npix):
+    """(x, low, high) of a band for ``npix`` pixel columns: per chunk the lowest low and
+    highest high (NaN when a chunk has none)."""
+    k = _plot_chunk(len(x), npix)
+    if k == 1:
+        return x, low, high
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)      # all-NaN chunks: gaps
+        lo = np.nanmin(_plot_chunked(low, k, np.nan), axis=1)
+        hi = np.nanmax(_plot_chunked(high, k, np.nan), axis=1)
+    xs = _plot_chunked(x, k, np.nan)
+    return np.nanmean(xs, axis=1), lo, hi
+
+
+def _band_path(x, low, high):
+    """Closed polygons between ``low`` and ``high``, one per run of finite channels."""
+    from matplotlib.path import Path as MplPath
+    x, low, high = (np.asarray(a, float) for a in (x, low, high))
+    good = np.isfinite(x) & np.isfinite(low) & np.isfinite(high)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], good.view(np.int8), [0]])))
+    verts, codes = [], []
+    for start, stop in zip(edges[::2], edges[1::2]):
+        xs = x[start:stop]
+        ring = np.concatenate([np.stack([xs, low[start:stop]], 1),
+                               np.stack([xs[::-1], high[start:stop][::-1]], 1),
+                               [[xs[0], low[start]]]])
+        verts.append(ring)
+        codes.append(np.r_[MplPath.MOVETO, np.full(len(ring) - 2, MplPath.LINETO),
+                           MplPath.CLOSEPOLY])
+    if not verts:
+        return MplPath(np.zeros((1, 2)), [MplPath.MOVETO])
+    return MplPath(np.concatenate(verts), np.concatenate(codes).astype(MplPath.code_type))
+
+
+def _spectrum_limits(finite):
+    """y range of the finite flux values (lines included), 5 % margins."""
+    if finite.size == 0:
+        return -1.0, 1.0
+    lo, hi = float(finite.min()), float(finite.max())
+    pad = 0.05 * (hi - lo) if hi > lo else (0.1 * abs(lo) or 1.0)
+    return lo - pad, hi + pad
 
 
 # ===========================================================================
@@ -2951,7 +3471,11 @@ def process_object(state, row):
         result = extract_object(state, row)
         state.writer.write(path, row, result, state.cube)
         if state.params["PLOTS"]:
-            make_plots(state, row, result)
+            try:
+                make_plots(state, row, result)
+            except (ValueError, OSError, RuntimeError) as exc:    # a plot never costs the object
+                log.warning("%s: plots failed (%s: %s); the Source file is written", row.ID, type(exc).__name__, exc)
+                result.info["NOTES"] = "; ".join(n for n in (result.info["NOTES"], "plots failed: %s" % exc) if n)
     except ObjectError as exc:
         status = "outside" if "outside the cube" in str(exc) else "failed"
         log.warning("%s: Error, %s", row.ID, exc)
