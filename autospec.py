@@ -801,6 +801,9 @@ def validate_autospec(config):
     if c["APER"] and max(c["APER"]) > c["SIZE"] / 2:
         errors.append("[autospec] APER = %s: the largest radius must be at most SIZE / 2 = %g "
                       "arcsec; raise SIZE or use smaller apertures" % (c["APER"], c["SIZE"] / 2))
+    bad = [a for a in c["APER"] if not a > 0]
+    if bad:
+        errors.append("[autospec] APER = %s: aperture radii must be positive arcsec (got %s)" % (c["APER"], bad))
     nb = str(c["NB_SEGMENT"]).strip().lower()
     if nb not in ("", "auto"):
         try:

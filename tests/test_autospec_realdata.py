@@ -318,3 +318,29 @@ def test_line_emitter_masked_on_its_own_narrow_band(tmp_path):
     assert mask.sum() >= 9 and "NB_LINE" in src.images
     with pytest.raises(autospec.ConfigError, match="NB_SEGMENT"):
         autospec.run(OUTPUT=tmp_path / "bad", NB_SEGMENT="brightest", **kw)
+
+
+def test_run_log_holds_warnings_and_fatal_errors(tmp_path):
+    """The run log records the NoVariance warning of a cube without STAT, and the fatal error
+    of a later run into the same OUTPUT (a catalogue that does not exist); APER = 0 is refused."""
+    from astropy.io import fits
+    with fits.open(SDETECT / "subcub_mosaic.fits") as hdul:
+        path = tmp_path / "novar.fits"
+        fits.HDUList([fits.PrimaryHDU(header=hdul[0].header), fits.ImageHDU(hdul["DATA"].data, hdul["DATA"].header,
+                                                                            name="DATA")]).writeto(path)
+    ra, dec = 53.1625, -27.7800
+    cat = tmp_path / "c.txt"
+    cat.write_text("ID RA DEC\n1 %.5f %.5f\n" % (ra, dec))
+    ini = tmp_path / "run.ini"
+    ini.write_text("[autospec]\nDATACUBE = novar.fits\nCATALOG = c.txt\nOUTPUT = out\nPLOTS = false\nAPER = 0.5\n")
+    autospec.main(["run", "-c", str(ini), "-q", "--no-progress"])
+    logs = sorted((tmp_path / "out" / "logs").glob("*.log"))
+    assert logs and "no variance" in logs[-1].read_text()
+    import time
+    time.sleep(1.1)                                   # a new log file name (one per second)
+    ini.write_text(ini.read_text().replace("c.txt", "missing.txt"))
+    assert autospec.main(["run", "-c", str(ini), "-q", "--no-progress"]) == 2
+    logs = sorted((tmp_path / "out" / "logs").glob("*.log"))
+    assert "missing.txt does not exist" in logs[-1].read_text()
+    with pytest.raises(autospec.ConfigError, match="APER"):
+        autospec.run(DATACUBE=path, CATALOG=cat, OUTPUT=tmp_path / "x", APER=[0.0], progress=False)
