@@ -2150,7 +2150,8 @@ def check_against_data(spectra, velocity, net, line, settings=None, freq_hz=None
         peak; errors scaled by sqrt(reduced chi^2) when it exceeds 1); ``ok`` {1, 2}
         fits that converged inside the bounds; ``noise`` (m,) rms per channel from the
         residuals; ``nchan`` (m,) finite channels; ``fitted`` (m,) rows fitted;
-        ``state`` what :func:`component_models` needs to draw the models.
+        ``rchi2`` {0, 1, 2} reduced chi^2 per model; ``q``, ``tmax`` (NH3) the slab
+        parameters :func:`model_spectra` draws the chosen models from.
 
     Notes
     -----
@@ -2176,7 +2177,7 @@ def check_against_data(spectra, velocity, net, line, settings=None, freq_hz=None
            "nchan": np.isfinite(y).sum(axis=1), "fitted": fitted, "line": line,
            "rchi2": {k: np.full(m, np.nan) for k in (0, 1, 2)}, "q": {1: np.full((m, 4), np.nan),
                                                                        2: np.full((m, 8), np.nan)},
-           "tmax": np.ones(m), "state": {"rows": np.flatnonzero(fitted)}}
+           "tmax": np.ones(m)}
     finite = np.isfinite(y)
     out["bic"][:, 0] = np.where(finite.any(axis=1), np.nansum(y * y, axis=1) / out["noise"] ** 2, np.inf)
     out["aic"] = out["bic"].copy()
@@ -2184,7 +2185,6 @@ def check_against_data(spectra, velocity, net, line, settings=None, freq_hz=None
         out["rchi2"][0] = out["bic"][:, 0] / np.maximum(out["nchan"], 1)
     rows = np.flatnonzero(fitted)
     if not rows.size:
-        out["state"]["models"] = {1: np.zeros((0, y.shape[1])), 2: np.zeros((0, y.shape[1]))}
         return out
     fit = _gauss_fit_models if line == "gauss" else _nh3_fit_models
     res = fit(y[rows], velocity, {k: np.asarray(net[k], float)[rows] for k in ("one", "two")}, cfg, freq_hz)
@@ -2214,7 +2214,6 @@ def check_against_data(spectra, velocity, net, line, settings=None, freq_hz=None
         for k in (1, 2):
             out["q"][k][rows] = state["q"][k]
         out["tmax"][rows] = state["tmax"]
-    out["state"].update(models=models)
     return out
 
 
@@ -2370,7 +2369,7 @@ def _nh3_fit_models(y, velocity, net, cfg, freq_hz=None):
         # thin limit is degenerate; such components are judged by their evidence)
         ok = np.isfinite(q).all(axis=1)
         ok &= ((q[:, 3::4] > lo[:, 3::4] + 1e-6) & (q[:, 3::4] < hi[:, 3::4] - 1e-6)).all(axis=1)
-        params, errors = _slab_physical(q, jac, weight, model, k)
+        params, errors = _slab_physical(q, jac, weight, k)
         out["params"][k] = np.column_stack([params[:, :2 * k], params[:, 2 * k:] * tmax[:, None]])
         out["errors"][k] = np.column_stack([errors[:, :2 * k], errors[:, 2 * k:] * tmax[:, None]])
         out["ok"][k] = ok
@@ -2401,7 +2400,7 @@ def _sort_slabs(q):
     return np.take_along_axis(q, idx, axis=1)
 
 
-def _slab_physical(q, jac, weight, model, k):
+def _slab_physical(q, jac, weight, k):
     """Centroid, dispersion and peak (units of the fitted spectrum) of each slab component
     and their 1-sigma errors from the curvature matrix ``J^T W J``."""
     jw = jac * weight[:, None, :]
@@ -3977,10 +3976,8 @@ def _decide(work, velocity, net, line, refine, settings, domain, valid, cube, bl
                 "rchi2": np.full(len(ncomp), np.nan), "noise": noise, "failed": np.zeros(len(ncomp), bool)}
     parts = []
     for rows in _progress(blocks, progress, "clover fits"):
-        part = check_against_data(spectra(rows), velocity, {k: net[k][rows] for k in ("probs", "one", "two")},
-                                  line, settings)
-        part.pop("state")                                     # model spectra: redrawn below
-        parts.append(part)
+        parts.append(check_against_data(spectra(rows), velocity, {k: net[k][rows] for k in ("probs", "one", "two")},
+                                        line, settings))
     check = _concatenate_checks(parts)
     aic = np.full(valid.shape + (3,), np.inf)
     aic[valid] = check["aic"]
