@@ -116,7 +116,8 @@ DEMOS = {
                       "simulate_racs:run_demo", 7),
     "racs_web": ("the review website on the RACS demo database -> screenshots",
                  "simulate_racs:run_web_demo", 13),
-    "ir_blobs": ("WFC3/IR difference image -> blob tiles", None, None),
+    "ir_blobs": ("simulated WFC3/IR frame + median stack -> blob tiles (CSV), PNG with blobs",
+                 "ir_blobs:run_demo", 16),
 }
 
 

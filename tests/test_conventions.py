@@ -164,10 +164,13 @@ def test_shipped_example_configs_are_valid(name, example):
     tool.load_config(tool.CONFIG_SCHEMA, ROOT / "configs" / example)
 
 
-def test_unimplemented_subcommand_fails_with_exit_one(capsys):
+def test_unimplemented_subcommand_placeholder_fails_with_exit_one():
+    import argparse
     import ir_blobs
-    assert ir_blobs.main(["train", "-q"]) == 1
-    assert "not implemented yet" in capsys.readouterr().err
+    placeholder = ir_blobs.not_yet_implemented(99)
+    with pytest.raises(ir_blobs.ToolError, match=r"not implemented yet \(see issue #99\)") as err:
+        placeholder(argparse.Namespace(command="later"), None)
+    assert err.value.exit_code == 1
 
 
 def test_atomic_output_leaves_nothing_on_failure(tmp_path):
