@@ -332,6 +332,18 @@ def test_run_pipe_example_jobfile_runs(workdir):
     assert len((workdir / "example_out" / "combined.txt").read_text().splitlines()) == 4
 
 
+def test_run_pipe_ir_blobs_jobfile_runs(workdir):
+    """The ir_blobs job file: simulate two visits, predict both in parallel, then the monitor."""
+    (workdir / "ir_blobs.py").symlink_to(ROOT / "ir_blobs.py")      # the models are found beside the real file
+    result = run([RUN_PIPE, "-j", "2", "-l", "logs", PIPE_SCRIPTS / "ir_blobs_jobs.txt"], cwd=workdir, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = workdir / "ir_blobs_example"
+    for name in ("out1/sim_011_flt_tiles.csv", "out2/sim_001_flt_tiles.png", "blobs_visit1.csv"):
+        assert (out / name).stat().st_size > 100, name
+    log_rows = (out / "blobs_visit1.csv").read_text().splitlines()
+    assert sum(",no-stack," in row for row in log_rows) == 10 and sum(",ok," in row for row in log_rows) >= 8
+
+
 # ---------------------------------------------------------------- qsub_run_pipe.sh
 
 @pytest.mark.parametrize("flavour, directive, index_var", [
