@@ -2190,13 +2190,20 @@ class BlobModel:
 
 
 def saliency_maps(model, tiles):
-    """|d p / d input| of each tile (the original's diagnostic): where the network looks."""
+    """|d logit / d input| of each tile (the original's diagnostic): where the network looks.
+
+    The gradient of the logit, not of the probability: a confident p = 1.000 saturates the
+    sigmoid and would give an all-zero map.
+    """
     import tensorflow as tf
+    keras = _import_keras()
+    features = keras.Model(model.model.inputs, model.model.get_layer("dense").output)
+    weights, bias = model.model.get_layer("blob").get_weights()
     x = tf.convert_to_tensor(np.asarray(tiles, np.float32)[..., None])
     with tf.GradientTape() as tape:
         tape.watch(x)
-        p = model.model(x, training=False)
-    return np.abs(tape.gradient(p, x).numpy()[..., 0])
+        logit = tf.matmul(features(x, training=False), weights) + bias
+    return np.abs(tape.gradient(logit, x).numpy()[..., 0])
 
 
 # ===========================================================================
@@ -3065,7 +3072,7 @@ def _plot_saliency(tiles, picks, sal, prob, path):
         im = ax.imshow(sal[j], origin="lower", cmap="hot")
         ax.set_xticks([])
         ax.set_yticks([])
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label("|dp/dx|", fontsize=7)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label("|d logit / d pixel|", fontsize=7)
     fig.suptitle("saliency: where the network looks (top: standardised subframe)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png")
