@@ -44,7 +44,7 @@ From the shell::
     python ir_blobs.py predict frame.fits [--median-stack stack.fits] [--outdir DIR]
     python ir_blobs.py monitor DIR --log blobs.csv [--known known_blobs.csv]
     python ir_blobs.py make-dataset [FRAMES ...] --out dataset.npz
-    python ir_blobs.py train            # ~10 min on 2 CPU cores, seed from the config
+    python ir_blobs.py train            # ~5 min on 2 CPU cores (20,000 subframes), seed from the config
     python ir_blobs.py evaluate --outdir DIR
     python ir_blobs.py simulate DIR     # WFC3/IR-like frames with known blobs
     python ir_blobs.py blob-library blobs.npy
@@ -1213,6 +1213,7 @@ def prepare_frame(path, median_stack=None, data_settings=None, stack_paths=None,
         normalised = bool(d["normalise"])
     else:
         diff = current
+        _check_difference_like(current, path)
     mask = ~np.isfinite(diff)
     background_free = subtract_background(diff, d["background_box"])
     scaled, info = scale_data(background_free, d["clip_factor"], d["border_fraction"], mode=d["clip_mode"],
@@ -1222,6 +1223,19 @@ def prepare_frame(path, median_stack=None, data_settings=None, stack_paths=None,
                     Path(path).name, 100.0 * (info["n_clipped"] + info["n_replaced"]) / diff.size)
     return dict(difference=diff, background_free=background_free, scaled=scaled, info=info, header=header,
                 mask=mask, level=level, normalised=normalised)
+
+
+def _check_difference_like(data, path):
+    """Warn when a frame given as a difference image looks like a sky frame (blobs would be negative there)."""
+    values = data[np.isfinite(data)][::97]
+    med = float(np.median(values))
+    sigma = robust_sigma(values)
+    if sigma > 0 and abs(med) > 5 * sigma:
+        log.warning("%s: median %.4g is %.0f sigma from zero - this looks like a sky frame, not a difference "
+                    "image (median stack - frame), in which blobs would be dark; give --median-stack", Path(path).name,
+                    med, abs(med) / sigma)
+        return False
+    return True
 
 
 def _section_defaults(section, values=None):

@@ -487,6 +487,14 @@ def test_predict_end_to_end(tmp_path, size, with_stack):
     assert meta["model_sha256"] and meta["threshold"] and (outdir / f"{stem}_tiles.png").stat().st_size > 10000
 
 
+def test_sky_frame_given_as_difference_is_flagged(tmp_path, caplog):
+    sim, cur, _, diff = _frame_files(tmp_path, size=512, n_blobs=1, depths=(0.2,))
+    img, _ = ib.read_image(cur)
+    assert not ib._check_difference_like(img, cur)      # a sky frame: warned
+    img, _ = ib.read_image(diff)
+    assert ib._check_difference_like(img, diff)         # a difference image: fine
+
+
 def test_predict_refuses_to_overwrite_then_overwrites(tmp_path, capsys):
     _, cur, stack, _ = _frame_files(tmp_path, size=512, n_blobs=1, depths=(0.2,))
     out = tmp_path / "o"
