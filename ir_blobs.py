@@ -2637,11 +2637,13 @@ def plot_tiles(scaled, rows, candidates, path, title="", threshold=0.5):
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     cbar.set_label("standardised difference (median stack - frame) [sigma]")
     for r in rows:
-        colour = "red" if r["flagged"] else "0.55"
+        flagged = bool(r["flagged"])
         ax.add_patch(Rectangle((r["x0"] - 0.5, r["y0"] - 0.5), r["size"], r["size"], fill=False,
-                               edgecolor=colour, lw=2.0 if r["flagged"] else 0.6))
-        ax.text(r["x0"] + 6, r["y0"] + 6, "%d: %.2f" % (r["tile"], r["probability"]), color=colour, fontsize=7,
-                ha="left", va="bottom", bbox=dict(facecolor="black", alpha=0.4, lw=0, pad=1))
+                               edgecolor="red" if flagged else "deepskyblue", lw=2.2 if flagged else 0.8,
+                               alpha=1.0 if flagged else 0.7))
+        ax.text(r["x0"] + 6, r["y0"] + 6, "tile %d  p = %.2f" % (r["tile"], r["probability"]),
+                color="orangered" if flagged else "white", fontsize=8, fontweight="bold" if flagged else "normal",
+                ha="left", va="bottom", bbox=dict(facecolor="black", alpha=0.7, lw=0, pad=1.5))
     for c in candidates:
         if c.get("tile", -1) >= 0:
             ax.add_patch(Circle((c["x"], c["y"]), c["radius"] * 1.6, fill=False, edgecolor="yellow", lw=1.2))
@@ -3217,7 +3219,7 @@ def run_demo(outdir, seed=2025):
                 flagged_tiles=[r["tile"] for r in res["rows"] if r["flagged"]],
                 truth=[{k: round(v, 3) for k, v in t.items()} for t in sim["truth"]],
                 blob_position_errors_px=[round(e, 2) for e in errors], seconds=round(res["seconds"], 2),
-                tile_table=[_tile_line(r) for r in res["rows"]])
+                tile_table="\n" + "\n".join(" " * 26 + _tile_line(r) for r in res["rows"]))
 
 
 def _tile_line(r):
