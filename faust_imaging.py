@@ -3408,11 +3408,13 @@ def make_qa_summary(imagebase, config=None, residual_check=None):
 # ===========================================================================
 def write_chunk_jobfile(field, label, nchunks, outfile, nworkers=None, kind=None,
                         weighting=None, ext="clean", config_path=None, python=None,
-                        script=None, overwrite=False):
+                        script=None, overwrite=False, overrides=()):
     """Job file imaging one SPW in parallel chunks: preprocess, wait, chunks, wait, postprocess.
 
     Each chunk line runs the chunks ``i, i + N, i + 2N, ...`` of worker ``i`` (N =
-    ``nworkers``, default ``nchunks``), as the original ``_run_subset(i)``.
+    ``nworkers``, default ``nchunks``), as the original ``_run_subset(i)``.  ``overrides``
+    (``SECTION.KEY=VALUE`` strings, the ``--set`` options of the command that wrote the
+    file) are repeated on every line, so the batch run uses the same settings.
 
     Returns
     -------
@@ -3429,6 +3431,7 @@ def write_chunk_jobfile(field, label, nchunks, outfile, nworkers=None, kind=None
         common += ["--weighting", str(weighting)]
     if config_path:
         common += ["-c", str(Path(config_path).resolve())]
+    common += _set_options(overrides)
 
     def line(*extra):
         import shlex
@@ -3445,13 +3448,24 @@ def write_chunk_jobfile(field, label, nchunks, outfile, nworkers=None, kind=None
     return str(outfile)
 
 
+def _set_options(overrides):
+    """``--set SECTION.KEY=VALUE`` arguments for a job line (checked: each needs a '=')."""
+    out = []
+    for item in overrides or ():
+        if "=" not in str(item):
+            raise InputError("--set %r: expected SECTION.KEY=VALUE" % (item,))
+        out += ["--set", str(item)]
+    return out
+
+
 def write_setup_jobfile(field, setup, outfile, kind=None, weighting=None, ext="clean",
                         config_path=None, python=None, script=None, do_cont=True,
-                        chunked=True, overwrite=False, config=None):
+                        chunked=True, overwrite=False, config=None, overrides=()):
     """Job file imaging every SPW of a setup: one line per SPW, run in parallel.
 
     Each SPW is imaged with its own chunks processed serially inside its job (the
-    continuum windows, with the most chunks, come first so they start earliest).
+    continuum windows, with the most chunks, come first so they start earliest);
+    ``overrides`` (``--set`` values) are repeated on every line.
 
     Returns
     -------
@@ -3476,6 +3490,7 @@ def write_setup_jobfile(field, setup, outfile, kind=None, weighting=None, ext="c
             args += ["--weighting", str(weighting)]
         if config_path:
             args += ["-c", str(Path(config_path).resolve())]
+        args += _set_options(overrides)
         lines.append(" ".join(shlex.quote(a) for a in args))
     with atomic_output(outfile, overwrite=overwrite) as out:
         out.write("\n".join(lines) + "\n")
@@ -3655,7 +3670,7 @@ def _cmd_jobs(args, config):
                                    weighting=args.weighting, ext=args.ext,
                                    config_path=args.config, python=args.python,
                                    do_cont=not args.no_cont, overwrite=args.overwrite,
-                                   config=config)
+                                   config=config, overrides=args.set)
         print(path)
         return EXIT_OK
     _require_field_label(args)
@@ -3664,7 +3679,7 @@ def _cmd_jobs(args, config):
     path = write_chunk_jobfile(args.field, args.label, args.nchunks, args.output,
                                nworkers=args.nworkers, kind=args.kind, weighting=args.weighting,
                                ext=args.ext, config_path=args.config, python=args.python,
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, overrides=args.set)
     print(path)
     return EXIT_OK
 

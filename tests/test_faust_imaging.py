@@ -402,6 +402,20 @@ def test_joint_12m_7m_pipeline(tmp_path):
     assert math.hypot(peak[2] - x0, peak[1] - y0) <= 1.5
 
 
+def test_jobs_keep_set_overrides_on_every_line(tmp_path, capsys):
+    """A batch run must use the settings of the command that wrote it (the overrides were dropped)."""
+    out = tmp_path / "chunks.txt"
+    assert fi.main(["jobs", "CB68", "244.936GHz_CS", "--nchunks", "3", "-o", str(out), "-q",
+                    "--set", "Paths.prod_dir=%s" % (tmp_path / "prod"), "--set", "Imaging.weighting=1.5"]) == 0
+    lines = [l for l in out.read_text().splitlines() if l and not l.startswith("#") and l != "wait"]
+    assert len(lines) == 5
+    assert all("--set Paths.prod_dir=%s" % (tmp_path / "prod") in l and "--set Imaging.weighting=1.5" in l for l in lines)
+    out2 = tmp_path / "setup.txt"
+    assert fi.main(["jobs", "CB68", "--setup", "1", "-o", str(out2), "-q", "--set", "Imaging.weighting=1.5"]) == 0
+    lines = [l for l in out2.read_text().splitlines() if l and not l.startswith("#")]
+    assert lines and all("--set Imaging.weighting=1.5" in l for l in lines)
+
+
 def test_setup_jobfile_and_shell_wrapper(tmp_path):
     jobs = Path(fi.write_setup_jobfile("CB68", 1, tmp_path / "s1.txt", kind="joint"))
     lines = [l for l in jobs.read_text().splitlines() if not l.startswith("#")]
