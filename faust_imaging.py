@@ -3131,7 +3131,8 @@ def make_moments_from_image(path, vwin=None, overwrite=True, config=None):
     """Moment maps of one cube ('...image.common' or '...image'); field/vsys from its name."""
     config = get_config(config)
     path = str(path)
-    if path.endswith(".image"):
+    _require_image(path)
+    if path.endswith(".image") and os.path.exists(path + ".common"):
         path += ".common"
     catalog = load_catalog(config)
     field, label = _parse_image_name(path, catalog)
@@ -3141,6 +3142,24 @@ def make_moments_from_image(path, vwin=None, overwrite=True, config=None):
                           m2_sigma=config["Moments"]["m2_sigma"], overwrite=overwrite,
                           config=config)
     return mapper.make_moments()
+
+
+def _require_image(path):
+    """InputError naming ``path`` unless it (or its '.common' sibling) is a CASA image folder."""
+    candidates = [path] + ([path + ".common"] if path.endswith(".image") else [])
+    if not any(os.path.isdir(p) for p in candidates):
+        raise InputError("%s: no such CASA image (give a '.image' or '.image.common' cube written by "
+                         "'faust_imaging.py run')" % path)
+
+
+def _find_cubes_or_fail(field, ext, suffix, config):
+    """The field's final cubes; InputError naming the folder and pattern when there are none."""
+    cubes = _find_cubes(field, ext, True, suffix, config)
+    if not cubes:
+        folder = product_dirs(config)["images"] / field
+        raise InputError("no '%s_*_%s.%s' cube in %s; image the field first ('faust_imaging.py run %s LABEL') "
+                         "or give --image CUBE" % (field, ext, suffix, folder, field))
+    return cubes
 
 
 def _find_cubes(field, ext, ignore_chunks, suffix, config):
@@ -3329,6 +3348,7 @@ def make_qa_plots_from_image(path, plot_sigma=None, overwrite=True, config=None)
     config = get_config(config)
     sigma = config["Thresholds"]["qa_peak_sigma"] if plot_sigma is None else plot_sigma
     path = str(path)
+    _require_image(path)
     stem = Path(path[:-len(".common")] if path.endswith(".image.common") else path)
     stem = stem.name[:-len(".image")] if stem.name.endswith(".image") else stem.name
     plot_dir = product_dirs(config)["plots"]
@@ -3587,13 +3607,13 @@ def _cmd_moments(args, config):
         results = [make_moments_from_image(args.image, vwin=args.vwin, overwrite=args.overwrite,
                                            config=config)]
     else:
+        load_catalog(config).target(args.field)
+        _find_cubes_or_fail(args.field, args.ext, "image.common", config)
         results = make_all_moment_maps(args.field, ext=args.ext, vwin=args.vwin,
                                        overwrite=args.overwrite, config=config)
     for result in results:
         for path in result.values():
             print(path)
-    if not results:
-        log.warning("no '%s_*_%s.image.common' cube found", args.field, args.ext)
     return EXIT_OK
 
 
@@ -3609,6 +3629,8 @@ def _cmd_qa(args, config):
     if args.image:
         written = make_qa_plots_from_image(args.image, overwrite=args.overwrite, config=config)
     else:
+        load_catalog(config).target(args.field)
+        _find_cubes_or_fail(args.field, args.ext, "image", config)
         written = make_all_qa_plots(args.field, ext=args.ext, overwrite=args.overwrite,
                                     config=config)
     for path in written:

@@ -402,6 +402,19 @@ def test_joint_12m_7m_pipeline(tmp_path):
     assert math.hypot(peak[2] - x0, peak[1] - y0) <= 1.5
 
 
+@pytest.mark.parametrize("args, message", [
+    (["moments", "--image", "{tmp}/missing.image.common"], "missing.image.common: no such CASA image"),
+    (["qa", "--image", "{tmp}/x.image"], "x.image: no such CASA image"),
+    (["moments", "CB68"], "no 'CB68_*_clean.image.common' cube in {tmp}/prod/images/CB68"),
+    (["qa", "CB68"], "no 'CB68_*_clean.image' cube in {tmp}/prod/images/CB68"),
+])
+def test_moments_and_qa_name_what_is_missing(args, message, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path) for a in args] + ["--set", "Paths.PROD_DIR=%s" % (tmp_path / "prod")]
+    assert fi.main(argv) == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "prod" / "moments").exists() and not (tmp_path / "prod" / "plots").exists()
+
+
 def test_jobs_keep_set_overrides_on_every_line(tmp_path, capsys):
     """A batch run must use the settings of the command that wrote it (the overrides were dropped)."""
     out = tmp_path / "chunks.txt"
