@@ -172,6 +172,7 @@ TARGETS_FILE = HERE / "configs" / "faust_targets.csv"
 SETUPS_FILE = HERE / "configs" / "faust_setups.csv"
 SPWS_FILE = HERE / "configs" / "faust_spws.csv"
 KINDS = ("joint", "12m", "7m")
+GRIDDERS = ("standard", "mosaic", "wproject", "widefield", "awproject", "awp2", "awphpg")  # tclean gridders
 #: Dish diameters (m) that select the measurement sets of a single-array kind.
 KIND_DIAMETERS = {"12m": 12.0, "7m": 7.0}
 DIRTY_EXT = "dirty"
@@ -1013,6 +1014,10 @@ def _rows_to_setups(rows, path):
             bad = [k for k in kinds if k not in KINDS]
             if bad:
                 raise ValueError
+            gridder = row.get("joint_gridder") or "mosaic"
+            if gridder not in GRIDDERS:
+                raise InputError("%s row %d: joint_gridder %r is not a tclean gridder (use one of %s)"
+                                 % (path, n, gridder, ", ".join(GRIDDERS)))
             setups[int(row["setup"])] = Setup(
                 int(row["setup"]), int(row["band"]), float(row["low_ghz"]),
                 float(row["high_ghz"]), kinds, row.get("joint_gridder") or "mosaic",
@@ -1888,6 +1893,47 @@ def concat_images(infiles, outfile):
 # ===========================================================================
 # Data sets (measurement sets of a field, setup and array kind)
 # ===========================================================================
+def _check_measurement_set(ms, field):
+    """InputError unless ``ms`` is a measurement set (a table folder with a FIELD table) holding ``field``."""
+    ms = str(ms)
+    if not (os.path.isdir(ms) and os.path.exists(os.path.join(ms, "table.dat"))
+            and os.path.isdir(os.path.join(ms, "FIELD"))):
+        raise InputError("%s matches [Paths] ms_pattern but is not a measurement set (no table.dat / FIELD "
+                         "table); remove it or narrow the pattern" % ms)
+    casatools, _ = import_casa()
+    tb = casatools.table()
+    tb.open(os.path.join(ms, "FIELD"))
+    try:
+        names = [str(n) for n in tb.getcol("NAME")]
+    finally:
+        tb.close()
+        tb.done()
+    if field not in names:
+        raise InputError("field %r is not in %s (its fields: %s); the target name must be the MS field name"
+                         % (field, ms, ", ".join(names) or "none"))
+
+
+def check_writable(directory):
+    """InputError naming ``directory`` unless it, or the nearest existing folder above it, takes a file.
+
+    Creates nothing (a probe file in that folder is removed at once), so a run that fails
+    later for another reason leaves no empty product folders.
+    """
+    directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "%s is not a directory" % existing)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise InputError("cannot write into %s (%s); set [Paths] PROD_DIR (or IMAGE_DIR / MOMENT_DIR / PLOT_DIR) "
+                         "to a writable directory" % (directory, exc.strerror or exc)) from None
+    return directory
+
+
 def ms_contains_diameter(ms_filen, diameter=None, epsilon=0.5):
     """True when the MS has an antenna of ``diameter`` +- ``epsilon`` metres (msmd)."""
     casatools, _ = import_casa()
@@ -1960,6 +2006,8 @@ class DataSet:
             raise InputError("[Paths] DATA_DIR = %s is empty: put the measurement sets "
                              "there (pattern %s)" % (data_dir, self.config["Paths"]["ms_pattern"]))
         found = sorted(glob(self.ms_pattern))
+        for ms in found:
+            _check_measurement_set(ms, self.field)
         if self.kind in KIND_DIAMETERS:
             found = [m for m in found if ms_contains_diameter(m, KIND_DIAMETERS[self.kind])]
         if not found:
@@ -3572,6 +3620,7 @@ def _require_field_label(args):
 
 def _cmd_run(args, config):
     _require_field_label(args)
+    check_writable(product_dirs(config)["images"])
     overrides = {}
     if args.mask_method:
         overrides["Imaging__mask_method"] = args.mask_method

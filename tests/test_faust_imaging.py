@@ -339,9 +339,32 @@ def test_chunked_run_equals_unchunked(pipeline12m):
     assert np.nanmax(np.abs(c - b)) == 0.0
 
 
+def test_unwritable_prod_dir_and_bad_gridder_named(tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert fi.main(["run", FIELD, LABEL, "-c", str(write_config(tmp_path)), "-q",
+                    "--set", "Paths.PROD_DIR=%s" % (blocker / "prod")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot write into %s" % (blocker / "prod" / "images") in err and "PROD_DIR" in err
+    setups = tmp_path / "setups.csv"
+    setups.write_text((ROOT / "configs" / "faust_setups.csv").read_text().replace("mosaic", "mosiac", 1))
+    with pytest.raises(fi.InputError, match="joint_gridder 'mosiac' is not a tclean gridder"):
+        fi._rows_to_setups(fi._read_csv_rows(setups, fi._SETUP_COLUMNS), setups)
+
+
+def test_folder_that_is_not_a_measurement_set_named(tmp_path):
+    fake = tmp_path / "fake.ms"
+    fake.mkdir()
+    with pytest.raises(fi.InputError, match="fake.ms matches .* but is not a measurement set"):
+        fi._check_measurement_set(fake, FIELD)
+
+
 @pytest.mark.casa
 def test_dataset_kind_selection_and_spw_info(sim12m, tmp_path):
     ms = next((sim12m["root"] / "data").glob("*/*.ms"))
+    with pytest.raises(fi.InputError, match="field 'NoSuchField' is not in .*its fields: FAUST_SIM"):
+        fi._check_measurement_set(ms, "NoSuchField")
+    fi._check_measurement_set(ms, FIELD)
     assert fi.ms_contains_diameter(ms, 12) and not fi.ms_contains_diameter(ms, 7)
     with pytest.raises(fi.InputError, match="no 7m measurement set found"):
         fi.DataSet(FIELD, 9, "7m", config=sim12m["cfg"])
