@@ -73,6 +73,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "plot_moment_maps",
     "main",
     "CONFIG_SCHEMA",
     "ToolError",
@@ -3127,6 +3128,7 @@ class MomentMapper:
             targets[name] = self.output_path(name)
             if pbcor and os.path.exists(self.stem + ".pb"):
                 targets[name + ".pbcor"] = self.output_path(name, pbcor=True)
+        targets["png"] = self.out_dir / ("%s.moments.png" % Path(self.stem).name)
         if not self.overwrite and all(p.exists() for p in targets.values()):
             log.info("moment maps of %s exist; skipped (overwrite=False)", Path(self.stem).name)
             return {k: str(v) for k, v in targets.items()}
@@ -3142,6 +3144,11 @@ class MomentMapper:
                 corrected[~np.isfinite(corrected)] = np.nan
                 written[name + ".pbcor"] = self._write(fits, corrected, header, unit,
                                                        name + ".pbcor", formula + " / PB")
+        try:
+            written["png"] = plot_moment_maps(written, targets["png"], title="%s  (vsys %.2f km/s, +- %.2f km/s)"
+                                              % (Path(self.stem).name, self.vsys, self.vwin))
+        except Exception as exc:       # a figure must not cost the maps
+            log.warning("moment PNG of %s not written: %s", Path(self.stem).name, exc)
         return written
 
     def _write(self, fits, image, header, unit, name, formula):
@@ -3156,6 +3163,65 @@ class MomentMapper:
         with atomic_output(path, overwrite=True, mode="wb") as stream:
             fits.PrimaryHDU(image.T.astype(np.float32), header=header).writeto(stream)
         return str(path)
+
+
+def plot_moment_maps(maps, out_png, title=""):
+    """PNG of the mom0 / max / mom1 / mom2 maps (the original's moment_plotting): offsets in arcsec, beam, units.
+
+    Parameters
+    ----------
+    maps : dict
+        ``{name: FITS path}`` as returned by :meth:`MomentMapper.make_moments`.
+    out_png : path
+    title : str
+
+    Returns
+    -------
+    str
+        The PNG path.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    from astropy.io import fits
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Ellipse
+    fig = Figure(figsize=(11, 9.5), dpi=100)
+    FigureCanvasAgg(fig)
+    panels = (("mom0", "integrated intensity", "viridis"), ("max", "peak intensity", "magma"),
+              ("mom1", "velocity", "RdBu_r"), ("mom2", "velocity dispersion", "plasma"))
+    for k, (name, label, cmap) in enumerate(panels):
+        ax = fig.add_subplot(2, 2, k + 1)
+        with fits.open(maps[name]) as hdul:
+            data, header = np.asarray(hdul[0].data, float), hdul[0].header
+        ny, nx = data.shape
+        dx, dy = abs(header.get("CDELT1", 1.0)) * 3600.0, abs(header.get("CDELT2", 1.0)) * 3600.0
+        cx, cy = header.get("CRPIX1", nx / 2.0) - 1, header.get("CRPIX2", ny / 2.0) - 1
+        extent = [(cx + 0.5) * dx, (cx - nx + 0.5) * dx, -(cy + 0.5) * dy, (ny - cy - 0.5) * dy]
+        finite = data[np.isfinite(data)]
+        if name == "mom1" and finite.size:
+            centre = float(header.get("VSYS", np.median(finite)))
+            half = float(np.nanpercentile(np.abs(finite - centre), 98)) or 1.0
+            vmin, vmax = centre - half, centre + half
+        elif finite.size:
+            vmin, vmax = np.nanpercentile(finite, [1, 99.5])
+        else:
+            vmin, vmax = 0.0, 1.0
+        im = ax.imshow(data, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, extent=extent, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label("%s [%s]" % (name, header.get("BUNIT", "")))
+        if header.get("BMAJ") and header.get("BMIN"):
+            bmaj, bmin = header["BMAJ"] * 3600.0, header["BMIN"] * 3600.0
+            x_b, y_b = extent[0] - 0.1 * (extent[0] - extent[1]), extent[2] + 0.1 * (extent[3] - extent[2])
+            ax.add_patch(Ellipse((x_b, y_b), bmin, bmaj, angle=-float(header.get("BPA", 0.0)), facecolor="none",
+                                 edgecolor="white", lw=1.5, hatch="///"))
+        ax.set_title("%s: %s" % (name, label), fontsize=9)
+        ax.set_xlabel("RA offset [arcsec]")
+        ax.set_ylabel("Dec offset [arcsec]")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_path(out_png, overwrite=True, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    return str(out_png)
 
 
 def _parse_image_name(path, catalog):

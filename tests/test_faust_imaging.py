@@ -280,6 +280,7 @@ def test_qa_summary_stage_skipping_and_moments(pipeline12m, caplog):
     mom2, _ = _read_fits(maps["mom2"])
     sigma_v = sim.compact.sigma_velocity.value
     assert 0.3 * sigma_v < mom2[int(round(y0)), int(round(x0))] < 1.5 * sigma_v
+    assert maps["png"].endswith(".moments.png") and Path(maps["png"]).stat().st_size > 20000   # 4 panels + beam
     # QA plots: PNG + PDF for restored and residual; overwrite=False skips them
     plots = fi.make_all_qa_plots(FIELD, ext="clean", config=pipeline12m["cfg"])
     assert sorted(Path(p).suffix for p in plots) == [".pdf", ".pdf", ".png", ".png"]
@@ -436,6 +437,23 @@ def test_moments_and_qa_name_what_is_missing(args, message, tmp_path, capsys):
     assert fi.main(argv) == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
     assert not (tmp_path / "prod" / "moments").exists() and not (tmp_path / "prod" / "plots").exists()
+
+
+def test_moment_png_has_four_panels_with_beam(tmp_path):
+    from astropy.io import fits
+    yy, xx = np.mgrid[:40, :50]
+    maps = {}
+    for name, unit, data in (("mom0", "Jy/beam.km/s", np.exp(-((xx - 25) ** 2 + (yy - 20) ** 2) / 50.0)),
+                             ("max", "Jy/beam", np.exp(-((xx - 25) ** 2 + (yy - 20) ** 2) / 50.0)),
+                             ("mom1", "km/s", 5.0 + 0.05 * (xx - 25)), ("mom2", "km/s", np.full((40, 50), 0.4))):
+        header = fits.Header({"BUNIT": unit, "CDELT1": -1e-5, "CDELT2": 1e-5, "CRPIX1": 25.0, "CRPIX2": 20.0,
+                              "BMAJ": 1e-4, "BMIN": 6e-5, "BPA": 30.0, "VSYS": 5.0})
+        maps[name] = str(tmp_path / f"m.{name}.fits")
+        fits.PrimaryHDU(data.astype(np.float32), header=header).writeto(maps[name])
+    out = fi.plot_moment_maps(maps, tmp_path / "m.moments.png", title="test")
+    from matplotlib.image import imread
+    img = imread(out)
+    assert img.shape[0] > 800 and img.shape[1] > 900 and img[..., :3].std() > 0.1
 
 
 def test_jobs_keep_set_overrides_on_every_line(tmp_path, capsys):
