@@ -683,6 +683,11 @@ CONFIG_SCHEMA = (
     ConfigKey("Catalog", "extra_targets", "list", [], help="extra targets as NAME:RES_ARCSEC:VSYS_KMS items"),
     ConfigKey("Imaging", "weighting", "float", 0.5, (-2.0, 2.0), "Briggs robust parameter (used when weighting_name is briggs)", bounds=True),
     ConfigKey("Imaging", "weighting_name", "str", "briggs", ("briggs", "natural", "uniform"), "tclean weighting"),
+    ConfigKey("Imaging", "datacolumn", "str", "corrected", ("corrected", "data", "model"), "MS column tclean images "
+              "(tclean falls back to DATA when CORRECTED_DATA is absent); logged and recorded in the stage markers"),
+    ConfigKey("Imaging", "stokes", "str", "I", ("I", "Q", "U", "V", "IV", "IQ", "IQUV", "XX", "YY", "XXYY", "RR",
+                                                "LL", "RRLL", "pseudoI"),
+              "Stokes / correlation products to image; logged and recorded in the stage markers"),
     ConfigKey("Imaging", "kind", "str", "joint", KINDS, "array combination: joint (all MSs), 12m or 7m"),
     ConfigKey("Imaging", "pblimit_joint", "float", 0.2, (-1.0, 1.0), "pblimit for joint 12m+7m imaging", bounds=True),
     ConfigKey("Imaging", "pblimit_single", "float", -0.01, (-1.0, 1.0), "pblimit for single-array imaging", bounds=True),
@@ -2426,15 +2431,16 @@ class ImageConfig:
             restfreq=self.spw.restfreq, nchan=int(nchan), start=start, width=width,
             imsize=self.dset.imsize, cell=self.dset.cell, gridder=self.dset.gridder,
             weighting=weighting, perchanweightdensity=self.perchanweightdensity,
-            pblimit=self.dset.pblimit, interactive=False, parallel=self.parallel)
+            pblimit=self.dset.pblimit, interactive=False, parallel=self.parallel,
+            datacolumn=self.config["Imaging"]["datacolumn"], stokes=self.config["Imaging"]["stokes"])
         if robust is not None:
             params["robust"] = robust
         if self.uvtaper:
             params["uvtaper"] = list(self.uvtaper)
         params.update(kwargs)
         self.tclean_calls.append(copy.deepcopy(params))
-        log.info("tclean %s (niter %s, threshold %s)", Path(imagename).name,
-                 params.get("niter", 0), params.get("threshold", "-"))
+        log.info("tclean %s (niter %s, threshold %s, datacolumn %s, stokes %s)", Path(imagename).name,
+                 params.get("niter", 0), params.get("threshold", "-"), params["datacolumn"], params["stokes"])
         started = time.perf_counter()
         with _working_directory(Path(imagename).parent):
             result = casatasks.tclean(**params)
@@ -2448,7 +2454,8 @@ class ImageConfig:
 
     def _stage_done(self, imagebase, stage, **info):
         record = {"stage": stage, "version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "rms": self._rms, **info}
+                  "rms": self._rms, "datacolumn": self.config["Imaging"]["datacolumn"],
+                  "stokes": self.config["Imaging"]["stokes"], **info}
         with atomic_output("%s.%s.done.json" % (imagebase, stage), overwrite=True) as out:
             json.dump(record, out, indent=1, default=str)
 

@@ -255,6 +255,10 @@ def test_qa_summary_stage_skipping_and_moments(pipeline12m, caplog):
     base = config.get_imagebase("clean")
     summary = json.loads(Path(base + ".qa.json").read_text())
     assert summary["flags"] == [] and summary["max_residual_sigma"] < 5.5
+    # the data column and Stokes choice reach tclean and the stage markers
+    assert all(c["datacolumn"] == "corrected" and c["stokes"] == "I" for c in config.tclean_calls)
+    markers = sorted(Path(base).parent.glob(Path(base).name + ".*.done.json"))
+    assert markers and all(json.loads(m.read_text())["datacolumn"] == "corrected" for m in markers)
     assert summary["peak_snr"] > 30 and len(summary["mask_fraction"]) == summary["nchan"]
     assert sim.nchan - 2 <= summary["nchan"] <= sim.nchan     # common coverage of the band
     assert max(summary["mask_fraction"]) < 0.5
