@@ -56,6 +56,7 @@ import argparse
 import configparser
 import copy
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -2459,9 +2460,50 @@ class ImageConfig:
         with atomic_output("%s.%s.done.json" % (imagebase, stage), overwrite=True) as out:
             json.dump(record, out, indent=1, default=str)
 
-    def _stage_complete(self, imagebase, stage, products):
+    def stage_fingerprint(self, stage, **kwargs):
+        """Hash of what makes a stage's products: inputs (MS paths and modification times), the
+        field/SPW/kind/weighting, chunk or full cube (and the chunking of a chunked run), the
+        imaging settings and the stage's own arguments.  A marker with another fingerprint is not
+        a completed stage: its products came from other inputs or settings."""
+        def mtime(ms):
+            try:
+                return os.stat(os.path.join(ms, "table.dat")).st_mtime_ns
+            except OSError:
+                return None
+        sections = ("Imaging", "Thresholds", "AutoMultithresh", "AutoMultithresh7m", "Moments")
+        record = dict(stage=stage, vis=[(str(v), mtime(v)) for v in self.dset.vis], field=self.dset.field,
+                      label=self.spw.label, kind=self.dset.kind, weighting=str(self.weighting),
+                      fullcube=self.fullcube, chunk=None if self.chunk is None else
+                      [self.chunk.index, str(self.chunk.start), int(self.chunk.start_chan_ix),
+                       int(self.chunk.nchan), str(self.chunk.width)],
+                      settings={sec: keys for sec, keys in self.config.as_dict().items() if sec in sections},
+                      kwargs=kwargs)
+        text = json.dumps(record, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def _stage_complete(self, imagebase, stage, products, fingerprint=None):
         marker = "%s.%s.done.json" % (imagebase, stage)
-        return os.path.exists(marker) and all(os.path.exists(imagebase + p) for p in products)
+        if not (os.path.exists(marker) and all(os.path.exists(imagebase + p) for p in products)):
+            return False
+        if fingerprint is None:
+            return True
+        try:
+            recorded = json.loads(Path(marker).read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != fingerprint:
+            log.info("stage %s of %s was made with other inputs or settings (fingerprint %s, now %s); redoing it",
+                     stage, Path(imagebase).name, recorded, fingerprint)
+            return False
+        return True
+
+    def _stamp_fingerprint(self, imagebase, stage, fingerprint):
+        """Add the fingerprint to a stage marker just written."""
+        marker = Path("%s.%s.done.json" % (imagebase, stage))
+        record = json.loads(marker.read_text()) if marker.exists() else {"stage": stage}
+        record["fingerprint"] = fingerprint
+        with atomic_output(marker, overwrite=True) as out:
+            json.dump(record, out, indent=1, default=str)
 
     def _clear_marker(self, imagebase, stage):
         marker = Path("%s.%s.done.json" % (imagebase, stage))
@@ -2684,13 +2726,15 @@ class ImageConfig:
             steps.append((self.get_imagebase(ext), "post", (".image.pbcor.common.fits",),
                           self.postprocess, {"ext": ext}))
         for base, stage, products, func, kwargs in steps:
-            if not redo and self._stage_complete(base, stage, products):
+            fingerprint = self.stage_fingerprint(stage, **kwargs)
+            if not redo and self._stage_complete(base, stage, products, fingerprint):
                 log.info("skipping stage %s of %s: products exist (use overwrite to redo)",
                          stage, Path(base).name)
                 if stage == "dirty" and self._rms is None:
                     self._rms = self._recorded_rms(base)
                 continue
             func(**kwargs)
+            self._stamp_fingerprint(base, stage, fingerprint)
             redo = True  # every later stage depends on this one
         return self.get_imagebase(ext)
 
@@ -2733,7 +2777,7 @@ class ImageConfig:
         chunked = self.duplicate_into_chunks(nchunks=nchunks)
         for config in chunked:
             config.run_pipeline_tasks(ext=ext, **sigmas)
-        chunked.postprocess(ext=ext)
+        chunked.run_postprocess(ext=ext, overwrite=self.overwrite)
         return self.final_fits(ext)
 
     # -- chunking ---------------------------------------------------------------
@@ -2876,6 +2920,34 @@ class ChunkedConfigSet:
                 continue
             written.append(concat_images(infiles, "%s.%s" % (self.get_imagebase(ext), im_ext)))
         return written
+
+    def run_postprocess(self, ext="clean", overwrite=False):
+        """:meth:`postprocess` unless it is done for these chunks and settings (fingerprint); None if skipped."""
+        full = self.get_imagebase(ext)
+        fingerprint = self.post_fingerprint(ext)
+        if not overwrite and self.prototype._stage_complete(full, "post", (".image.pbcor.common.fits",),
+                                                            fingerprint):
+            log.info("skipping stage post of %s: the chunks' post-processing is done (use overwrite to redo)",
+                     Path(full).name)
+            return None
+        result = self.postprocess(ext=ext)
+        self.prototype._stamp_fingerprint(full, "post", fingerprint)
+        return result
+
+    def post_fingerprint(self, ext="clean"):
+        """Fingerprint of the full cube's post-processing: the chunks' clean fingerprints and their
+        markers' times (a re-imaged chunk changes it)."""
+        parts = []
+        for config in self.configs:
+            marker = Path("%s.clean.done.json" % config.get_imagebase(ext))
+            try:
+                recorded = json.loads(marker.read_text()).get("fingerprint")
+            except (OSError, ValueError):
+                recorded = None
+            parts.append([config.chunk.index, recorded, marker.stat().st_mtime_ns if marker.exists() else None])
+        text = json.dumps(dict(chunks=parts, nchunks=len(self.configs),
+                               post=self.prototype.stage_fingerprint("post-chunked", ext=ext)), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def get_common_beam(self, ext="clean"):
         """Common beam of all chunks (that of the concatenated ``.image``)."""
@@ -3052,6 +3124,19 @@ MOMENTS = {
 }
 
 
+def _warn_partial_window(name, velo, vsys, vwin):
+    """FaustWarning when vsys +- vwin reaches beyond the cube's velocities (a placeholder rest
+    frequency or vsys puts the window at the band edge); True when it did."""
+    lo, hi = float(np.min(velo)), float(np.max(velo))
+    if vsys - vwin >= lo and vsys + vwin <= hi:
+        return False
+    message = ("the moment window %g +- %g km/s reaches beyond %s's velocities %.2f..%.2f km/s: the maps use "
+               "only part of it (placeholder rest frequency or vsys?)" % (vsys, vwin, Path(name).name, lo, hi))
+    log.warning(message)
+    warnings.warn(message, FaustWarning, stacklevel=3)
+    return True
+
+
 class MomentMapper:
     """Moment maps of a common-beam cube in a velocity window around vsys.
 
@@ -3104,8 +3189,9 @@ class MomentMapper:
         window = np.abs(velo - self.vsys) <= self.vwin
         if not window.any():
             raise InputError("no channel of %s lies within %g +- %g km/s (cube covers "
-                             "%.2f..%.2f km/s)" % (self.imagename, self.vsys, self.vwin,
-                                                   velo.min(), velo.max()))
+                             "%.2f..%.2f km/s; check the target's vsys and the SPW's rest frequency)"
+                             % (self.imagename, self.vsys, self.vwin, velo.min(), velo.max()))
+        _warn_partial_window(self.imagename, velo, self.vsys, self.vwin)
         self.rms = calc_rms_from_image(self.imagename)
         mask_name = self.stem + ".mask"
         clean_mask = _read_cube(mask_name)[0] > 0.5 if os.path.exists(mask_name) else np.ones_like(valid)
@@ -3651,7 +3737,7 @@ def run_phase(config_obj, phase, ext="clean", nchunks=None, worker=0, nworkers=1
             config.run_pipeline_tasks(ext=ext)
         return chunked
     if phase == "postprocess":
-        chunked.postprocess(ext=ext)
+        chunked.run_postprocess(ext=ext, overwrite=config_obj.overwrite)
         return chunked
     raise InputError("phase %r is invalid: use preprocess, chunks or postprocess" % phase)
 

@@ -269,6 +269,12 @@ def test_qa_summary_stage_skipping_and_moments(pipeline12m, caplog):
         config.run_pipeline(ext="clean", use_chunking=False)
     assert final.stat().st_mtime == mtime
     assert sum("skipping stage" in r.message for r in caplog.records) == 5
+    # the markers carry a fingerprint of inputs and settings: other settings are not "done"
+    other = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=pipeline12m["cfg"])
+    assert other.stage_fingerprint("clean", sigma=3.0) == config.stage_fingerprint("clean", sigma=3.0)
+    assert other.stage_fingerprint("clean", sigma=3.0) != config.stage_fingerprint("clean", sigma=2.5)
+    marker = json.loads(Path(base + ".clean.done.json").read_text())
+    assert len(marker["fingerprint"]) == 16
     # moment maps: units, and mom1 at the compact source within one channel of vsys
     written = fi.make_all_moment_maps(FIELD, ext="clean", config=pipeline12m["cfg"])
     assert len(written) == 1
@@ -312,7 +318,7 @@ def test_max_residual_check_flags_an_under_cleaned_run(pipeline12m):
 
 @pytest.mark.casa
 @pytest.mark.slow
-def test_chunked_run_equals_unchunked(pipeline12m):
+def test_chunked_run_equals_unchunked(pipeline12m, caplog):
     unchunked = pipeline12m["config"]
     config = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=pipeline12m["cfg"])
     config.rms = unchunked.rms          # one noise level for both, as for small chunks
@@ -332,6 +338,18 @@ def test_chunked_run_equals_unchunked(pipeline12m):
     assert finite.mean() > 0.99
     difference = np.abs(a - b)[finite]
     assert difference.max() < 0.5 * unchunked.rms, difference.max() / unchunked.rms
+    # a re-run of the finished chunked run skips its post-processing (same chunks and settings)
+    mtime = final.stat().st_mtime_ns
+    with caplog.at_level("INFO", logger="faust_imaging"):
+        config.run_pipeline(ext="chunked", use_chunking=True, nchunks=2)
+    assert final.stat().st_mtime_ns == mtime
+    assert any("skipping stage post" in r.message for r in caplog.records)
+    # an unchunked run under the same names does not take the chunked products for its own
+    full = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=pipeline12m["cfg"])
+    base = full.get_imagebase("chunked")
+    assert Path(base + ".image.pbcor.common.fits").exists()
+    assert not full._stage_complete(base, "post", (".image.pbcor.common.fits",),
+                                    full.stage_fingerprint("post", ext="chunked"))
     # a chunk's own noise estimate (its dirty cube): right for the line-free upper half,
     # biased high for the half holding both lines (why the cookbook sets rms by hand)
     probe = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=pipeline12m["cfg"])
@@ -441,6 +459,13 @@ def test_moments_and_qa_name_what_is_missing(args, message, tmp_path, capsys):
     assert fi.main(argv) == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
     assert not (tmp_path / "prod" / "moments").exists() and not (tmp_path / "prod" / "plots").exists()
+
+
+def test_moment_window_beyond_the_cube_warns():
+    velo = np.linspace(-5.0, 15.0, 41)
+    assert not fi._warn_partial_window("c.image.common", velo, 5.0, 4.0)
+    with pytest.warns(fi.FaustWarning, match=r"reaches beyond c.image.common's velocities -5.00..15.00"):
+        assert fi._warn_partial_window("c.image.common", velo, 13.0, 4.0)
 
 
 def test_moment_png_has_four_panels_with_beam(tmp_path):
