@@ -3300,6 +3300,8 @@ def plot_moment_maps(maps, out_png, title=""):
             vmin, vmax = np.nanpercentile(finite, [1, 99.5])
         else:
             vmin, vmax = 0.0, 1.0
+        if not vmax > vmin:                      # a constant map: a small range around its value
+            vmin, vmax = vmin - 0.5 * (abs(vmin) or 1.0), vmax + 0.5 * (abs(vmax) or 1.0)
         im = ax.imshow(data, origin="lower", cmap=cmap, vmin=vmin, vmax=vmax, extent=extent, interpolation="nearest")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label("%s [%s]" % (name, header.get("BUNIT", "")))
         if header.get("BMAJ") and header.get("BMIN"):
