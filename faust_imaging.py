@@ -726,6 +726,12 @@ CONFIG_SCHEMA = (
     ConfigKey("AutoMultithresh7m", "negativethreshold", "float", 10.0, (0.0, None), _AUTOM_HELP % "negativethreshold for 7m-only cubes", bounds=True),
     ConfigKey("AutoMultithresh7m", "growiterations", "int", 1000, (0, None), _AUTOM_HELP % "growiterations for 7m-only cubes", bounds=True),
     ConfigKey("Thresholds", "nomask_sigma", "float", 4.5, (0.0, None), "threshold of the unmasked clean (sigma)", bounds=True),
+    ConfigKey("Thresholds", "rms_method", "str", "residual", ("residual", "dirty"), "noise for the seed mask and "
+              "the final clean: 'residual' = robust rms of the unmasked clean's residual, the clean repeated at the "
+              "new rms until it settles (a source bright in every channel inflates the dirty cube's rms: its "
+              "sidelobes are not noise); 'dirty' = the dirty cube's (the original)"),
+    ConfigKey("Thresholds", "rms_iterations", "int", 3, (1, 10), "most unmasked cleans for rms_method = residual",
+              bounds=True),
     ConfigKey("Thresholds", "seed_mask_sigma", "floatlist", [5.0], (0.0, None), "seed-mask threshold on the unmasked image (sigma; one value, or one per mask scale)", bounds=True),
     ConfigKey("Thresholds", "clean_sigma", "float", 3.0, (0.0, None), "threshold of the final masked clean (sigma)", bounds=True),
     ConfigKey("Thresholds", "max_residual_sigma", "float", 5.5, (0.0, None), "residual peak that flags a cube as under-cleaned (sigma)", bounds=True),
@@ -2273,6 +2279,7 @@ class ImageConfig:
                 self.autom_kwargs[key] = self.config["AutoMultithresh"][key]
         self.overwrite = False
         self._rms = None
+        self._rms_fixed = False
         self._spw_ids = None
         self.tclean_calls = []
         self.tclean_seconds = []
@@ -2373,6 +2380,7 @@ class ImageConfig:
     @rms.setter
     def rms(self, value):
         self._rms = None if value is None else float(value)
+        self._rms_fixed = value is not None
 
     # -- spectral selection ----------------------------------------------------
     @property
@@ -2558,15 +2566,36 @@ class ImageConfig:
                              "add a smaller scale (e.g. 0)" % (self.scales, limit))
         base = self.nomask_imagebase
         self._clear_marker(base, "nomask")
-        delete_all_extensions(base)
-        start, nchan, width = self.selected_start_nchan
-        self._tclean(base, nchan=nchan, start=start, width=width, deconvolver="multiscale",
-                     scales=scales, smallscalebias=self.smallscalebias, gain=self.gain,
-                     cyclefactor=self.cyclefactor, niter=self.nitermax,
-                     threshold=self._threshold(sigma), usemask="user", mask="")
+        rms_dirty = self.rms
+        history = []
+        iterate = self.config["Thresholds"]["rms_method"] == "residual" and not getattr(self, "_rms_fixed", False)
+        n_iter = self.config["Thresholds"]["rms_iterations"] if iterate else 1
+        for it in range(n_iter):
+            delete_all_extensions(base)
+            start, nchan, width = self.selected_start_nchan
+            self._tclean(base, nchan=nchan, start=start, width=width, deconvolver="multiscale",
+                         scales=scales, smallscalebias=self.smallscalebias, gain=self.gain,
+                         cyclefactor=self.cyclefactor, niter=self.nitermax,
+                         threshold=self._threshold(sigma), usemask="user", mask="")
+            if not iterate:
+                break
+            residual_rms = calc_rms_from_image(base + ".residual")
+            history.append(residual_rms)
+            log.info("rms from the unmasked clean's residual: %.4g Jy/beam (clean at %.4g; dirty cube %.4g)",
+                     residual_rms, self._rms, rms_dirty)
+            # the rms kept is always the one the last clean used, so its products and the later
+            # thresholds agree (a chunked run given this rms repeats the same clean)
+            if abs(residual_rms - self._rms) / self._rms < 0.05 or it == n_iter - 1:
+                break
+            self._rms = residual_rms
         if not self.preserve_all_intermediate_products:
             delete_all_extensions(base, keep_exts=["image", "pb", "nomask.done.json"])
-        self._stage_done(base, "nomask", sigma=sigma, scales=scales)
+        self._stage_done(base, "nomask", sigma=sigma, scales=scales, rms_dirty=rms_dirty,
+                         rms_residual=history, rms_used=self.rms)
+        if history and self.rms < 0.8 * rms_dirty:
+            log.warning("%s: the dirty cube's rms %.4g Jy/beam is %.1fx the residual's %.4g: emission in every "
+                        "channel (sidelobes of a bright source) inflated it; thresholds use the residual's",
+                        Path(base).name, rms_dirty, rms_dirty / self.rms, self.rms)
         return base
 
     def make_seed_mask(self, sigma=5.0):
@@ -2732,16 +2761,18 @@ class ImageConfig:
                          stage, Path(base).name)
                 if stage == "dirty" and self._rms is None:
                     self._rms = self._recorded_rms(base)
+                if stage == "nomask" and not getattr(self, "_rms_fixed", False):
+                    self._rms = self._recorded_rms(base, "nomask", "rms_used") or self._rms
                 continue
             func(**kwargs)
             self._stamp_fingerprint(base, stage, fingerprint)
             redo = True  # every later stage depends on this one
         return self.get_imagebase(ext)
 
-    def _recorded_rms(self, base):
+    def _recorded_rms(self, base, stage="dirty", key="rms_estimate"):
         try:
-            record = json.loads(Path("%s.dirty.done.json" % base).read_text())
-            return record.get("rms_estimate") or record.get("rms")
+            record = json.loads(Path("%s.%s.done.json" % (base, stage)).read_text())
+            return record.get(key) or (record.get("rms") if stage == "dirty" else None)
         except (OSError, ValueError):
             return None
 

@@ -305,6 +305,34 @@ def test_qa_summary_stage_skipping_and_moments(pipeline12m, caplog):
 
 
 @pytest.mark.casa
+def test_noise_from_the_residual_when_a_source_is_bright_in_every_channel(tmp_path):
+    """A 0.15 Jy continuum source: its sidelobes inflate the dirty cube's rms ~2.4x; the rms of the
+    unmasked clean's residual, iterated, is used instead (measured 1.24x the thermal noise)."""
+    if casatools is None:
+        pytest.skip("casatools is not installed")
+    from dataclasses import replace
+    import astropy.units as u
+    from simulate import default_sources, simulate_alma_line_ms
+    compact, _ = default_sources()
+    continuum = replace(compact, name="continuum", peak_flux=0.15 * u.Jy, fwhm_velocity=5000 * u.km / u.s)
+    ms_dir = tmp_path / "data" / f"{FIELD}-Setup9"
+    ms_dir.mkdir(parents=True)
+    sim = simulate_alma_line_ms(ms_dir / "cont.ms", array="12m", nchan=16, seed=3, vsys_channel=6,
+                                sources=[continuum])
+    config = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=write_config(tmp_path))
+    config.run_pipeline(ext="clean", use_chunking=False)
+    thermal = sim.expected_rms.value
+    marker = json.loads(Path(config.nomask_imagebase + ".nomask.done.json").read_text())
+    assert marker["rms_dirty"] > 1.8 * thermal                       # the problem
+    assert marker["rms_used"] == config.rms < 1.4 * thermal            # the fix
+    assert config.rms < 0.65 * marker["rms_dirty"] and 1 <= len(marker["rms_residual"]) <= 3
+    # the old behaviour is one setting away
+    dirty_only = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=write_config(
+        tmp_path, extra="[Thresholds]\nrms_method = dirty\n"))
+    assert dirty_only.stage_fingerprint("nomask") != config.stage_fingerprint("nomask")
+
+
+@pytest.mark.casa
 def test_max_residual_check_flags_an_under_cleaned_run(pipeline12m):
     config = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=pipeline12m["cfg"])
     config.nitermax = 1
