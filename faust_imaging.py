@@ -74,6 +74,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "ms_dish_diameters",
     "plot_moment_maps",
     "main",
     "CONFIG_SCHEMA",
@@ -1947,6 +1948,19 @@ def check_writable(directory):
     return directory
 
 
+def ms_dish_diameters(ms_filen):
+    """Sorted distinct dish diameters (m) of an MS's ANTENNA table."""
+    casatools, _ = import_casa()
+    tb = casatools.table()
+    tb.open(os.path.join(str(ms_filen), "ANTENNA"))
+    try:
+        diameters = tb.getcol("DISH_DIAMETER")
+    finally:
+        tb.close()
+        tb.done()
+    return sorted({round(float(d), 2) for d in diameters})
+
+
 def ms_contains_diameter(ms_filen, diameter=None, epsilon=0.5):
     """True when the MS has an antenna of ``diameter`` +- ``epsilon`` metres (msmd)."""
     casatools, _ = import_casa()
@@ -2021,12 +2035,16 @@ class DataSet:
         found = sorted(glob(self.ms_pattern))
         for ms in found:
             _check_measurement_set(ms, self.field)
+        candidates = list(found)
         if self.kind in KIND_DIAMETERS:
             found = [m for m in found if ms_contains_diameter(m, KIND_DIAMETERS[self.kind])]
         if not found:
+            seen = "; ".join("%s has dishes of %s m" % (Path(m).name, "/".join("%g" % d for d in ms_dish_diameters(m)))
+                             for m in candidates)
             raise InputError("no %s measurement set found for field %s, setup %d with the "
-                             "pattern %s (check [Paths] DATA_DIR and ms_pattern)"
-                             % (self.kind, self.field, self.setup, self.ms_pattern))
+                             "pattern %s (check [Paths] DATA_DIR and ms_pattern)%s"
+                             % (self.kind, self.field, self.setup, self.ms_pattern,
+                                ": %s; use --kind joint for all of them" % seen if seen else ""))
         return found
 
     @property

@@ -417,7 +417,9 @@ def test_dataset_kind_selection_and_spw_info(sim12m, tmp_path):
         fi._check_measurement_set(ms, "NoSuchField")
     fi._check_measurement_set(ms, FIELD)
     assert fi.ms_contains_diameter(ms, 12) and not fi.ms_contains_diameter(ms, 7)
-    with pytest.raises(fi.InputError, match="no 7m measurement set found"):
+    assert fi.ms_dish_diameters(ms) == [12.0]
+    with pytest.raises(fi.InputError, match="no 7m measurement set found.*sim12m.ms has dishes of 12 m; use "
+                                            "--kind joint"):
         fi.DataSet(FIELD, 9, "7m", config=sim12m["cfg"])
     dset = fi.DataSet(FIELD, 9, "12m", config=sim12m["cfg"])
     assert dset.cell == "0.2800arcsec" and dset.imsize == [120, 120] and dset.pblimit == -0.01
