@@ -1193,13 +1193,12 @@ def prepare_frame(path, median_stack=None, data_settings=None, stack_paths=None,
     Returns
     -------
     dict
-        difference, scaled, info (scaling), header, mask (masked pixels), level (sky level
-        of the frame, or None), normalised (bool)
+        difference, background_free, scaled, info (scaling), header, mask (masked pixels),
+        normalised (bool)
     """
     d = _section_defaults("Data", data_settings)
     current, header = read_image(path, d["extension"], d["dq_mask"])
     normalised = False
-    level = None
     if median_stack is not None or stack_paths:
         if median_stack is not None:
             stack, _ = read_image(median_stack, d["extension"], d["dq_mask"])
@@ -1208,7 +1207,6 @@ def prepare_frame(path, median_stack=None, data_settings=None, stack_paths=None,
             stack = build_median_stack(stack_paths, d["normalise"], d["extension"], d["dq_mask"], d["min_stack"],
                                        cache)
             names = (str(path), "the median stack of %d frames" % len(stack_paths))
-        level = _level(current)
         diff = difference_image(current, stack, d["normalise"], names)
         normalised = bool(d["normalise"])
     else:
@@ -1222,7 +1220,7 @@ def prepare_frame(path, median_stack=None, data_settings=None, stack_paths=None,
         log.warning("%s: the scaling clipped or replaced %.1f %% of the pixels (unusual data?)",
                     Path(path).name, 100.0 * (info["n_clipped"] + info["n_replaced"]) / diff.size)
     return dict(difference=diff, background_free=background_free, scaled=scaled, info=info, header=header,
-                mask=mask, level=level, normalised=normalised)
+                mask=mask, normalised=normalised)
 
 
 def _check_difference_like(data, path):
@@ -2459,12 +2457,12 @@ def classify_frame(prep, model, threshold=None, min_snr=5.0, radii=(4.0, 5.0, 6.
                    blob_x=float("nan"), blob_y=float("nan"), blob_radius=float("nan"), blob_snr=float("nan"),
                    blob_depth=float("nan"), n_blobs=0, masked_fraction=round(masked, 4), flags=0)
         if flagged and inside:
+            for c in inside:                       # mean dimming: only with a normalised difference
+                c["depth"] = _mean_dimming(prep["background_free"], c["x"], c["y"], c["radius"]) \
+                    if prep["normalised"] else float("nan")
             best = inside[0]                       # candidates are sorted by S/N
             row.update(blob_x=round(best["x"], 2), blob_y=round(best["y"], 2), blob_radius=best["radius"],
-                       blob_snr=round(best["snr"], 2), n_blobs=len(inside))
-            if prep["normalised"]:
-                row["blob_depth"] = round(_mean_dimming(prep["background_free"], best["x"], best["y"],
-                                                        best["radius"]), 5)
+                       blob_snr=round(best["snr"], 2), n_blobs=len(inside), blob_depth=round(best["depth"], 5))
             if (best["x"] - best["radius"] < x0 or best["x"] + best["radius"] >= x0 + size
                     or best["y"] - best["radius"] < y0 or best["y"] + best["radius"] >= y0 + size):
                 flags |= FLAG_TILE_EDGE
@@ -2570,7 +2568,7 @@ def predict(path, median_stack=None, outdir=None, model_dir=None, threshold=None
                           data=_section_defaults("Data", data_settings), predict=p,
                           scaling={k: v for k, v in prep["info"].items()}, quality_flags=QUALITY_FLAGS,
                           command=" ".join(sys.argv), written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        blobs = _blob_rows(candidates, prep)
+        blobs = _blob_rows(candidates)
         writers = {"csv": lambda tmp: Path(tmp).write_text(_csv_text(rows, TILE_COLUMNS)),
                    "blobs": lambda tmp: Path(tmp).write_text(_csv_text(blobs, BLOB_COLUMNS)),
                    "json": lambda tmp: Path(tmp).write_text(json.dumps(provenance, indent=1, default=float))}
@@ -2588,16 +2586,14 @@ def predict(path, median_stack=None, outdir=None, model_dir=None, threshold=None
     return result
 
 
-def _blob_rows(candidates, prep):
+def _blob_rows(candidates):
     """One row per blob located in a flagged tile (``<frame>_blobs.csv``), strongest first."""
     rows = []
     for c in candidates:
         if c.get("tile", -1) < 0:
             continue
-        depth = _mean_dimming(prep["background_free"], c["x"], c["y"], c["radius"]) if prep["normalised"] \
-            else float("nan")
         rows.append(dict(blob=len(rows) + 1, tile=c["tile"], x=round(c["x"], 2), y=round(c["y"], 2),
-                         radius=round(c["radius"], 2), snr=round(c["snr"], 2), depth=round(depth, 5)))
+                         radius=round(c["radius"], 2), snr=round(c["snr"], 2), depth=round(c["depth"], 5)))
     return rows
 
 
