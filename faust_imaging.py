@@ -1914,14 +1914,7 @@ def _check_measurement_set(ms, field):
             and os.path.isdir(os.path.join(ms, "FIELD"))):
         raise InputError("%s matches [Paths] ms_pattern but is not a measurement set (no table.dat / FIELD "
                          "table); remove it or narrow the pattern" % ms)
-    casatools, _ = import_casa()
-    tb = casatools.table()
-    tb.open(os.path.join(ms, "FIELD"))
-    try:
-        names = [str(n) for n in tb.getcol("NAME")]
-    finally:
-        tb.close()
-        tb.done()
+    names = [str(n) for n in _ms_column(ms, "FIELD", "NAME")]
     if field not in names:
         raise InputError("field %r is not in %s (its fields: %s); the target name must be the MS field name"
                          % (field, ms, ", ".join(names) or "none"))
@@ -1948,17 +1941,21 @@ def check_writable(directory):
     return directory
 
 
-def ms_dish_diameters(ms_filen):
-    """Sorted distinct dish diameters (m) of an MS's ANTENNA table."""
+def _ms_column(ms, subtable, column):
+    """One column of an MS subtable (casatools table tool), e.g. ('FIELD', 'NAME')."""
     casatools, _ = import_casa()
     tb = casatools.table()
-    tb.open(os.path.join(str(ms_filen), "ANTENNA"))
+    tb.open(os.path.join(str(ms), subtable))
     try:
-        diameters = tb.getcol("DISH_DIAMETER")
+        return tb.getcol(column)
     finally:
         tb.close()
         tb.done()
-    return sorted({round(float(d), 2) for d in diameters})
+
+
+def ms_dish_diameters(ms_filen):
+    """Sorted distinct dish diameters (m) of an MS's ANTENNA table."""
+    return sorted({round(float(d), 2) for d in _ms_column(ms_filen, "ANTENNA", "DISH_DIAMETER")})
 
 
 def ms_contains_diameter(ms_filen, diameter=None, epsilon=0.5):
