@@ -59,6 +59,7 @@ import csv
 import hashlib
 import json
 import logging
+import io
 import math
 import os
 import re
@@ -68,13 +69,20 @@ import tempfile
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field as dataclass_field, replace as dataclass_replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 __all__ = [
     "ms_dish_diameters",
+    "describe_ms",
+    "remove_stale_templattices",
+    "kind_of_diameters",
+    "catalogue_rows_from_ms",
+    "add_dataset",
+    "set_ini_keys",
+    "alma_band",
     "plot_moment_maps",
     "main",
     "CONFIG_SCHEMA",
@@ -174,7 +182,7 @@ SPEED_OF_LIGHT_KMS = 299792.458
 TARGETS_FILE = HERE / "configs" / "faust_targets.csv"
 SETUPS_FILE = HERE / "configs" / "faust_setups.csv"
 SPWS_FILE = HERE / "configs" / "faust_spws.csv"
-KINDS = ("joint", "12m", "7m")
+KINDS = ("joint", "12m", "7m", "other")
 GRIDDERS = ("standard", "mosaic", "wproject", "widefield", "awproject", "awp2", "awphpg")  # tclean gridders
 #: Dish diameters (m) that select the measurement sets of a single-array kind.
 KIND_DIAMETERS = {"12m": 12.0, "7m": 7.0}
@@ -678,7 +686,11 @@ CONFIG_SCHEMA = (
     ConfigKey("Paths", "PLOT_DIR", "path", None, help="directory for QA plots (default: PROD_DIR/plots)"),
     ConfigKey("Paths", "IMAGE_DIR", "path", None, help="directory for image cubes, one folder per field (default: PROD_DIR/images)"),
     ConfigKey("Paths", "MOMENT_DIR", "path", None, help="directory for moment maps (default: PROD_DIR/moments)"),
-    ConfigKey("Paths", "ms_pattern", "str", FAUST_MS_PATTERN, help="glob of a field's measurement sets below DATA_DIR; {field} and {setup} are filled in"),
+    ConfigKey("Paths", "ms_pattern", "str", FAUST_MS_PATTERN, help="glob of a field's measurement sets below DATA_DIR; "
+              "{field} and {setup} are filled in. With {field} every match must hold the field (the FAUST layout); "
+              "without it the matches are used for the fields and frequencies they hold; empty = ms_files only"),
+    ConfigKey("Paths", "ms_files", "list", [], help="measurement sets by path (relative to DATA_DIR or absolute), "
+              "each used for the fields it holds and the setups its SPWs overlap (add-dataset writes this)"),
     ConfigKey("Catalog", "targets_file", "path", None, help="extra targets CSV (name,res_arcsec,vsys_kms), added to configs/faust_targets.csv"),
     ConfigKey("Catalog", "setups_file", "path", None, help="extra setups CSV (columns of configs/faust_setups.csv)"),
     ConfigKey("Catalog", "spws_file", "path", None, help="extra spectral windows CSV (columns of configs/faust_spws.csv)"),
@@ -690,15 +702,28 @@ CONFIG_SCHEMA = (
     ConfigKey("Imaging", "stokes", "str", "I", ("I", "Q", "U", "V", "IV", "IQ", "IQUV", "XX", "YY", "XXYY", "RR",
                                                 "LL", "RRLL", "pseudoI"),
               "Stokes / correlation products to image; logged and recorded in the stage markers"),
-    ConfigKey("Imaging", "kind", "str", "joint", KINDS, "array combination: joint (all MSs), 12m or 7m"),
+    ConfigKey("Imaging", "kind", "str", "joint", KINDS, "array combination: joint (all MSs), 12m, 7m (the MSs with dishes of that size) or other (dishes of neither size)"),
     ConfigKey("Imaging", "pblimit_joint", "float", 0.2, (-1.0, 1.0), "pblimit for joint 12m+7m imaging", bounds=True),
     ConfigKey("Imaging", "pblimit_single", "float", -0.01, (-1.0, 1.0), "pblimit for single-array imaging", bounds=True),
-    ConfigKey("Imaging", "oversample", "float", 10.0, (2.0, None), "pixels per synthesized-beam FWHM (cell = res / oversample)", bounds=True),
-    ConfigKey("Imaging", "imsize_pb_factor", "float", 2.0, (0.1, None), "image width in units of the primary-beam FWHM 1.13 lambda/D at the setup's lowest frequency", bounds=True),
+    ConfigKey("Imaging", "oversample", "float", 10.0, (2.0, None), "pixels per synthesized-beam FWHM (cell = res / "
+              "oversample; res = the target's res_arcsec, or lambda / longest baseline of the MSs when that is "
+              "'auto' and always for 7m)", bounds=True),
+    ConfigKey("Imaging", "imsize_pb_factor", "float", 2.0, (0.1, None), "image width in units of the primary-beam "
+              "FWHM 1.13 lambda/D at the setup's lowest frequency, D = the MSs' dish diameter", bounds=True),
+    ConfigKey("Imaging", "dish_diameter", "float", None, (1.0, None), "dish diameter (m) for the primary beam "
+              "(default: from the MSs' ANTENNA tables; joint = the largest dishes)", bounds=True),
     ConfigKey("Imaging", "nitermax", "int", 10000000, (0, None), "maximum number of clean iterations", bounds=True),
-    ConfigKey("Imaging", "scales", "floatlist", [0.0, 15.0, 45.0, 135.0], (0.0, None), "multiscale clean scales (pixels)", bounds=True),
-    ConfigKey("Imaging", "scale_upper_limit", "float", 60.0, (0.0, None), "unmasked clean uses only scales below this (pixels); none = all", bounds=True),
-    ConfigKey("Imaging", "mask_ang_scales", "floatlist", [0.0, 1.0, 3.0], (0.0, None), "smoothing scales of the seed mask (arcsec)", bounds=True),
+    ConfigKey("Imaging", "scales", "floatlist", [0.0, 1.5, 4.5, 13.5], (0.0, None), "multiscale clean scales, in "
+              "synthesized beams (scale_units = beam) or pixels (scale_units = pixel)", bounds=True),
+    ConfigKey("Imaging", "scale_upper_limit", "float", 6.0, (0.0, None), "unmasked clean uses only scales below this "
+              "(scale_units); none = all", bounds=True),
+    ConfigKey("Imaging", "scale_units", "str", "beam", ("beam", "pixel"), "unit of scales and scale_upper_limit: "
+              "beam = the synthesized-beam FWHM (res_arcsec, or lambda / longest baseline), so one setting "
+              "fits any array; pixel = the original's (0, 15, 45, 135 px for a 0.35 arcsec beam at 10 px/beam)"),
+    ConfigKey("Imaging", "mask_scales", "floatlist", [0.0, 3.0, 9.0], (0.0, None), "smoothing scales of the "
+              "seed mask, in synthesized beams (mask_scale_units = beam) or arcsec", bounds=True),
+    ConfigKey("Imaging", "mask_scale_units", "str", "beam", ("beam", "arcsec"), "unit of mask_scales (the original: "
+              "0, 1, 3 arcsec, about 0, 3, 9 beams of FAUST's 0.35 arcsec)"),
     ConfigKey("Imaging", "smallscalebias", "float", -1.0, (-1.0, 1.0), "multiscale small-scale bias", bounds=True),
     ConfigKey("Imaging", "gain", "float", 0.05, (0.001, 1.0), "clean loop gain", bounds=True),
     ConfigKey("Imaging", "cyclefactor", "float", 2.0, (0.0, None), "clean cycle factor", bounds=True),
@@ -753,14 +778,13 @@ CONFIG_SCHEMA = (
 def _validate_config(config):
     """Cross-key checks run after the per-key pass (messages name section and key)."""
     errors = []
-    pattern = config["Paths"]["ms_pattern"]
-    if "{field}" not in pattern:
-        errors.append("[Paths] ms_pattern = %r must contain {field} (and usually {setup})" % pattern)
+    if not (config["Paths"]["ms_pattern"] or config["Paths"]["ms_files"]):
+        errors.append("[Paths] ms_pattern is empty and ms_files lists nothing: give one of them")
     sigmas = config["Thresholds"]["seed_mask_sigma"]
-    scales = config["Imaging"]["mask_ang_scales"]
+    scales = config["Imaging"]["mask_scales"]
     if len(sigmas) not in (1, len(scales)):
         errors.append("[Thresholds] seed_mask_sigma = %r: give one value or one per "
-                      "[Imaging] mask_ang_scales entry (%d)" % (sigmas, len(scales)))
+                      "[Imaging] mask_scales entry (%d)" % (sigmas, len(scales)))
     if not config["Imaging"]["scales"]:
         errors.append("[Imaging] scales is empty: give at least one scale, e.g. 0")
     for item in config["Moments"]["vwin_overrides"]:
@@ -860,10 +884,11 @@ def weighting_label(weighting):
 # ===========================================================================
 @dataclass(frozen=True)
 class Target:
-    """A target field: name, synthesized-beam resolution (arcsec), vsys (km/s, LSRK)."""
+    """A target field: name, synthesized-beam resolution (arcsec; None = from the longest
+    baseline of its MSs), vsys (km/s, LSRK)."""
 
     name: str
-    res: float
+    res: object
     vsys: float
 
     def vlsr_from_window(self, velo_width):
@@ -1012,12 +1037,23 @@ def _rows_to_targets(rows, path):
     targets = {}
     for n, row in enumerate(rows, 2):
         try:
-            targets[row["name"].strip()] = Target(row["name"].strip(), float(row["res_arcsec"]),
+            targets[row["name"].strip()] = Target(row["name"].strip(), _parse_res(row["res_arcsec"]),
                                                   float(row["vsys_kms"]))
         except (TypeError, ValueError):
-            raise InputError("%s row %d: res_arcsec/vsys_kms must be numbers, got %r"
+            raise InputError("%s row %d: res_arcsec (a number or 'auto') and vsys_kms must be numbers, got %r"
                              % (path, n, row)) from None
     return targets
+
+
+def _parse_res(text):
+    """res_arcsec cell: a positive number, or '' / 'auto' = from the data (None)."""
+    text = str(text).strip()
+    if text.lower() in ("", "auto"):
+        return None
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
 
 
 def _rows_to_setups(rows, path):
@@ -1154,10 +1190,10 @@ def load_catalog(config=None):
         for item in get_config(config)["Catalog"]["extra_targets"]:
             name, res, vsys = item.split(":")
             try:
-                targets[name] = Target(name, float(res), float(vsys))
+                targets[name] = Target(name, _parse_res(res), float(vsys))
             except ValueError:
-                raise ConfigError("[Catalog] extra_targets item %r: RES and VSYS must be "
-                                  "numbers" % item) from None
+                raise ConfigError("[Catalog] extra_targets item %r: RES (arcsec, or auto) and VSYS "
+                                  "must be numbers" % item) from None
     return Catalog(targets, setups, spws)
 
 
@@ -1907,17 +1943,63 @@ def concat_images(infiles, outfile):
 # ===========================================================================
 # Data sets (measurement sets of a field, setup and array kind)
 # ===========================================================================
-def _check_measurement_set(ms, field):
-    """InputError unless ``ms`` is a measurement set (a table folder with a FIELD table) holding ``field``."""
+def _check_is_measurement_set(ms, where="matches [Paths] ms_pattern"):
+    """InputError unless ``ms`` is a measurement set (a table folder with FIELD and ANTENNA tables)."""
     ms = str(ms)
+    if not os.path.exists(ms):
+        raise InputError("measurement set %s does not exist" % ms)
     if not (os.path.isdir(ms) and os.path.exists(os.path.join(ms, "table.dat"))
-            and os.path.isdir(os.path.join(ms, "FIELD"))):
-        raise InputError("%s matches [Paths] ms_pattern but is not a measurement set (no table.dat / FIELD "
-                         "table); remove it or narrow the pattern" % ms)
+            and os.path.isdir(os.path.join(ms, "FIELD")) and os.path.isdir(os.path.join(ms, "ANTENNA"))):
+        raise InputError("%s %s but is not a measurement set (no table.dat / FIELD / ANTENNA "
+                         "table); remove it or narrow the pattern" % (ms, where))
+
+
+def _check_measurement_set(ms, field):
+    """InputError unless ``ms`` is a measurement set holding ``field``."""
+    ms = str(ms)
+    _check_is_measurement_set(ms)
     names = [str(n) for n in _ms_column(ms, "FIELD", "NAME")]
     if field not in names:
         raise InputError("field %r is not in %s (its fields: %s); the target name must be the MS field name"
                          % (field, ms, ", ".join(names) or "none"))
+
+
+_TEMPLATTICE = re.compile(r"^TempLattice(\d+)_\d+$")  # casacore File::newUniqueName: prefix + '<pid>_<seq>'
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_templattices(directory):
+    """Remove ``TempLattice<pid>_<n>`` folders left in ``directory`` by killed CASA processes.
+
+    Only folders named as casacore names its scratch lattices, and only those whose process
+    is gone: a TempLattice of a running tclean (another chunk worker, an MPI server) is kept.
+
+    Returns
+    -------
+    list of str
+        The removed paths.
+    """
+    directory = Path(directory)
+    removed = []
+    if not directory.is_dir():
+        return removed
+    for path in sorted(directory.iterdir()):
+        match = _TEMPLATTICE.match(path.name)
+        if match and not _pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
+            removed.append(str(path))
+    if removed:
+        log.info("removed %d TempLattice folder(s) left by killed runs in %s", len(removed), directory)
+    return removed
 
 
 def check_writable(directory):
@@ -1958,6 +2040,123 @@ def ms_dish_diameters(ms_filen):
     return sorted({round(float(d), 2) for d in _ms_column(ms_filen, "ANTENNA", "DISH_DIAMETER")})
 
 
+_MS_SUMMARIES = {}
+
+
+def _ms_stamp(ms):
+    try:
+        return os.stat(os.path.join(str(ms), "table.dat")).st_mtime_ns
+    except OSError:
+        return None
+
+
+def describe_ms(ms):
+    """What the pipeline needs to know of a measurement set, read from its subtables.
+
+    Cached per path and modification time.  Science fields and SPWs are those of the
+    ``OBSERVE_TARGET#ON_SOURCE`` intent when the MS has intents (ALMA), else all of them.
+
+    Parameters
+    ----------
+    ms : str or Path
+
+    Returns
+    -------
+    dict
+        ``path``, ``telescope``, ``fields`` (science field names), ``field_spws``
+        ({field: [spw ids]}), ``dish_diameters`` (distinct, m), ``max_baseline_m``
+        (longest baseline with data), ``spws`` (list of dicts: ``id``, ``name``, ``nchan``,
+        ``low_hz``, ``high_hz``, ``centre_hz``, ``chan_width_hz``, ``bandwidth_hz``,
+        ``rest_hz`` from the SOURCE table or None), ``vsys_kms`` ({field: SYSVEL or None}),
+        ``npointings`` ({field: number of FIELD rows with that name}).
+    """
+    key = (os.path.abspath(str(ms)), _ms_stamp(ms))
+    if key in _MS_SUMMARIES:
+        return _MS_SUMMARIES[key]
+    _check_is_measurement_set(ms)
+    casatools, _ = import_casa()
+    msmd = casatools.msmetadata()
+    msmd.open(str(ms))
+    try:
+        summary = _read_ms_summary(msmd, str(ms))
+    finally:
+        msmd.close()
+        msmd.done()
+    positions = np.asarray(_ms_column(ms, "ANTENNA", "POSITION"), dtype=float).T
+    diameters = np.asarray(_ms_column(ms, "ANTENNA", "DISH_DIAMETER"), dtype=float)
+    used = summary.pop("_baselines")
+    ii, jj = np.nonzero(np.triu(used, 1))
+    lengths = np.linalg.norm(positions[ii] - positions[jj], axis=1) if ii.size else np.zeros(0)
+    summary["max_baseline_m"] = float(lengths.max()) if lengths.size else 0.0
+    with_data = sorted(set(ii.tolist()) | set(jj.tolist())) or list(range(diameters.size))
+    summary["dish_diameters"] = sorted({round(float(d), 2) for d in diameters[with_data]})
+    summary.update(_read_source_table(ms))
+    _MS_SUMMARIES[key] = summary
+    return summary
+
+
+def _read_ms_summary(msmd, ms):
+    intents = list(msmd.intents())
+    science = SCIENCE_INTENT in intents
+    names = list(msmd.fieldnames())
+    fields = sorted(set(msmd.fieldsforintent(SCIENCE_INTENT, True))) if science else sorted(set(names), key=names.index)
+    spw_ids = _science_spws(msmd)
+    spw_names = msmd.namesforspws(spw_ids) if spw_ids else []
+    spws = []
+    for spw_id, name in zip(spw_ids, spw_names):
+        freqs = np.asarray(msmd.chanfreqs(int(spw_id)), dtype=float)
+        widths = np.abs(np.asarray(msmd.chanwidths(int(spw_id)), dtype=float))
+        spws.append({"id": int(spw_id), "name": str(name), "nchan": int(freqs.size),
+                     "low_hz": float(freqs.min() - widths[0] / 2), "high_hz": float(freqs.max() + widths[0] / 2),
+                     "centre_hz": float(np.mean(freqs)), "chan_width_hz": float(widths[0]),
+                     "bandwidth_hz": float(msmd.bandwidths(int(spw_id)))})
+    field_spws = {f: sorted(int(i) for i in msmd.spwsforfield(f) if int(i) in spw_ids) for f in fields}
+    return {"path": ms, "telescope": (list(msmd.observatorynames()) or ["unknown"])[0], "fields": fields,
+            "field_spws": field_spws, "spws": spws, "npointings": {f: names.count(f) for f in fields},
+            "_baselines": np.asarray(msmd.baselines(), dtype=bool)}
+
+
+def _read_source_table(ms):
+    """Rest frequencies per SPW and systemic velocities per source, when the SOURCE table has them."""
+    casatools, _ = import_casa()
+    out = {"rest_hz": {}, "vsys_kms": {}}
+    tb = casatools.table()
+    try:
+        tb.open(os.path.join(str(ms), "SOURCE"))
+    except RuntimeError:
+        return out
+    try:
+        cols = set(tb.colnames())
+        if tb.nrows() == 0 or not {"NAME", "SPECTRAL_WINDOW_ID"} <= cols:
+            return out
+        names, spws = tb.getcol("NAME"), tb.getcol("SPECTRAL_WINDOW_ID")
+        for col, key, scale in (("REST_FREQUENCY", "rest_hz", 1.0), ("SYSVEL", "vsys_kms", 1e-3)):
+            if col not in cols:
+                continue
+            values = tb.getvarcol(col)
+            for row in range(tb.nrows()):
+                cell = np.asarray(values.get("r%d" % (row + 1), []), dtype=float).ravel()
+                if cell.size and np.isfinite(cell[0]) and cell[0] != 0:
+                    target = int(spws[row]) if key == "rest_hz" else str(names[row])
+                    out[key].setdefault(target, float(cell[0]) * scale)
+    except RuntimeError:
+        pass
+    finally:
+        tb.close()
+        tb.done()
+    return out
+
+
+def kind_of_diameters(diameters, kind, epsilon=0.5):
+    """True when dish ``diameters`` (m) hold antennas of ``kind``: '12m'/'7m' within ``epsilon``
+    of 12/7 m, 'other' any other diameter (VLA 25 m, ...), 'joint' always."""
+    if kind == "joint":
+        return True
+    if kind == "other":
+        return any(all(abs(d - ref) > epsilon for ref in KIND_DIAMETERS.values()) for d in diameters)
+    return any(abs(d - KIND_DIAMETERS[kind]) <= epsilon for d in diameters)
+
+
 def ms_contains_diameter(ms_filen, diameter=None, epsilon=0.5):
     """True when the MS has an antenna of ``diameter`` +- ``epsilon`` metres (msmd)."""
     casatools, _ = import_casa()
@@ -1980,8 +2179,9 @@ class DataSet:
     field : str
         Target field name (see :attr:`Catalog.targets`).
     setup : int
-    kind : {'joint', '12m', '7m'}
-        'joint' = every MS; '12m'/'7m' = the MSs holding an antenna of that diameter.
+    kind : {'joint', '12m', '7m', 'other'}
+        'joint' = every MS; '12m'/'7m' = the MSs holding an antenna of that diameter;
+        'other' = the MSs with dishes of neither size.
     config : Config, path or None
     catalog : Catalog, optional
 
@@ -2020,27 +2220,59 @@ class DataSet:
         return str(data_dir / self.config["Paths"]["ms_pattern"].format(
             field=self.field, setup=self.setup))
 
-    def _find_measurement_sets(self):
+    def _candidate_paths(self):
+        """(glob matches of ms_pattern, [Paths] ms_files resolved against DATA_DIR)."""
         from glob import glob
-        data_dir = Path(self.config["Paths"]["DATA_DIR"]).expanduser().resolve()
-        if not data_dir.is_dir():
-            raise InputError("[Paths] DATA_DIR = %s does not exist: set it to the directory "
-                             "holding the measurement sets" % data_dir)
-        if not any(data_dir.iterdir()):
-            raise InputError("[Paths] DATA_DIR = %s is empty: put the measurement sets "
-                             "there (pattern %s)" % (data_dir, self.config["Paths"]["ms_pattern"]))
-        found = sorted(glob(self.ms_pattern))
-        for ms in found:
-            _check_measurement_set(ms, self.field)
+        paths = self.config["Paths"]
+        data_dir = Path(paths["DATA_DIR"]).expanduser().resolve()
+        listed = [str((data_dir / Path(m).expanduser()).resolve()) for m in paths["ms_files"]]
+        if not listed:
+            if not data_dir.is_dir():
+                raise InputError("[Paths] DATA_DIR = %s does not exist: set it to the directory "
+                                 "holding the measurement sets" % data_dir)
+            if not any(data_dir.iterdir()):
+                raise InputError("[Paths] DATA_DIR = %s is empty: put the measurement sets "
+                                 "there (pattern %s)" % (data_dir, paths["ms_pattern"]))
+        globbed = sorted(glob(self.ms_pattern)) if paths["ms_pattern"] else []
+        return globbed, [m for m in listed if m not in globbed]
+
+    def _holds_setup(self, ms):
+        """True when a science SPW of ``ms`` overlaps the setup's low_ghz-high_ghz range."""
+        low, high = self.setup_info.low_ghz * 1e9, self.setup_info.high_ghz * 1e9
+        return any(w["high_hz"] > low and w["low_hz"] < high for w in describe_ms(ms)["spws"])
+
+    def _holds(self, ms, check_setup):
+        return self.field in describe_ms(ms)["fields"] and (not check_setup or self._holds_setup(ms))
+
+    def _find_measurement_sets(self):
+        pattern = self.config["Paths"]["ms_pattern"]
+        globbed, listed = self._candidate_paths()
+        strict = "{field}" in pattern  # the folder names the field: an MS without it is an error
+        for ms in listed:
+            _check_is_measurement_set(ms, "is listed in [Paths] ms_files")
+        found = []
+        for ms in globbed:
+            if strict:
+                _check_measurement_set(ms, self.field)
+                found.append(ms)
+            else:
+                _check_is_measurement_set(ms)
+                if self._holds(ms, check_setup="{setup}" not in pattern):
+                    found.append(ms)
+        # listed MSs (and pattern matches not named after the field) serve the fields and
+        # frequencies they hold
+        found += [ms for ms in listed if self._holds(ms, check_setup=True)]
         candidates = list(found)
-        if self.kind in KIND_DIAMETERS:
-            found = [m for m in found if ms_contains_diameter(m, KIND_DIAMETERS[self.kind])]
+        if self.kind != "joint":
+            found = [m for m in found if kind_of_diameters(describe_ms(m)["dish_diameters"], self.kind)]
         if not found:
-            seen = "; ".join("%s has dishes of %s m" % (Path(m).name, "/".join("%g" % d for d in ms_dish_diameters(m)))
+            seen = "; ".join("%s has dishes of %s m" % (Path(m).name, "/".join("%g" % d for d in
+                                                                              describe_ms(m)["dish_diameters"]))
                              for m in candidates)
-            raise InputError("no %s measurement set found for field %s, setup %d with the "
-                             "pattern %s (check [Paths] DATA_DIR and ms_pattern)%s"
-                             % (self.kind, self.field, self.setup, self.ms_pattern,
+            raise InputError("no %s measurement set found for field %s, setup %d (%.6g-%.6g GHz) with the "
+                             "pattern %s%s (check [Paths] DATA_DIR, ms_pattern and ms_files)%s"
+                             % (self.kind, self.field, self.setup, self.setup_info.low_ghz, self.setup_info.high_ghz,
+                                self.ms_pattern, " or ms_files" if listed else "",
                                 ": %s; use --kind joint for all of them" % seen if seen else ""))
         return found
 
@@ -2049,11 +2281,27 @@ class DataSet:
         return self.config["Imaging"]["oversample"]
 
     @property
+    def max_baseline_m(self):
+        """Longest baseline with data over this data set's MSs (m)."""
+        return max(describe_ms(m)["max_baseline_m"] for m in self.vis)
+
+    @property
+    def res_arcsec(self):
+        """Synthesized-beam FWHM estimate (arcsec): the target's ``res_arcsec`` for 12m/joint/other
+        when given, else (and always for 7m) lambda at the setup's highest frequency / the longest
+        baseline (the original used lambda / 50 m for the ACA, its longest baseline)."""
+        if self.target.res is not None and self.kind != "7m":
+            return float(self.target.res)
+        baseline = self.max_baseline_m
+        if baseline <= 0:
+            raise InputError("%s: no baselines with data, so the resolution is unknown; give res_arcsec "
+                             "for target %s" % (", ".join(self.vis), self.field))
+        return calc_res(self.setup_info.high_ghz * 1e9, baseline)
+
+    @property
     def cell_arcsec(self):
-        """Pixel size: res / oversample (12m, joint); (lambda_high / 50 m) / oversample (7m)."""
-        if self.kind == "7m":
-            return calc_res(self.setup_info.high_ghz * 1e9, 50.0) / self.oversample
-        return self.target.res / self.oversample
+        """Pixel size: :attr:`res_arcsec` / ``oversample``."""
+        return self.res_arcsec / self.oversample
 
     @property
     def cell(self):
@@ -2061,7 +2309,15 @@ class DataSet:
 
     @property
     def dish_diameter(self):
-        return 7.0 if self.kind == "7m" else 12.0
+        """Dish diameter (m) for the primary beam: ``[Imaging] dish_diameter``, else the MSs'
+        (for 12m/7m that kind's dishes; joint/other: the largest, whose primary beam is the
+        smallest, the field every array covers)."""
+        if self.config["Imaging"]["dish_diameter"]:
+            return float(self.config["Imaging"]["dish_diameter"])
+        diameters = sorted({d for m in self.vis for d in describe_ms(m)["dish_diameters"]})
+        if self.kind in KIND_DIAMETERS:
+            diameters = [d for d in diameters if abs(d - KIND_DIAMETERS[self.kind]) <= 0.5] or diameters
+        return float(diameters[-1])
 
     @property
     def imsize(self):
@@ -2070,6 +2326,12 @@ class DataSet:
         npix = self.config["Imaging"]["imsize_pb_factor"] * fwhm / float(self.cell[:-6])
         size = optimum_imsize(npix)
         return [size, size]
+
+    def geometry(self):
+        """``{'res_arcsec', 'cell_arcsec', 'imsize', 'dish_diameter_m', 'max_baseline_m'}`` (logged by run)."""
+        return {"res_arcsec": round(self.res_arcsec, 4), "cell_arcsec": round(self.cell_arcsec, 5),
+                "imsize": self.imsize, "dish_diameter_m": self.dish_diameter,
+                "max_baseline_m": round(self.max_baseline_m, 1)}
 
     @property
     def gridder(self):
@@ -2158,6 +2420,232 @@ def write_all_spw_info(field, setups=None, config=None, out_dir=None):
         parse_spw_info_from_ms(dset.vis[0], field=field, setup=setup, out_filen=out)
         written.append(str(out))
     return written
+
+
+# ===========================================================================
+# add-dataset: catalogue entries and configuration from measurement sets
+# ===========================================================================
+ALMA_BANDS = ((1, 35, 50), (2, 67, 90), (3, 84, 116), (4, 125, 163), (5, 163, 211), (6, 211, 275),
+              (7, 275, 373), (8, 385, 500), (9, 602, 720), (10, 787, 950))
+_SETUP_CSV_COLUMNS = ("setup", "band", "low_ghz", "high_ghz", "kinds", "joint_gridder", "nchunks_line",
+                      "nchunks_cont")
+_SPW_CSV_COLUMNS = ("setup", "restfreq_ghz", "mol_name", "name", "ms_restfreq", "spw_id", "ot_name", "nchan",
+                    "chan_width_khz", "tot_bw_mhz")
+_CHANNELS_PER_CHUNK = 120  # FAUST: 480-channel line SPWs in 4 chunks
+
+
+def alma_band(freq_ghz):
+    """ALMA receiver band holding ``freq_ghz`` (0 when none does)."""
+    return next((band for band, low, high in ALMA_BANDS if low <= freq_ghz <= high), 0)
+
+
+def _kinds_of(diameters):
+    return ["joint"] + [k for k in ("12m", "7m", "other") if kind_of_diameters(diameters, k)]
+
+
+def _setup_key(info):
+    return tuple(sorted((round(w["low_hz"] / 1e6, 1), round(w["high_hz"] / 1e6, 1)) for w in info["spws"]))
+
+
+def _ot_names(info):
+    """SPW name -> ot_name: the full name when names are set and unique, else '' (frequency match)."""
+    names = [w["name"] for w in info["spws"]]
+    usable = all(n and n.upper() not in ("NO_NAME", "NONE") for n in names) and len(set(names)) == len(names)
+    return {w["id"]: (w["name"] if usable else "") for w in info["spws"]}
+
+
+def catalogue_rows_from_ms(ms_files, catalog=None):
+    """Targets, setups and SPW catalogue rows describing measurement sets.
+
+    MSs with the same SPW frequencies form one setup (e.g. the 12m and 7m EBs of an ALMA
+    setup); a setup already in ``catalog`` with the same frequency range is reused, a new
+    one gets the next free number.  Targets get ``res_arcsec = auto`` (lambda / longest
+    baseline) and vsys from the SOURCE table (0 with a warning when absent).
+
+    Parameters
+    ----------
+    ms_files : sequence of str or Path
+    catalog : Catalog, optional
+        The catalogue to extend (default: the module's).
+
+    Returns
+    -------
+    dict
+        ``targets``, ``setups``, ``spws``: lists of CSV row dicts; ``pairs``: list of
+        (field, label) to image.
+    """
+    catalog = catalog or load_catalog()
+    infos = [describe_ms(m) for m in ms_files]
+    groups = {}
+    for info in infos:
+        if not info["spws"]:
+            raise InputError("%s has no science spectral windows to image" % info["path"])
+        groups.setdefault(_setup_key(info), []).append(info)
+    targets, setups, spws, pairs = {}, [], {}, []
+    next_setup = max(list(catalog.setups) + [0]) + 1
+    for group in groups.values():
+        low = min(w["low_hz"] for i in group for w in i["spws"]) / 1e9
+        high = max(w["high_hz"] for i in group for w in i["spws"]) / 1e9
+        number = next((s.setup for s in catalog.setups.values()
+                       if abs(s.low_ghz - low) < 1e-3 and abs(s.high_ghz - high) < 1e-3), None)
+        if number is None:
+            number, next_setup = next_setup, next_setup + 1
+            diameters = sorted({d for i in group for d in i["dish_diameters"]})
+            mosaic = len(diameters) > 1 or any(n > 1 for i in group for n in i["npointings"].values())
+            nchunks = max(1, int(math.ceil(max(w["nchan"] for i in group for w in i["spws"]) / _CHANNELS_PER_CHUNK)))
+            setups.append({"setup": number, "band": alma_band(0.5 * (low + high)) if group[0]["telescope"] == "ALMA"
+                           else 0, "low_ghz": "%.6f" % low, "high_ghz": "%.6f" % high,
+                           "kinds": ";".join(_kinds_of(diameters)),
+                           "joint_gridder": "mosaic" if mosaic else "standard",
+                           "nchunks_line": nchunks, "nchunks_cont": nchunks})
+        for info in group:
+            ot_names = _ot_names(info)
+            for field in info["fields"]:
+                vsys = info["vsys_kms"].get(field)
+                if field not in catalog.targets and field not in targets:
+                    if vsys is None:
+                        log.warning("%s: no systemic velocity for %s in the SOURCE table: vsys_kms = 0 written; "
+                                    "set it in the targets file before making moment maps", info["path"], field)
+                    targets[field] = {"name": field, "res_arcsec": "auto", "vsys_kms": "%.3f" % (vsys or 0.0)}
+                for w in info["spws"]:
+                    if w["id"] not in info["field_spws"].get(field, []):
+                        continue
+                    row = _spw_row(number, w, ot_names[w["id"]], info["rest_hz"].get(w["id"]))
+                    label = "%.3fGHz_%s" % (float(row["restfreq_ghz"]), row["mol_name"])
+                    spws.setdefault(label, row)
+                    if (field, label) not in pairs:
+                        pairs.append((field, label))
+    return {"targets": list(targets.values()), "setups": setups, "spws": list(spws.values()), "pairs": pairs}
+
+
+def _spw_row(setup, w, ot_name, rest_hz):
+    return {"setup": setup, "restfreq_ghz": "%.7f" % ((rest_hz or w["centre_hz"]) / 1e9),
+            "mol_name": "spw%d" % w["id"], "name": w["name"], "ms_restfreq": "%.9eHz" % w["centre_hz"],
+            "spw_id": w["id"], "ot_name": ot_name, "nchan": w["nchan"],
+            "chan_width_khz": "%.6g" % (w["chan_width_hz"] / 1e3), "tot_bw_mhz": "%.6g" % (w["bandwidth_hz"] / 1e6)}
+
+
+def _append_csv_rows(path, columns, rows, key, comment):
+    """Append ``rows`` whose ``key`` is not yet in ``path`` (created with a header); return the new ones."""
+    path = Path(path)
+    existing = _read_csv_rows(path, ()) if path.is_file() and path.stat().st_size else []
+    seen = {str(r.get(key, "")).strip() for r in existing}
+    new = [r for r in rows if str(r[key]) not in seen]
+    if not new:
+        return []
+    text = path.read_text() if path.is_file() else "# %s\n%s\n" % (comment, ",".join(columns))
+    if not text.endswith("\n"):
+        text += "\n"
+    buffer = io.StringIO()
+    csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n").writerows(new)
+    with atomic_output(path, overwrite=True) as out:
+        out.write(text + buffer.getvalue())
+    return new
+
+
+def set_ini_keys(path, values):
+    """Set ``{(section, key): value}`` in an INI file, keeping its comments and order.
+
+    A ``key = ...`` line (with continuation lines) is replaced, else a commented-out
+    ``# key =`` line, else the key is added below the section header; a missing
+    section is appended.  Written atomically.
+    """
+    lines = Path(path).read_text().splitlines()
+    for (section, key), value in values.items():
+        entry = "%s = %s" % (key, value)
+        start = next((i for i, l in enumerate(lines) if l.strip().lower() == "[%s]" % section.lower()), None)
+        if start is None:
+            lines += ["", "[%s]" % section, entry]
+            continue
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")), len(lines))
+        body = range(start + 1, end)
+        hit = next((i for i in body if re.match(r"\s*%s\s*[=:]" % re.escape(key), lines[i], re.I)), None)
+        if hit is not None:
+            stop = hit + 1
+            while stop < end and lines[stop][:1] in (" ", "\t") and lines[stop].strip():
+                stop += 1
+            lines[hit:stop] = [entry]
+            continue
+        hit = next((i for i in body if re.match(r"\s*#\s*%s\s*=" % re.escape(key), lines[i], re.I)), None)
+        if hit is not None:
+            lines[hit] = entry
+        else:
+            lines.insert(start + 1, entry)
+    with atomic_output(path, overwrite=True) as out:
+        out.write("\n".join(lines) + "\n")
+
+
+def _new_user_config(path, ms_files, updates):
+    """A minimal INI for add-dataset when the named configuration does not exist yet."""
+    path = Path(path).resolve()
+    data_dir = Path(os.path.commonpath([str(Path(m).parent) for m in ms_files]))
+    lines = ["# faust_imaging configuration written by add-dataset (all keys: --write-config FILE)",
+             "[Paths]", "DATA_DIR = %s" % data_dir, "PROD_DIR = %s" % (path.parent / "faust_products"),
+             "ms_pattern =", "ms_files = %s" % updates[("Paths", "ms_files")], "", "[Catalog]"]
+    lines += ["%s = %s" % (key, value) for (section, key), value in updates.items() if section == "Catalog"]
+    with atomic_output(path) as out:
+        out.write("\n".join(lines) + "\n")
+    return path
+
+
+def add_dataset(ms_files, config_path):
+    """Describe measurement sets in the catalogue files a configuration points to.
+
+    Reads fields, SPWs (frequencies, channels, widths, names), array and dish diameters
+    from each MS; appends the missing targets / setups / SPWs to ``[Catalog]
+    targets_file / setups_file / spws_file`` (files ``<cfg>_targets.csv`` etc. beside the
+    configuration when those keys are unset, and the keys are then set) and the MSs to
+    ``[Paths] ms_files``.  A configuration that does not exist is created.  Running it
+    again with the same MSs changes nothing.
+
+    Parameters
+    ----------
+    ms_files : sequence of str or Path
+    config_path : str or Path
+        INI configuration (TOML files are not edited: InputError listing what to add).
+
+    Returns
+    -------
+    list of (str, str)
+        ``(FIELD, LABEL)`` pairs, each ready for ``run FIELD LABEL -c config``.
+    """
+    ms_files = [str(Path(m).expanduser().resolve()) for m in ms_files]
+    for ms in ms_files:
+        _check_is_measurement_set(ms, "was given to add-dataset")
+    config_path = Path(config_path)
+    if config_path.suffix.lower() == ".toml":
+        raise InputError("add-dataset edits INI configurations; %s is TOML: use a .cfg/.ini file "
+                         "(or add [Catalog] targets_file/setups_file/spws_file and [Paths] ms_files by hand)"
+                         % config_path)
+    exists = config_path.is_file()
+    config = get_config(config_path if exists else None)
+    rows = catalogue_rows_from_ms(ms_files, load_catalog(config if exists else None))
+    stem = config_path.resolve().parent / config_path.stem
+    updates, files = {}, {}
+    for kind in ("targets", "setups", "spws"):
+        path = config["Catalog"]["%s_file" % kind] if exists else None
+        if path is None:
+            path = Path("%s_%s.csv" % (stem, kind))
+            updates[("Catalog", "%s_file" % kind)] = path
+        files[kind] = Path(path)
+        check_writable(files[kind].parent)
+    data_dir = Path(config["Paths"]["DATA_DIR"]).expanduser().resolve()
+    listed = [str((data_dir / Path(m).expanduser()).resolve()) for m in config["Paths"]["ms_files"]] if exists else []
+    new_ms = [m for m in ms_files if m not in listed]
+    if new_ms:
+        updates[("Paths", "ms_files")] = ", ".join((list(config["Paths"]["ms_files"]) if exists else []) + new_ms)
+    _append_csv_rows(files["targets"], _TARGET_COLUMNS, rows["targets"], "name",
+                     "targets written by faust_imaging add-dataset (res_arcsec auto = lambda / longest baseline)")
+    _append_csv_rows(files["setups"], _SETUP_CSV_COLUMNS, rows["setups"], "setup",
+                     "setups written by faust_imaging add-dataset")
+    _append_csv_rows(files["spws"], _SPW_CSV_COLUMNS, rows["spws"], "ms_restfreq",
+                     "spectral windows written by faust_imaging add-dataset (empty ot_name: matched by ms_restfreq)")
+    if not exists:
+        _new_user_config(config_path, ms_files, updates)
+    elif updates:
+        set_ini_keys(config_path, updates)
+    get_config(config_path)  # the written file loads
+    return rows["pairs"]
 
 
 # ===========================================================================
@@ -2261,6 +2749,8 @@ class ImageConfig:
     scales, mask_ang_scales, autom_kwargs, smallscalebias, gain, cyclefactor, uvtaper,
     line_vwin, preserve_all_intermediate_products, nitermax, parallel
         Tunables, initialised (deep-copied) from the configuration; edit them freely.
+        ``scales`` and ``scale_upper_limit`` are in pixels and ``mask_ang_scales`` in arcsec,
+        as in the original (converted from the configuration's beams).
     overwrite : bool
         Re-run stages whose products exist (default False: such stages are skipped).
     """
@@ -2274,9 +2764,12 @@ class ImageConfig:
         self.config = get_config(config if config is not None else dset.config)
         self.weighting = parse_weighting(weighting)
         imaging = self.config["Imaging"]
-        self.scales = [int(s) for s in imaging["scales"]]
-        self.scale_upper_limit = imaging["scale_upper_limit"]
-        self.mask_ang_scales = list(imaging["mask_ang_scales"])
+        px_per_unit = dset.oversample if imaging["scale_units"] == "beam" else 1.0
+        self.scales = sorted({int(round(s * px_per_unit)) for s in imaging["scales"]})
+        limit = imaging["scale_upper_limit"]
+        self.scale_upper_limit = None if limit is None else limit * px_per_unit
+        arcsec_per_unit = dset.res_arcsec if imaging["mask_scale_units"] == "beam" else 1.0
+        self.mask_ang_scales = [round(s * arcsec_per_unit, 4) for s in imaging["mask_scales"]]
         self.smallscalebias = imaging["smallscalebias"]
         self.gain = imaging["gain"]
         self.cyclefactor = imaging["cyclefactor"]
@@ -2311,7 +2804,7 @@ class ImageConfig:
             E.g. 'CB68'.
         label : str
             E.g. '244.936GHz_CS'.
-        kind : {'joint', '12m', '7m'}, optional
+        kind : {'joint', '12m', '7m', 'other'}, optional
             Default ``[Imaging] kind``.
         weighting : float or str, optional
             Default ``[Imaging] weighting``.
@@ -2400,31 +2893,35 @@ class ImageConfig:
     # -- spectral selection ----------------------------------------------------
     @property
     def spw_ids(self):
-        """SPW ids (one string per MS) whose name ends with the SPW's ``ot_name``."""
-        if self._spw_ids is not None:
-            return self._spw_ids
-        casatools, _ = import_casa()
-        ids = []
-        for vis in self.dset.vis:
-            msmd = casatools.msmetadata()
-            msmd.open(vis)
-            try:
-                candidates = _science_spws(msmd)
-                names = msmd.namesforspws(candidates)
-            finally:
-                msmd.close()
-                msmd.done()
-            matches = [i for i, n in zip(candidates, names) if n.endswith(self.spw.ot_name)]
-            if not matches:
-                raise InputError("no science SPW of %s has a name ending in %r (SPW names: "
-                                 "%s); fix ot_name of %s in the SPW catalogue"
-                                 % (vis, self.spw.ot_name, ", ".join(names), self.spw.label))
-            if len(matches) > 1:
-                raise InputError("%d SPWs of %s end in %r: is the MS concatenated? Image "
-                                 "the EBs separately" % (len(matches), vis, self.spw.ot_name))
-            ids.append(str(matches[0]))
-        self._spw_ids = ids
-        return ids
+        """SPW ids (one string per MS): the science SPW whose name ends with the catalogue's
+        ``ot_name``; with an empty ``ot_name`` (MSs without SPW names: VLA, ASKAP) the one whose
+        centre frequency is the row's ``ms_restfreq`` (to half a channel), else ``spw_id``."""
+        if self._spw_ids is None:
+            self._spw_ids = [str(self._spw_id_in(describe_ms(vis))) for vis in self.dset.vis]
+        return self._spw_ids
+
+    def _spw_id_in(self, info):
+        spws, spw, vis = info["spws"], self.spw, info["path"]
+        names = ", ".join(repr(w["name"]) for w in spws)
+        if spw.ot_name:
+            matches = [w["id"] for w in spws if w["name"].endswith(spw.ot_name)]
+            rule = "has a name ending in %r (SPW names: %s); fix ot_name of %s in the SPW catalogue" % (
+                spw.ot_name, names, spw.label)
+        elif spw.ms_restfreq:
+            centre = parse_frequency_hz(spw.ms_restfreq)
+            matches = [w["id"] for w in spws if abs(w["centre_hz"] - centre) <= 0.5 * w["chan_width_hz"]]
+            rule = "is centred on ms_restfreq %s (SPW centres: %s GHz); fix ms_restfreq of %s or give its ot_name" % (
+                spw.ms_restfreq, ", ".join("%.6f" % (w["centre_hz"] / 1e9) for w in spws), spw.label)
+        else:
+            matches = [w["id"] for w in spws if w["id"] == spw.spw_id]
+            rule = "has id %d (science SPWs: %s); give ot_name or ms_restfreq of %s" % (
+                spw.spw_id, ", ".join(str(w["id"]) for w in spws), spw.label)
+        if not matches:
+            raise InputError("no science SPW of %s %s" % (vis, rule))
+        if len(matches) > 1:
+            raise InputError("%d SPWs of %s match %s (ids %s): is the MS concatenated? Image the EBs "
+                             "separately, or make ot_name unique" % (len(matches), vis, spw.label, matches))
+        return matches[0]
 
     @property
     def selected_start_nchan(self):
@@ -2538,7 +3035,7 @@ class ImageConfig:
         base = self.tinyimg_imagebase
         self.image_dir.mkdir(parents=True, exist_ok=True)
         delete_all_extensions(base)
-        cell = "%.4farcsec" % (self.dset.target.res / 3.0)
+        cell = "%.4farcsec" % (self.dset.res_arcsec / 3.0)
         self._tclean(base, nchan=-1, niter=0, imsize=[optimum_imsize(45)] * 2, cell=cell,
                      gridder="standard")
         delete_all_extensions(base, keep_exts=["sumwt"])
@@ -2784,6 +3281,20 @@ class ImageConfig:
             redo = True  # every later stage depends on this one
         return self.get_imagebase(ext)
 
+    def _log_geometry(self):
+        geometry = self.dset.geometry()
+        log.info("%s: %d MS, dishes %g m, longest baseline %.0f m -> beam ~%.3g arcsec, cell %.4g arcsec, "
+                 "image %d x %d px; scales %s px, mask scales %s arcsec", self.spw.label, len(self.dset.vis),
+                 geometry["dish_diameter_m"], geometry["max_baseline_m"], geometry["res_arcsec"],
+                 geometry["cell_arcsec"], geometry["imsize"][0], geometry["imsize"][1], self.scales,
+                 self.mask_ang_scales)
+        if geometry["imsize"][0] > 4096:
+            log.warning("%s: images of %d x %d px (%g x the primary beam at %g px per beam): lower [Imaging] "
+                        "oversample or imsize_pb_factor if that is more than you need", self.spw.label,
+                        geometry["imsize"][0], geometry["imsize"][1], self.config["Imaging"]["imsize_pb_factor"],
+                        self.dset.oversample)
+        return geometry
+
     def _recorded_rms(self, base, stage="dirty", key="rms_estimate"):
         try:
             record = json.loads(Path("%s.%s.done.json" % (base, stage)).read_text())
@@ -2814,6 +3325,8 @@ class ImageConfig:
         """
         if overwrite is not None:
             self.overwrite = bool(overwrite)
+        remove_stale_templattices(self.image_dir)
+        self._log_geometry()
         use_chunking = self.config["Imaging"]["use_chunking"] if use_chunking is None else use_chunking
         sigmas = dict(nomask_sigma=nomask_sigma, seedmask_sigma=seedmask_sigma,
                       clean_sigma=clean_sigma)
@@ -3775,6 +4288,8 @@ def write_setup_jobfile(field, setup, outfile, kind=None, weighting=None, ext="c
 def run_phase(config_obj, phase, ext="clean", nchunks=None, worker=0, nworkers=1):
     """One phase of a chunked run: 'preprocess', 'chunks' (a worker's share) or 'postprocess'."""
     if phase == "preprocess":
+        remove_stale_templattices(config_obj.image_dir)
+    if phase == "preprocess":
         if config_obj.overwrite or not os.path.exists(config_obj.dirty_imagebase + ".sumwt"):
             config_obj.make_tiny_image_stamp()
         return config_obj.duplicate_into_chunks(nchunks)
@@ -3904,7 +4419,7 @@ def _cmd_list(args, config):
     if args.what in ("targets", "all"):
         print("# targets: name res_arcsec vsys_kms")
         for t in catalog.targets.values():
-            print("%-20s %5.2f %6.2f" % (t.name, t.res, t.vsys))
+            print("%-20s %5s %6.2f" % (t.name, "auto" if t.res is None else "%.2f" % t.res, t.vsys))
     if args.what in ("setups", "all"):
         print("# setups: setup band low_ghz high_ghz kinds")
         for s in catalog.setups.values():
@@ -3962,7 +4477,28 @@ def _cmd_jobs(args, config):
     return EXIT_OK
 
 
+def _add_dataset_arguments(parser):
+    parser.add_argument("ms", nargs="+", metavar="MS", help="measurement set(s) to describe")
+    parser.add_argument("--new-config", help=argparse.SUPPRESS)
+
+
+def _cmd_add_dataset(args, config):
+    target = args.new_config or args.config
+    if not target:
+        raise InputError("add-dataset needs -c FILE: the configuration to write the catalogue entries into "
+                         "(created when it does not exist)")
+    pairs = add_dataset(args.ms, target)
+    log.info("%d field x SPW pairs in %s; image one with: python faust_imaging.py run FIELD LABEL -c %s",
+             len(pairs), target, target)
+    for field, label in pairs:
+        print("%s %s" % (field, label))
+    return EXIT_OK
+
+
 SUBCOMMANDS = {
+    "add-dataset": ("describe measurement sets in the catalogue (targets, setups, SPWs) and the config's "
+                    "ms_files; prints one 'FIELD LABEL' line per field x SPW, ready for run",
+                    _cmd_add_dataset, _add_dataset_arguments),
     "run": ("image one spectral window of one field (dirty -> nomask -> seed mask -> clean -> postprocess)",
             _cmd_run, _run_arguments),
     "moments": ("make moment maps from final cubes", _cmd_moments, _moments_arguments),
@@ -3986,7 +4522,22 @@ def main(argv=None):
         Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
     """
     parser = build_cli(__doc__.strip().splitlines()[0], SUBCOMMANDS, __version__, CONFIG_SCHEMA)
-    return run_cli(parser, argv, validators=[_validate_config])
+    return run_cli(parser, _new_config_argv(argv), validators=[_validate_config])
+
+
+def _new_config_argv(argv):
+    """add-dataset -c FILE with no FILE yet: pass it as --new-config (add-dataset creates it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "add-dataset" not in argv:
+        return argv
+    for i, item in enumerate(argv):
+        name, eq, value = item.partition("=")
+        if name in ("-c", "--config"):
+            value = value if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if value and not Path(value).exists():
+                return argv[:i] + argv[i + (1 if eq else 2):] + ["--new-config", value]
+            break
+    return argv
 
 
 if invoked_as_script(globals()):

@@ -52,9 +52,9 @@ extra_targets = {FIELD}:1.4:5.85
 weighting_name = natural
 oversample = 5
 imsize_pb_factor = 1.2
-scales = 0, 5, 15
-scale_upper_limit = 10
-mask_ang_scales = 0, 3, 5
+scales = 0, 1, 3
+scale_upper_limit = 2
+mask_scales = 0, 2, 3.5
 gain = 0.2
 cyclefactor = 0.5
 [AutoMultithresh]

@@ -105,15 +105,15 @@ def test_values_are_typed_and_overrides_win(tmp_path):
     import faust_imaging as faust
     cfg = tmp_path / "f.cfg"
     cfg.write_text("[Paths]\ndata_dir = ~/data  # a comment\n[Imaging]\nweighting = -1\n"
-                   "mask_ang_scales = 0, 2.5\n")
+                   "mask_scales = 0, 2.5\n")
     config = faust.load_config(faust.CONFIG_SCHEMA, cfg,
                                overrides={("Imaging", "weighting"): "1.5"})
     assert config["Paths"]["DATA_DIR"] == faust.Path("~/data").expanduser()
     assert config["Imaging"]["weighting"] == 1.5
-    assert config["Imaging"]["mask_ang_scales"] == [0.0, 2.5]
+    assert config["Imaging"]["mask_scales"] == [0.0, 2.5]
     assert config["Thresholds"]["clean_sigma"] == 3.0          # default
-    with pytest.raises(faust.ConfigError, match=r"mask_ang_scales = '-1' is invalid"):
-        faust.load_config(faust.CONFIG_SCHEMA, overrides={("Imaging", "mask_ang_scales"): "-1"})
+    with pytest.raises(faust.ConfigError, match=r"mask_scales = '-1' is invalid"):
+        faust.load_config(faust.CONFIG_SCHEMA, overrides={("Imaging", "mask_scales"): "-1"})
 
 
 def test_booleans_parsed_properly():

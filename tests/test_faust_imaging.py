@@ -11,6 +11,7 @@ weighting), 5 pixels per beam, a 1.2 x primary-beam field, and a faster clean lo
 """
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -121,12 +122,12 @@ def test_helpers_worked_by_hand():
 
 def test_config_cross_checks_report_every_problem(tmp_path):
     cfg = tmp_path / "bad.cfg"
-    cfg.write_text("[Paths]\nms_pattern = *.ms\n[Thresholds]\nseed_mask_sigma = 4, 5\n"
+    cfg.write_text("[Paths]\nms_pattern =\n[Thresholds]\nseed_mask_sigma = 4, 5\n"
                    "[Catalog]\nextra_targets = X:1\n")
     with pytest.raises(fi.ConfigError) as info:
         fi.get_config(cfg)
     message = str(info.value)
-    assert "ms_pattern = '*.ms' must contain {field}" in message
+    assert "ms_pattern is empty and ms_files lists nothing" in message
     assert "seed_mask_sigma" in message and "extra_targets item 'X:1'" in message
 
 
@@ -594,3 +595,136 @@ def test_common_beam_smoothing_keeps_blanked_pixels_blanked(pipeline12m, tmp_pat
     casatasks.exportfits(imagename=smoothed, fitsimage=str(tmp_path / "masked.fits"))
     exported = np.squeeze(fits.getdata(tmp_path / "masked.fits"))   # (chan, y, x)
     assert np.isnan(exported[..., :10]).all() and np.isfinite(exported[..., 20:-20]).all()
+
+
+# ------------------------------------------------- any dataset: add-dataset, geometry
+ASKAP_MS_ZIP = ROOT / "tests" / "data" / "askap" / "SB39400.RACS_0635-31.beam0.small.ms.zip"
+
+
+def test_set_ini_keys_keeps_comments_and_replaces_in_place(tmp_path):
+    cfg = tmp_path / "u.cfg"
+    cfg.write_text("# my notes\n[Paths]\n# where\nDATA_DIR = /old\nms_files = a.ms,\n    b.ms\n"
+                   "[Catalog]\n# targets_file =\n")
+    fi.set_ini_keys(cfg, {("Paths", "ms_files"): "c.ms", ("Catalog", "targets_file"): "/t.csv",
+                          ("Catalog", "spws_file"): "/s.csv", ("Imaging", "kind"): "12m"})
+    text = cfg.read_text()
+    assert text.startswith("# my notes\n[Paths]\n# where\nDATA_DIR = /old\nms_files = c.ms\n[Catalog]\n")
+    assert "b.ms" not in text and "targets_file = /t.csv" in text and "# targets_file" not in text
+    config = fi.load_config(fi.CONFIG_SCHEMA, cfg)
+    assert config["Paths"]["ms_files"] == ["c.ms"] and config["Imaging"]["kind"] == "12m"
+    assert str(config["Catalog"]["spws_file"]) == "/s.csv"
+
+
+def test_kinds_bands_and_stale_templattices(tmp_path):
+    assert fi.kind_of_diameters([25.0], "other") and not fi.kind_of_diameters([25.0], "12m")
+    assert fi.kind_of_diameters([7.0, 12.0], "7m") and not fi.kind_of_diameters([7.0, 12.0], "other")
+    assert fi.kind_of_diameters([13.5], "joint")
+    assert fi._kinds_of([12.0]) == ["joint", "12m"] and fi._kinds_of([25.0]) == ["joint", "other"]
+    assert (fi.alma_band(230.5), fi.alma_band(100.0), fi.alma_band(36.0), fi.alma_band(0.9)) == (6, 3, 1, 0)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for name in ("TempLattice%d_0" % dead.pid, "TempLattice%d_3" % os.getpid(), "TempLatticeMine",
+                 "FAUST_SIM_x.image"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "table.dat").write_text("x")
+    removed = fi.remove_stale_templattices(tmp_path)
+    assert removed == [str(tmp_path / ("TempLattice%d_0" % dead.pid))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["TempLattice%d_3" % os.getpid(), "TempLatticeMine", "FAUST_SIM_x.image"])
+
+
+def test_add_dataset_refuses_bad_input_and_writes_nothing(tmp_path, capsys):
+    fake = tmp_path / "fake.ms"
+    fake.mkdir()
+    cfg = tmp_path / "user.cfg"
+    assert fi.main(["add-dataset", str(fake), "-c", str(cfg), "-q"]) == 2
+    assert "fake.ms was given to add-dataset but is not a measurement set" in capsys.readouterr().err
+    assert fi.main(["add-dataset", str(tmp_path / "missing.ms"), "-c", str(cfg), "-q"]) == 2
+    assert "missing.ms does not exist" in capsys.readouterr().err
+    assert fi.main(["add-dataset", str(fake), "-q"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.ms"]
+
+
+@pytest.fixture(scope="module")
+def askap_ms(tmp_path_factory):
+    if casatools is None:
+        pytest.skip("casatools is not installed")
+    import zipfile
+    root = tmp_path_factory.mktemp("askapms")
+    with zipfile.ZipFile(ASKAP_MS_ZIP) as archive:
+        archive.extractall(root)
+    return next(root.glob("*.ms"))
+
+
+@needs_casa
+def test_add_dataset_on_a_real_askap_ms(askap_ms, tmp_path, capsys):
+    """A real 36-antenna ASKAP MS (SPW named NO_NAME, no intents, no SOURCE rows): the catalogue
+    rows, the geometry (12 m dishes, longest baseline) and the SPW found by frequency."""
+    cfg = tmp_path / "user.cfg"
+    assert fi.main(["add-dataset", str(askap_ms), "-c", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == ["RACS_0635-31", "0.887GHz_spw0"]
+    assert "no systemic velocity for RACS_0635-31" in err
+    config = fi.get_config(cfg)
+    assert config["Paths"]["ms_files"] == [str(askap_ms)]
+    catalog = fi.load_catalog(config)
+    setup = catalog.setup(4)  # FAUST has setups 1-3
+    assert setup.kinds == ("joint", "12m") and setup.joint_gridder == "standard" and setup.band == 0
+    assert (setup.low_ghz, setup.high_ghz) == pytest.approx((0.7435, 1.0315), abs=1e-4)
+    spw = catalog.spw("0.887GHz_spw0")
+    assert (spw.nchan, spw.chan_width, spw.tot_bw, spw.ot_name) == (288, pytest.approx(1000.0), pytest.approx(288.0), "")
+    assert catalog.target("RACS_0635-31").res is None
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert fi.main(["add-dataset", str(askap_ms), "-c", str(cfg), "-q"]) == 0     # idempotent
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # geometry from the data, against an independent reading of the MS
+    image = fi.ImageConfig.from_name("RACS_0635-31", "0.887GHz_spw0", kind="12m", config=config)
+    tb = casatools.table()
+    tb.open(str(askap_ms))
+    uvw = tb.getcol("UVW")
+    tb.close()
+    longest_projected = float(np.sqrt((uvw ** 2).sum(axis=0)).max())
+    geometry = image.dset.geometry()
+    assert geometry["dish_diameter_m"] == 12.0
+    assert longest_projected <= geometry["max_baseline_m"] + 1.0 and geometry["max_baseline_m"] > 6000
+    lam_high = 299792458.0 / 1.0315e9
+    assert geometry["res_arcsec"] == pytest.approx(math.degrees(lam_high / geometry["max_baseline_m"]) * 3600, rel=1e-3)
+    pb_fwhm = math.degrees(1.13 * 299792458.0 / 0.7435e9 / 12.0) * 3600
+    assert geometry["imsize"][0] == fi.optimum_imsize(2.0 * pb_fwhm / float(image.dset.cell[:-6]))
+    assert image.spw_ids == ["0"]
+    assert image.scales == [0, 15, 45, 135]                     # 0, 1.5, 4.5, 13.5 beams at 10 px/beam
+    assert image.mask_ang_scales == pytest.approx([0.0, 3 * geometry["res_arcsec"], 9 * geometry["res_arcsec"]],
+                                                  abs=1e-3)
+    assert fi.main(["run", "RACS_0635-31", "0.887GHz_spw0", "-c", str(cfg), "--kind", "7m", "-q",
+                    "--set", "Paths.ms_files=" + str(tmp_path / "none.ms")]) == 2
+    assert "none.ms does not exist" in capsys.readouterr().err
+
+
+@needs_casa
+def test_add_dataset_then_run_with_geometry_from_the_data(sim12m, tmp_path, capsys):
+    """add-dataset on a simulated ALMA 12 m MS kept outside any FIELD-Setup folder, then run the
+    printed FIELD LABEL: cell from the longest baseline, image size from the 12 m primary beam."""
+    ms = next((sim12m["root"] / "data").glob("*/*.ms"))
+    cfg = tmp_path / "user.cfg"
+    assert fi.main(["add-dataset", str(ms), "-c", str(cfg), "-q"]) == 0
+    field, label = capsys.readouterr().out.split()
+    assert field == FIELD and label.endswith("GHz_spw0")
+    config = fi.get_config(cfg)
+    spw = fi.load_catalog(config).spw(label)
+    assert spw.ot_name == "CO21" and spw.nchan == NCHAN
+    fast = ["--set", "Imaging.weighting_name=natural", "--set", "Imaging.oversample=4",
+            "--set", "Imaging.imsize_pb_factor=1.2", "--set", "Imaging.gain=0.2",
+            "--set", "Imaging.cyclefactor=0.5", "--set", "Imaging.scales=0,1,3",
+            "--set", "Imaging.scale_upper_limit=2", "--set", "AutoMultithresh.growiterations=75",
+            "--set", "AutoMultithresh.fastnoise=true", "--set", "Moments.vwin=3"]
+    assert fi.main(["run", field, label, "-c", str(cfg), "--kind", "12m", "--no-chunked", "-q"] + fast) == 0
+    final = Path(capsys.readouterr().out.strip())
+    header = fits.getheader(final)
+    image = fi.ImageConfig.from_name(field, label, kind="12m", config=fi.get_config(
+        cfg, Imaging__oversample="4", Imaging__imsize_pb_factor="1.2"))
+    geometry = image.dset.geometry()
+    assert geometry["max_baseline_m"] == pytest.approx(223.0, abs=3.0)   # the simulator's 12 m layout
+    assert abs(header["CDELT2"]) * 3600 == pytest.approx(geometry["cell_arcsec"], rel=1e-3)
+    assert header["NAXIS1"] == geometry["imsize"][0]
+    # the restored beam is within a factor 1.6 of lambda / B_max (natural weighting is coarser)
+    assert 1.0 <= header["BMAJ"] * 3600 / geometry["res_arcsec"] <= 2.2
