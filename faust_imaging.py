@@ -69,7 +69,7 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,7 +182,6 @@ HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd(
 SITECONFIG = HERE / "configs" / "casasiteconfig.py"
 #: Above this many pixels a cube is smoothed to the common beam by CASA imsmooth, which
 #: streams it, rather than by the faster numpy path that holds it in memory (~4 copies).
-NUMPY_SMOOTH_MAX_PIXELS = 200_000_000
 MAD_TO_RMS = 1.482602218505602  # 1 / (sqrt(2) * erfinv(1/2)): Gaussian sigma from the MAD
 SPEED_OF_LIGHT_KMS = 299792.458
 TARGETS_FILE = HERE / "configs" / "faust_targets.csv"
@@ -1471,6 +1470,111 @@ def _read_cube(imagename):
     return data, mask.astype(bool)
 
 
+class PlaneReader:
+    """Read a CASA cube one channel at a time (first Stokes plane): memory is one plane.
+
+    Use as a context manager; :meth:`plane` returns ``(data[x, y], valid[x, y])``.
+    """
+
+    def __init__(self, imagename):
+        self.imagename = str(imagename)
+        self._im = ImageManager(self.imagename)
+
+    def __enter__(self):
+        self.ia = self._im.__enter__()
+        self.shape = [int(n) for n in self.ia.shape()]
+        self.spec = _spectral_index(self.ia)
+        self.nchan = self.shape[self.spec] if self.spec is not None and self.spec < len(self.shape) else 1
+        return self
+
+    def __exit__(self, *exc):
+        return self._im.__exit__(*exc)
+
+    def _box(self, ix):
+        blc = [0] * len(self.shape)
+        trc = [n - 1 for n in self.shape[:2]] + [0] * (len(self.shape) - 2)
+        if len(self.shape) > 2 and self.spec is not None:
+            blc[self.spec] = trc[self.spec] = int(ix)
+        return blc, trc
+
+    def plane(self, ix):
+        blc, trc = self._box(ix)
+        data = np.asarray(self.ia.getchunk(blc=blc, trc=trc, dropdeg=False), dtype=float)
+        mask = np.asarray(self.ia.getchunk(blc=blc, trc=trc, getmask=True, dropdeg=False), dtype=bool)
+        shape2d = (self.shape[0], self.shape[1])
+        return data.reshape(shape2d), mask.reshape(shape2d)
+
+    def __iter__(self):
+        for ix in range(self.nchan):
+            yield (ix,) + self.plane(ix)
+
+
+def iter_planes(imagename):
+    """Yield ``(channel, data[x, y], valid[x, y])`` of a CASA cube, one plane in memory."""
+    with PlaneReader(imagename) as reader:
+        yield from reader
+
+
+class PlaneWriter:
+    """Write a CASA image shaped like ``template`` one channel at a time.
+
+    Planes are written with :meth:`put` (``valid`` False = masked); on a clean exit the
+    pixel mask is set and the image moved into place (an interrupted write leaves no
+    ``outfile``).  ``beam`` (CASA strings) becomes the restoring beam; ``unit`` copies the
+    template's brightness unit; ``masked=False`` writes no pixel mask.
+    """
+
+    def __init__(self, template, outfile, beam=None, unit=False, masked=True):
+        self.template, self.outfile = str(template), str(outfile)
+        self.beam, self.unit, self.masked = beam, unit, masked
+        self.any_invalid = False
+
+    def __enter__(self):
+        casatools, _ = import_casa()
+        with PlaneReader(self.template) as reader:
+            self.shape, self.spec = reader.shape, reader.spec
+            self._box = reader._box
+            csys = reader.ia.coordsys()
+            record = csys.torecord()
+            csys.done()
+            bunit = reader.ia.brightnessunit()
+        self.tmp = _tmp_name(self.outfile)
+        self._rg = casatools.regionmanager()
+        self.ia = casatools.image()
+        self.ia.fromshape(outfile=self.tmp, shape=self.shape, csys=record, overwrite=True, type="f")
+        if self.unit:
+            self.ia.setbrightnessunit(bunit)
+        if self.beam is not None:
+            self.ia.setrestoringbeam(major=self.beam["major"], minor=self.beam["minor"], pa=self.beam["pa"])
+        return self
+
+    def put(self, ix, plane, valid=None):
+        """Write channel ``ix``; pixels where ``valid`` is False (or NaN) are 0 and masked."""
+        layout = [self.shape[0], self.shape[1]] + [1] * (len(self.shape) - 2)
+        plane = np.asarray(plane, dtype=np.float32)
+        blc, trc = self._box(ix)
+        if valid is not None and self.masked:
+            valid = np.asarray(valid, dtype=bool) & np.isfinite(plane)
+            if not valid.all():      # the first such plane creates the mask 'mask0' (True elsewhere)
+                self.any_invalid = True
+                self.ia.putregion(pixels=np.where(valid, plane, np.float32(0)).reshape(layout),
+                                  pixelmask=valid.reshape(layout), region=self._rg.box(blc=blc, trc=trc))
+                return
+        self.ia.putchunk(pixels=np.nan_to_num(plane).reshape(layout), blc=blc)
+
+    def __exit__(self, exc_type, *exc):
+        try:
+            self.ia.close()
+        finally:
+            self.ia.done()
+            self._rg.done()
+        if exc_type is None:
+            _replace_image(self.tmp, self.outfile)
+        else:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return False
+
+
 def _beams(imagename):
     """Per-channel beams ``[(major, minor, pa)]`` in arcsec/deg (one entry if single)."""
     with ImageManager(imagename) as ia:
@@ -1523,17 +1627,16 @@ def calc_rms_from_image(imagename, chan_range=None):
     the median over channels against line-filled channels.  Masked pixels and
     exact zeros (outside the primary-beam limit) are ignored.
     """
-    data, mask = _read_cube(imagename)
-    if chan_range is not None:
-        data, mask = data[..., chan_range[0]:chan_range[1] + 1], mask[..., chan_range[0]:chan_range[1] + 1]
-    rms = rms_of_cube(data, mask, imagename)
+    with PlaneReader(imagename) as reader:
+        first, last = (0, reader.nchan - 1) if chan_range is None else chan_range
+        per_chan = [robust_rms(data[valid]) for data, valid in (reader.plane(i) for i in range(first, last + 1))]
+    rms = _median_rms(per_chan, imagename)
     log.info("rms of %s: %.4g Jy/beam", Path(imagename).name, rms)
     return rms
 
 
-def rms_of_cube(data, mask, name="cube"):
-    """:func:`calc_rms_from_image` on arrays already read (x, y, chan); ``name`` for errors."""
-    per_chan = np.array([robust_rms(data[..., i][mask[..., i]]) for i in range(data.shape[-1])])
+def _median_rms(per_chan, name):
+    per_chan = np.asarray(per_chan, dtype=float)
     if not np.isfinite(per_chan).any():
         raise InputError("%s has no valid pixels to estimate the rms from" % name)
     return float(np.nanmedian(per_chan))
@@ -1665,61 +1768,23 @@ def smooth_cube_to_resolution(data, valid, beams, target_fwhm, cell):
     kernels from the per-plane beams, and the Jy/beam scaling by the beam-area ratio
     ``target^2 / (bmaj bmin)``.  Invalid pixels count as zero and stay invalid.
     """
-    from scipy.signal import fftconvolve
-    out = np.zeros_like(data, dtype=float)
-    filled = np.where(valid, data, 0.0)
+    out = np.empty(data.shape, dtype=float)
     for ix in range(data.shape[-1]):
         beam = beams[ix] if len(beams) > 1 else beams[0]
-        kernel = _smoothing_kernel(beam, target_fwhm, cell).T     # [x, y] like the data
-        plane = fftconvolve(filled[..., ix], kernel, mode="same")
-        if isinstance(target_fwhm, (tuple, list)):
-            area = target_fwhm[0] * target_fwhm[1]
-        else:
-            area = float(target_fwhm) ** 2
-        out[..., ix] = plane * area / (beam[0] * beam[1])
-    return np.where(valid, out, np.nan)
+        out[..., ix] = smooth_plane_to_resolution(data[..., ix], valid[..., ix], beam, target_fwhm, cell)
+    return out
 
 
-def _write_cube_like(template, outfile, cube, beam=None, unit=False, valid=None):
-    """Write a (x, y, chan) array as a CASA image with ``template``'s coordinates.
-
-    ``beam`` (dict of CASA strings) sets one restoring beam; ``unit`` copies the
-    template's brightness unit; ``valid`` (bool, like ``cube``) becomes the pixel mask,
-    so pixels blanked in the input (e.g. beyond ``pblimit``) stay blanked and are
-    written as NaN by ``exportfits`` instead of turning into zeros.
-    """
-    casatools, _ = import_casa()
-    with ImageManager(template) as ia:
-        bunit = ia.brightnessunit()
-        shape = list(ia.shape())
-        spec = _spectral_index(ia)
-        csys = ia.coordsys()
-        record = csys.torecord()
-        csys.done()
-
-    def image_layout(array, dtype):
-        """(x, y, chan) -> the template's axis order (Stokes axis before or after chan)."""
-        array = np.asarray(array, dtype=dtype)
-        if len(shape) == 4:
-            array = array[:, :, None, :] if spec == 3 else array[:, :, :, None]
-        return array.reshape(shape)
-
-    tmp = _tmp_name(outfile)
-    ia = casatools.image()
-    try:
-        ia.fromarray(outfile=tmp, pixels=image_layout(cube, np.float32), csys=record,
-                     overwrite=True)
-        if unit:
-            ia.setbrightnessunit(bunit)
-        if beam is not None:
-            ia.setrestoringbeam(major=beam["major"], minor=beam["minor"], pa=beam["pa"])
-        if valid is not None and not np.all(valid):
-            ia.putregion(pixelmask=image_layout(valid, bool))   # creates the mask 'mask0'
-    finally:
-        ia.close()
-        ia.done()
-    _replace_image(tmp, outfile)
-    return str(outfile)
+def smooth_plane_to_resolution(data, valid, beam, target_fwhm, cell):
+    """One plane (x, y) of :func:`smooth_cube_to_resolution`: ``beam`` = (major, minor, pa)."""
+    from scipy.signal import fftconvolve
+    kernel = _smoothing_kernel(beam, target_fwhm, cell).T     # [x, y] like the data
+    plane = fftconvolve(np.where(valid, data, 0.0), kernel, mode="same")
+    if isinstance(target_fwhm, (tuple, list)):
+        area = target_fwhm[0] * target_fwhm[1]
+    else:
+        area = float(target_fwhm) ** 2
+    return np.where(valid, plane * area / (beam[0] * beam[1]), np.nan)
 
 
 def make_multiscale_joint_mask(imagename, rms, sigma=5.0, mask_ang_scales=(0, 1, 3),
@@ -1761,33 +1826,45 @@ def make_multiscale_joint_mask(imagename, rms, sigma=5.0, mask_ang_scales=(0, 1,
         raise InputError("seed-mask sigma %r needs one value per mask scale %r"
                          % (sigma, list(mask_ang_scales)))
     original = "%s.image" % imagename
-    data, valid = _read_cube(original)
     beams = _beams(original)
     beamwidth = float(np.median([math.sqrt(b[0] * b[1]) for b in beams]))
     max_major = max(b[0] for b in beams)
     cell = _cell_arcsec(original)
-    union = np.zeros(data.shape, dtype=bool)
+    active = []
     for thresh_sigma, scale in zip(sigmas, mask_ang_scales):
-        base = "%s_smooth%.3f" % (imagename, scale)
-        if scale <= 0:
-            smoothed, factor = np.where(valid, data, np.nan), 1.0
-        elif scale <= max_major * 1.01:
+        if 0 < scale <= max_major * 1.01:
             log.info("seed-mask scale %g arcsec is not larger than the beam (%.3g arcsec): "
                      "skipped (the unsmoothed mask covers it)", scale, max_major)
             continue
-        else:
-            smoothed = smooth_cube_to_resolution(data, valid, beams, scale, cell)
-            factor = max(1.0, scale / beamwidth)
-        with np.errstate(invalid="ignore"):
-            mask = valid & (smoothed > factor * thresh_sigma * rms)
-        union |= mask
-        if keep_scale_products:
-            if scale > 0:
-                _write_cube_like(original, base + ".image", np.nan_to_num(smoothed))
-            _write_cube_like(original, base + ".mask", mask.astype(float))
+        factor = 1.0 if scale <= 0 else max(1.0, scale / beamwidth)
+        active.append((scale, factor * thresh_sigma * rms))
     outfile = "%s.summask" % imagename
-    _write_cube_like(original, outfile, union.astype(float))
-    log.info("seed mask written to %s (%.2f %% of the pixels)", outfile, 100 * union.mean())
+    masked = total = 0
+    with ExitStack() as stack:      # one plane in memory; per-scale products only on request
+        out = stack.enter_context(PlaneWriter(original, outfile, masked=False))
+        extra = {}
+        if keep_scale_products:
+            for scale, _ in active:
+                base = "%s_smooth%.3f" % (imagename, scale)
+                extra[scale] = (stack.enter_context(PlaneWriter(original, base + ".image", masked=False))
+                                if scale > 0 else None,
+                                stack.enter_context(PlaneWriter(original, base + ".mask", masked=False)))
+        for ix, data, valid in iter_planes(original):
+            union = np.zeros(data.shape, dtype=bool)
+            beam = beams[ix] if len(beams) > 1 else beams[0]
+            for scale, threshold in active:
+                smoothed = (np.where(valid, data, np.nan) if scale <= 0 else
+                            smooth_plane_to_resolution(data, valid, beam, scale, cell))
+                with np.errstate(invalid="ignore"):
+                    mask = valid & (smoothed > threshold)
+                union |= mask
+                if scale in extra:
+                    if extra[scale][0] is not None:
+                        extra[scale][0].put(ix, np.nan_to_num(smoothed))
+                    extra[scale][1].put(ix, mask.astype(float))
+            out.put(ix, union.astype(float))
+            masked, total = masked + int(union.sum()), total + union.size
+    log.info("seed mask written to %s (%.2f %% of the pixels)", outfile, 100.0 * masked / max(total, 1))
     return outfile
 
 
@@ -1814,13 +1891,21 @@ def check_max_residual(imagebase, sigma=5.5, rms=None):
         When flagged (also logged at WARNING level).
     """
     residual = "%s.residual" % imagebase
-    data, mask = _read_cube(residual)
-    values = np.where(mask, data, np.nan)
+    per_chan, vmax, vmin, imax, imin = [], -np.inf, np.inf, None, None
+    for ix, data, mask in iter_planes(residual):       # one plane in memory
+        values = np.where(mask, data, np.nan)
+        per_chan.append(robust_rms(values))
+        if not np.isfinite(values).any():
+            continue
+        hi, lo = np.nanargmax(values), np.nanargmin(values)
+        if values.flat[hi] > vmax:
+            vmax, imax = float(values.flat[hi]), np.unravel_index(hi, values.shape) + (ix,)
+        if values.flat[lo] < vmin:
+            vmin, imin = float(values.flat[lo]), np.unravel_index(lo, values.shape) + (ix,)
+    if imax is None:
+        raise InputError("%s has no valid pixels" % residual)
     if rms is None:
-        rms = float(np.nanmedian([robust_rms(values[..., i]) for i in range(values.shape[-1])]))
-    imax = np.unravel_index(np.nanargmax(values), values.shape)
-    imin = np.unravel_index(np.nanargmin(values), values.shape)
-    vmax, vmin = float(values[imax]), float(values[imin])
+        rms = float(np.nanmedian(per_chan))
     max_abs = max(abs(vmax), abs(vmin))
     result = {"max_abs": max_abs, "max": vmax, "min": vmin, "rms": rms,
               "max_sigma": max_abs / rms if rms > 0 else float("inf"),
@@ -1883,20 +1968,17 @@ def smooth_cube_to_common_beam(imagename, beam=None, method="numpy"):
     """
     beam = beam or common_beam_of_image(imagename)
     out = "%s.common" % imagename
-    with ImageManager(imagename) as ia:
-        npix = int(np.prod(ia.shape()))
-    if method == "numpy" and npix > NUMPY_SMOOTH_MAX_PIXELS:
-        log.info("%s has %d pixels: smoothing with imsmooth, which streams the cube, instead "
-                 "of numpy in memory", imagename, npix)
-        method = "imsmooth"
+    if method not in ("numpy", "imsmooth"):
+        raise InputError("smoothing method %r is invalid: use numpy or imsmooth" % method)
     if method == "numpy":
         target = tuple(parse_angle_arcsec(beam[k]) for k in ("major", "minor")) + (
             parse_angle_arcsec(beam["pa"]) / 3600.0,)
-        data, valid = _read_cube(imagename)
-        smoothed = smooth_cube_to_resolution(data, valid, _beams(imagename), target,
-                                             _cell_arcsec(imagename))
-        _write_cube_like(imagename, out, np.nan_to_num(smoothed), beam=beam, unit=True,
-                         valid=np.isfinite(smoothed))
+        beams, cell = _beams(imagename), _cell_arcsec(imagename)
+        with PlaneWriter(imagename, out, beam=beam, unit=True) as writer:
+            for ix, data, valid in iter_planes(imagename):      # one plane in memory
+                smoothed = smooth_plane_to_resolution(data, valid, beams[ix] if len(beams) > 1 else beams[0],
+                                                      target, cell)
+                writer.put(ix, np.nan_to_num(smoothed), np.isfinite(smoothed))
         return out
     _, casatasks = import_casa()
     tmp = _tmp_name(out)
@@ -3683,57 +3765,67 @@ def _velocity_axis(imagename):
     return SPEED_OF_LIGHT_KMS * (1.0 - freqs / restfreq), restfreq
 
 
-def _mom_max(m):
-    return np.nanmax(np.where(m.window_valid, m.data, np.nan), axis=-1)
+class _MomentSums:
+    """Per-pixel running sums of the moment maps, fed one channel plane at a time.
+
+    Velocities enter centred on vsys (``u = v - vsys``), so the one-pass second moments
+    keep full float64 precision; the maps equal the two-pass formulas of :data:`MOMENTS`.
+    """
+
+    def __init__(self, shape):
+        zeros = lambda: np.zeros(shape, dtype=float)  # noqa: E731
+        self.peak = np.full(shape, np.nan)
+        self.sum0, self.n0 = zeros(), zeros()
+        self.w1, self.wu1, self.n1, self.u1, self.uu1 = zeros(), zeros(), zeros(), zeros(), zeros()
+        self.w2, self.wu2, self.wuu2, self.n2 = zeros(), zeros(), zeros(), zeros()
+
+    def add(self, u, data, in_mask, sel1, sel2):
+        """One channel: ``data`` (NaN = invalid), velocity offset ``u`` (km/s), selections."""
+        self.peak = np.fmax(self.peak, data)
+        self.sum0 += np.where(in_mask, data, 0.0)
+        self.n0 += in_mask
+        w1 = np.where(sel1, data, 0.0)
+        self.w1 += w1
+        self.wu1 += w1 * u
+        self.n1 += sel1
+        self.u1 += sel1 * u
+        self.uu1 += sel1 * u * u
+        w2 = np.where(sel2, data, 0.0)
+        self.w2 += w2
+        self.wu2 += w2 * u
+        self.wuu2 += w2 * u * u
+        self.n2 += sel2
+
+    def maps(self, vsys, dv, rms):
+        """``{name: 2-D map}`` of every moment in :data:`MOMENTS`."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            u1 = self.wu1 / self.w1
+            dev2 = self.uu1 - 2.0 * u1 * self.u1 + self.n1 * u1 * u1
+            mom1 = np.where(self.n1 > 0, vsys + u1, np.nan)
+            err1 = rms * np.sqrt(np.maximum(dev2, 0.0)) / np.abs(self.w1)
+            u2 = self.wu2 / self.w2
+            var = self.wuu2 / self.w2 - u2 * u2
+        return {"max": self.peak, "mom0": dv * self.sum0, "mom0_err": dv * np.sqrt(self.n0) * rms,
+                "mom1": mom1, "mom1_err": np.where(np.isfinite(mom1), err1, np.nan),
+                "mom2": np.where((self.n2 > 0) & (var >= 0), np.sqrt(np.abs(var)), np.nan)}
 
 
-def _mom0(m):
-    return m.dv * np.nansum(np.where(m.in_mask, m.data, 0.0), axis=-1)
-
-
-def _mom0_err(m):
-    return m.dv * np.sqrt(np.sum(m.in_mask, axis=-1)) * m.rms
-
-
-def _mom1_terms(m):
-    sel = m.m1_select
-    weights = np.where(sel, m.data, 0.0)
-    total = np.sum(weights, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mom1 = np.sum(weights * m.velo, axis=-1) / total
-    return sel, total, np.where(np.any(sel, axis=-1), mom1, np.nan)
-
-
-def _mom1(m):
-    return _mom1_terms(m)[2]
-
-
-def _mom1_err(m):
-    sel, total, mom1 = _mom1_terms(m)
-    dev2 = np.where(sel, (m.velo - mom1[..., None]) ** 2, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        err = m.rms * np.sqrt(np.sum(dev2, axis=-1)) / np.abs(total)
-    return np.where(np.isfinite(mom1), err, np.nan)
-
-
-def _mom2(m):
-    sel = m.m2_select
-    weights = np.where(sel, m.data, 0.0)
-    total = np.sum(weights, axis=-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mom1 = np.sum(weights * m.velo, axis=-1) / total
-        var = np.sum(weights * (m.velo - mom1[..., None]) ** 2, axis=-1) / total
-    return np.where(np.any(sel, axis=-1) & (var >= 0), np.sqrt(np.abs(var)), np.nan)
+def _moment_of(name):
+    def get(m):
+        return m.maps[name]
+    get.__name__ = "_" + name
+    return get
 
 
 #: Moment maps: name -> (function, BUNIT, primary-beam corrected copy too, formula).
 MOMENTS = {
-    "max": (_mom_max, "Jy/beam", True, "peak intensity over the velocity window"),
-    "mom0": (_mom0, "Jy/beam.km/s", True, "M0 = dv sum I_i over clean-mask pixels"),
-    "mom0_err": (_mom0_err, "Jy/beam.km/s", True, "dM0 = dv sqrt(N) rms"),
-    "mom1": (_mom1, "km/s", False, "M1 = sum I_i v_i / sum I_i (mask & Hanning > m1_sigma)"),
-    "mom1_err": (_mom1_err, "km/s", False, "dM1 = rms sqrt(sum (v_i - M1)^2) / sum I_i"),
-    "mom2": (_mom2, "km/s", False, "M2 = sqrt(sum I_i (v_i - M1)^2 / sum I_i) (mask & Hanning > m2_sigma)"),
+    "max": (_moment_of("max"), "Jy/beam", True, "peak intensity over the velocity window"),
+    "mom0": (_moment_of("mom0"), "Jy/beam.km/s", True, "M0 = dv sum I_i over clean-mask pixels"),
+    "mom0_err": (_moment_of("mom0_err"), "Jy/beam.km/s", True, "dM0 = dv sqrt(N) rms"),
+    "mom1": (_moment_of("mom1"), "km/s", False, "M1 = sum I_i v_i / sum I_i (mask & Hanning > m1_sigma)"),
+    "mom1_err": (_moment_of("mom1_err"), "km/s", False, "dM1 = rms sqrt(sum (v_i - M1)^2) / sum I_i"),
+    "mom2": (_moment_of("mom2"), "km/s", False,
+             "M2 = sqrt(sum I_i (v_i - M1)^2 / sum I_i) (mask & Hanning > m2_sigma)"),
 }
 
 
@@ -3797,7 +3889,7 @@ class MomentMapper:
         return self.out_dir / ("%s.%s%s.fits" % (Path(self.stem).name, name, ".pbcor" if pbcor else ""))
 
     def _load(self):
-        data, valid = _read_cube(self.imagename)
+        """Stream the window's planes (and their Hanning neighbours) into :class:`_MomentSums`."""
         velo, _ = _velocity_axis(self.imagename)
         window = np.abs(velo - self.vsys) <= self.vwin
         if not window.any():
@@ -3806,25 +3898,41 @@ class MomentMapper:
                              % (self.imagename, self.vsys, self.vwin, velo.min(), velo.max()))
         _warn_partial_window(self.imagename, velo, self.vsys, self.vwin)
         self.rms = calc_rms_from_image(self.imagename)
-        mask_name = self.stem + ".mask"
-        clean_mask = _read_cube(mask_name)[0] > 0.5 if os.path.exists(mask_name) else np.ones_like(valid)
-        data = np.where(valid, data, np.nan)
-        hanning = hanning_smooth(np.nan_to_num(data), axis=-1)
         sel = np.flatnonzero(window)
-        self.data = data[..., sel]
         self.velo = velo[sel]
         self.dv = float(abs(np.median(np.diff(velo)))) if velo.size > 1 else 1.0
-        self.window_valid = np.isfinite(self.data)
-        self.in_mask = clean_mask[..., sel] & self.window_valid
-        han = hanning[..., sel]
-        self.m1_select = self.in_mask & (han > self.m1_sigma * self.rms / HANNING_RMS_FACTOR)
-        self.m2_select = self.in_mask & (han > self.m2_sigma * self.rms / HANNING_RMS_FACTOR)
-        pb_name = self.stem + ".pb"
-        self.pb_plane = None
-        if os.path.exists(pb_name):
-            pb = _read_cube(pb_name)[0]
-            centre = sel[np.argmin(np.abs(self.velo - self.vsys))]
-            self.pb_plane = pb[..., centre]
+        cut1 = self.m1_sigma * self.rms / HANNING_RMS_FACTOR
+        cut2 = self.m2_sigma * self.rms / HANNING_RMS_FACTOR
+        mask_name, pb_name = self.stem + ".mask", self.stem + ".pb"
+        with ExitStack() as stack:
+            cube = stack.enter_context(PlaneReader(self.imagename))
+            masks = stack.enter_context(PlaneReader(mask_name)) if os.path.exists(mask_name) else None
+            planes = {}
+
+            def filled(ix):       # NaN-free plane for the Hanning sum (the original's nan_to_num)
+                ix = min(max(ix, 0), cube.nchan - 1)
+                if ix not in planes:
+                    data, valid = cube.plane(ix)
+                    planes[ix] = np.where(valid, data, np.nan)
+                return planes[ix]
+
+            sums = None
+            for ix in sel:
+                data = filled(ix)
+                hanning = (0.25 * np.nan_to_num(filled(ix - 1)) + 0.5 * np.nan_to_num(data)
+                           + 0.25 * np.nan_to_num(filled(ix + 1)))
+                valid = np.isfinite(data)
+                in_mask = valid & ((masks.plane(ix)[0] > 0.5) if masks is not None else True)
+                sums = sums or _MomentSums(data.shape)
+                sums.add(velo[ix] - self.vsys, data, in_mask, in_mask & (hanning > cut1), in_mask & (hanning > cut2))
+                for old in [k for k in planes if k < ix]:
+                    del planes[old]          # at most three planes in memory
+            self.maps = sums.maps(self.vsys, self.dv, self.rms)
+            self.pb_plane = None
+            if os.path.exists(pb_name):
+                centre = sel[np.argmin(np.abs(self.velo - self.vsys))]
+                with PlaneReader(pb_name) as pb:
+                    self.pb_plane = pb.plane(centre)[0]
 
     def make_moments(self):
         """Write every map of :data:`MOMENTS`; return ``{name: path}``."""
@@ -4208,16 +4316,22 @@ def make_qa_summary(imagebase, config=None, residual_check=None):
     image = imagebase + ".image.common"
     if not os.path.exists(image):
         image = imagebase + ".image"
-    data, valid = _read_cube(image)
-    rms = rms_of_cube(data, valid, image)        # the cube is read once, not twice
-    peak = float(np.nanmax(np.where(valid, data, np.nan)))
+    has_mask = os.path.exists(imagebase + ".mask")
+    per_chan, peaks, mask_fraction = [], [], []
+    with ExitStack() as stack:        # the cube and its mask are read once, one plane at a time
+        reader = stack.enter_context(PlaneReader(image))
+        masks = stack.enter_context(PlaneReader(imagebase + ".mask")) if has_mask else None
+        nchan = reader.nchan
+        for ix, data, valid in reader:
+            per_chan.append(robust_rms(data[valid]))
+            peaks.append(float(np.max(data[valid])) if valid.any() else np.nan)
+            if masks is not None:
+                mask = masks.plane(ix)[0] > 0.5
+                mask_fraction.append(float((mask & valid).sum() / max(int(valid.sum()), 1)))
+    rms = _median_rms(per_chan, image)
+    peak = float(np.nanmax(peaks))
     if residual_check is None:
         residual_check = check_max_residual(imagebase, sigma=thresholds["max_residual_sigma"])
-    mask_fraction = []
-    if os.path.exists(imagebase + ".mask"):
-        mask = _read_cube(imagebase + ".mask")[0] > 0.5
-        area = np.maximum(valid.sum(axis=(0, 1)), 1)
-        mask_fraction = [float(f) for f in (mask & valid).sum(axis=(0, 1)) / area]
     runaway = [i for i, f in enumerate(mask_fraction) if f > thresholds["runaway_mask_fraction"]]
     flags = []
     if residual_check["flagged"]:
@@ -4237,7 +4351,7 @@ def make_qa_summary(imagebase, config=None, residual_check=None):
         "max_residual_check": residual_check,
         "beam": {"major_arcsec": beams[0][0], "minor_arcsec": beams[0][1], "pa_deg": beams[0][2]}
         if len(beams) == 1 else {"per_plane": beams},
-        "nchan": int(data.shape[-1]), "mask_fraction": mask_fraction,
+        "nchan": int(nchan), "mask_fraction": mask_fraction,
         "runaway_mask_channels": runaway, "flags": flags,
     }
     with atomic_output(imagebase + ".qa.json", overwrite=True) as out:
