@@ -3124,8 +3124,8 @@ class ImageConfig:
     def stage_fingerprint(self, stage, **kwargs):
         """Hash of what makes a stage's products: inputs (MS paths and modification times), the
         field/SPW/kind/weighting, chunk or full cube (and the chunking of a chunked run), the
-        imaging settings and the stage's own arguments.  A marker with another fingerprint is not
-        a completed stage: its products came from other inputs or settings."""
+        imaging settings, an rms set by hand (--rms) and the stage's own arguments.  A marker with
+        another fingerprint is not a completed stage: its products came from other inputs or settings."""
         def mtime(ms):
             try:
                 return os.stat(os.path.join(ms, "table.dat")).st_mtime_ns
@@ -3138,7 +3138,7 @@ class ImageConfig:
                       [self.chunk.index, str(self.chunk.start), int(self.chunk.start_chan_ix),
                        int(self.chunk.nchan), str(self.chunk.width)],
                       settings={sec: keys for sec, keys in self.config.as_dict().items() if sec in sections},
-                      kwargs=kwargs)
+                      rms_by_hand=self._rms if self._rms_fixed else None, kwargs=kwargs)
         text = json.dumps(record, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -3365,7 +3365,7 @@ class ImageConfig:
                 export_fits("%s.%s" % (base, name))
         result = {"residual": residual, "beam": beam}
         if summary:
-            make_qa_summary(base, config=self.config, residual_check=residual)
+            make_qa_summary(base, config=self.config, residual_check=residual, noise=self.noise_record())
         self._stage_done(base, "post", beam=beam, residual_flagged=residual["flagged"])
         return result
 
@@ -3416,6 +3416,20 @@ class ImageConfig:
             self._stamp_fingerprint(base, stage, fingerprint)
             redo = True  # every later stage depends on this one
         return self.get_imagebase(ext)
+
+    def noise_record(self):
+        """``{'rms_method', 'rms_dirty', 'rms_residual', 'rms_used', 'set_by_hand'}`` (Jy/beam) from
+        the stage markers: the dirty cube's rms and the residual rms the thresholds used."""
+        def marker(base, stage):
+            try:
+                return json.loads(Path("%s.%s.done.json" % (base, stage)).read_text())
+            except (OSError, ValueError):
+                return {}
+        dirty, nomask = marker(self.dirty_imagebase, "dirty"), marker(self.nomask_imagebase, "nomask")
+        return {"rms_method": self.config["Thresholds"]["rms_method"],
+                "rms_dirty": nomask.get("rms_dirty", dirty.get("rms_estimate")),
+                "rms_residual": nomask.get("rms_residual", []), "rms_used": self._rms,
+                "set_by_hand": bool(self._rms_fixed)}
 
     def _log_geometry(self):
         geometry = self.dset.geometry()
@@ -3691,7 +3705,8 @@ class ChunkedConfigSet:
         if make_fits:
             for name in FITS_EXPORTS:
                 export_fits("%s.%s" % (full, name))
-        make_qa_summary(full, config=self.prototype.config, residual_check=residual)
+        make_qa_summary(full, config=self.prototype.config, residual_check=residual,
+                        noise={"chunks": [c.noise_record() for c in self.configs]})
         self.prototype._stage_done(full, "post", beam=beam, residual_flagged=residual["flagged"])
         return {"residual": residual, "beam": beam}
 
@@ -4304,8 +4319,11 @@ def make_all_qa_plots(field, ext="clean", ignore_chunks=True, overwrite=True, co
     return written
 
 
-def make_qa_summary(imagebase, config=None, residual_check=None):
+def make_qa_summary(imagebase, config=None, residual_check=None, noise=None):
     """Write ``<imagebase>.qa.json``: rms, peak S/N, max residual, beam, mask fractions, flags.
+
+    ``noise`` (from :meth:`ImageConfig.noise_record`) adds the noise the cleans used: the
+    dirty cube's rms and the residual-based rms behind the thresholds.
 
     Returns
     -------
@@ -4354,6 +4372,8 @@ def make_qa_summary(imagebase, config=None, residual_check=None):
         "nchan": int(nchan), "mask_fraction": mask_fraction,
         "runaway_mask_channels": runaway, "flags": flags,
     }
+    if noise is not None:
+        summary["clean_noise"] = noise
     with atomic_output(imagebase + ".qa.json", overwrite=True) as out:
         json.dump(summary, out, indent=1, default=float)
     return summary

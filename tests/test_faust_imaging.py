@@ -325,6 +325,14 @@ def test_noise_from_the_residual_when_a_source_is_bright_in_every_channel(tmp_pa
     assert marker["rms_dirty"] > 1.8 * thermal                       # the problem
     assert marker["rms_used"] == config.rms < 1.4 * thermal            # the fix
     assert config.rms < 0.65 * marker["rms_dirty"] and 1 <= len(marker["rms_residual"]) <= 3
+    # the QA summary reports both noises
+    qa = json.loads(Path(config.get_imagebase("clean") + ".qa.json").read_text())["clean_noise"]
+    assert qa["rms_dirty"] == pytest.approx(marker["rms_dirty"]) and qa["rms_used"] == pytest.approx(config.rms)
+    assert qa["rms_method"] == "residual" and qa["set_by_hand"] is False
+    # an rms given by hand (--rms) is an input of every stage after the dirty cube
+    by_hand = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=write_config(tmp_path))
+    by_hand.rms = 0.01
+    assert by_hand.stage_fingerprint("nomask") != config.stage_fingerprint("nomask")
     # the old behaviour is one setting away
     dirty_only = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=write_config(
         tmp_path, extra="[Thresholds]\nrms_method = dirty\n"))
