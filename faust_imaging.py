@@ -129,6 +129,7 @@ __all__ = [
     "MASK_METHODS",
     "robust_rms",
     "calc_rms_from_image",
+    "residual_noise",
     "calc_common_coverage_range",
     "calc_chunk_freqs",
     "get_freq_axis_from_image",
@@ -1635,6 +1636,28 @@ def calc_rms_from_image(imagename, chan_range=None):
     return rms
 
 
+#: A residual is taken for noise only if its channels' peaks reach this many times their rms
+#: (Gaussian noise over >= 1e4 pixels peaks above 3.7 sigma); an over-fitted residual peaks lower.
+RESIDUAL_NOISE_PEAK_MIN = 3.0
+#: ... and only if its rms is at least this fraction of the dirty cube's: sidelobes of emission
+#: inflate the dirty rms a few times (2.4x in the tests), a residual 5x lower is clean fitting noise.
+RESIDUAL_RMS_FLOOR = 0.2
+
+
+def residual_noise(imagename):
+    """``(rms, peak ratio)``: :func:`calc_rms_from_image` and the median over channels of
+    max |pixel| / rms, which tells noise (about 4-5) from a residual clean has fitted (lower)."""
+    per_chan, ratios = [], []
+    for _, data, valid in iter_planes(imagename):
+        values = data[valid]
+        rms = robust_rms(values)
+        per_chan.append(rms)
+        if values.size and rms > 0:
+            ratios.append(float(np.max(np.abs(values))) / rms)
+    rms = _median_rms(per_chan, imagename)
+    return rms, float(np.median(ratios)) if ratios else float("nan")
+
+
 def _median_rms(per_chan, name):
     per_chan = np.asarray(per_chan, dtype=float)
     if not np.isfinite(per_chan).any():
@@ -1868,8 +1891,12 @@ def make_multiscale_joint_mask(imagename, rms, sigma=5.0, mask_ang_scales=(0, 1,
     return outfile
 
 
-def check_max_residual(imagebase, sigma=5.5, rms=None):
+def check_max_residual(imagebase, sigma=5.5, rms=None, clean_rms=None):
     """Flag a residual cube whose peak |residual| exceeds ``sigma`` x its rms.
+
+    With ``clean_rms`` (the noise the cleans used), a residual whose own rms is below
+    ``RESIDUAL_RMS_FLOOR`` x ``clean_rms`` (clean fitted the noise: few visibilities per
+    pixel) is judged against ``clean_rms`` instead; ``rms_source`` in the result says which.
 
     Parameters
     ----------
@@ -1904,13 +1931,20 @@ def check_max_residual(imagebase, sigma=5.5, rms=None):
             vmin, imin = float(values.flat[lo]), np.unravel_index(lo, values.shape) + (ix,)
     if imax is None:
         raise InputError("%s has no valid pixels" % residual)
+    source = "given" if rms is not None else "residual"
     if rms is None:
         rms = float(np.nanmedian(per_chan))
+        if clean_rms and rms < RESIDUAL_RMS_FLOOR * clean_rms:
+            log.warning("%s: its rms %.3g Jy/beam is %.2g x the noise the cleans used (%.3g): clean fitted the "
+                        "noise; the residual peak is judged against the latter", Path(residual).name, rms,
+                        rms / clean_rms, clean_rms)
+            rms, source = float(clean_rms), "clean"
     max_abs = max(abs(vmax), abs(vmin))
     result = {"max_abs": max_abs, "max": vmax, "min": vmin, "rms": rms,
               "max_sigma": max_abs / rms if rms > 0 else float("inf"),
               "threshold": sigma * rms, "sigma": sigma, "flagged": bool(max_abs > sigma * rms),
-              "max_position": [int(i) for i in imax], "min_position": [int(i) for i in imin]}
+              "max_position": [int(i) for i in imax], "min_position": [int(i) for i in imin],
+              "rms_source": source}
     if result["flagged"]:
         message = ("%s: max |residual| %.4g Jy/beam = %.1f sigma exceeds %.1f sigma "
                    "(rms %.4g; max %.4g at %s, min %.4g at %s): uncleaned emission, "
@@ -3220,7 +3254,7 @@ class ImageConfig:
         base = self.nomask_imagebase
         self._clear_marker(base, "nomask")
         rms_dirty = self.rms
-        history = []
+        history, rejected = [], None
         iterate = self.config["Thresholds"]["rms_method"] == "residual" and not getattr(self, "_rms_fixed", False)
         n_iter = self.config["Thresholds"]["rms_iterations"] if iterate else 1
         for it in range(n_iter):
@@ -3232,10 +3266,17 @@ class ImageConfig:
                          threshold=self._threshold(sigma), usemask="user", mask="")
             if not iterate:
                 break
-            residual_rms = calc_rms_from_image(base + ".residual")
+            residual_rms, peak_ratio = residual_noise(base + ".residual")
+            log.info("rms from the unmasked clean's residual: %.4g Jy/beam, its peaks %.1f x that (clean at %.4g; "
+                     "dirty cube %.4g)", residual_rms, peak_ratio, self._rms, rms_dirty)
+            if not (peak_ratio >= RESIDUAL_NOISE_PEAK_MIN and residual_rms >= RESIDUAL_RMS_FLOOR * rms_dirty):
+                rejected = residual_rms
+                log.warning("%s: the unmasked clean's residual (rms %.3g Jy/beam = %.2g x the dirty cube's, peaks "
+                            "%.1f x its rms) is not noise: clean modelled the noise itself (few visibilities for "
+                            "this image size?); the thresholds keep rms %.4g", Path(base).name, residual_rms,
+                            residual_rms / rms_dirty, peak_ratio, self._rms)
+                break
             history.append(residual_rms)
-            log.info("rms from the unmasked clean's residual: %.4g Jy/beam (clean at %.4g; dirty cube %.4g)",
-                     residual_rms, self._rms, rms_dirty)
             # the rms kept is always the one the last clean used, so its products and the later
             # thresholds agree (a chunked run given this rms repeats the same clean)
             if abs(residual_rms - self._rms) / self._rms < 0.05 or it == n_iter - 1:
@@ -3244,7 +3285,7 @@ class ImageConfig:
         if not self.preserve_all_intermediate_products:
             delete_all_extensions(base, keep_exts=["image", "pb", "nomask.done.json"])
         self._stage_done(base, "nomask", sigma=sigma, scales=scales, rms_dirty=rms_dirty,
-                         rms_residual=history, rms_used=self.rms)
+                         rms_residual=history, rms_rejected=rejected, rms_used=self.rms)
         if history and self.rms < 0.8 * rms_dirty:
             log.warning("%s: the dirty cube's rms %.4g Jy/beam is %.1fx the residual's %.4g: emission in every "
                         "channel (sidelobes of a bright source) inflated it; thresholds use the residual's",
@@ -3350,7 +3391,7 @@ class ImageConfig:
         sigma = self.config["Thresholds"]["max_residual_sigma"]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            residual = check_max_residual(base, sigma=sigma)
+            residual = check_max_residual(base, sigma=sigma, clean_rms=self._rms)
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         primary_beam_correct(base)
@@ -3699,7 +3740,9 @@ class ChunkedConfigSet:
         for im_ext in ("image.common", "image.pbcor.common"):
             self.concat_cubes(ext, im_exts=[im_ext])
         sigma = self.prototype.config["Thresholds"]["max_residual_sigma"]
-        residual = check_max_residual(full, sigma=sigma)
+        chunk_rms = [c._rms or c._recorded_rms(c.nomask_imagebase, "nomask", "rms_used") for c in self.configs]
+        chunk_rms = [r for r in chunk_rms if r]
+        residual = check_max_residual(full, sigma=sigma, clean_rms=float(np.median(chunk_rms)) if chunk_rms else None)
         if make_hanning:
             hanning_smooth_image(full + ".image.common")
         if make_fits:

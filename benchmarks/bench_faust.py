@@ -39,7 +39,7 @@ from simulate import import_casatools  # noqa: E402
 
 import_casatools()
 import faust_imaging as fi  # noqa: E402
-from test_faust_imaging import FIELD, LABEL, test_sources, write_config  # noqa: E402
+from simulate_faust import FIELD, LABEL, faust_sim_sources as test_sources, write_config  # noqa: E402
 
 
 def simulate(root, nchan):

@@ -4,11 +4,12 @@ A simulated field ``FAUST_SIM`` (not one of the programme's targets) in a made-u
 Setup 9 holding one spectral window around CO 2-1, with a configuration that points the
 pipeline at a DATA_DIR of simulated measurement sets (see ``tests/simulate.py``).
 """
+import math
 from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 __all__ = ["FIELD", "LABEL", "NCHAN", "SETUP_CSV", "SPW_CSV", "faust_sim_sources",
-           "write_config", "run_demo"]
+           "write_config", "paint_sources", "run_demo"]
 
 FIELD, LABEL = "FAUST_SIM", "230.538GHz_CO"
 SETUP_CSV = ("setup,band,low_ghz,high_ghz,kinds,joint_gridder,nchunks_line,nchunks_cont\n"
@@ -63,6 +64,33 @@ fastnoise = true
 {extra}
 """)
     return cfg
+
+
+def paint_sources(ms, noise_jy=0.05):
+    """Unflag the real MS and replace its DATA by three point sources (1, 0.5, 0.3 Jy near the
+    phase centre) plus Gaussian noise: the real array, uv coverage and frequencies, a known sky.
+    (The MS as shipped is fully flagged, its DATA zero or NaN: a format fixture.)"""
+    import casatasks
+    import casatools
+    casatasks.flagdata(vis=str(ms), mode="unflag", flagbackup=False)
+    msmd = casatools.msmetadata()
+    msmd.open(str(ms))
+    centre = msmd.phasecenter(0)
+    msmd.close()
+    ra, dec = centre["m0"]["value"], centre["m1"]["value"]
+    me, cl = casatools.measures(), casatools.componentlist()
+    for dra, ddec, flux in ((0, 0, 1.0), (300, 200, 0.5), (-600, -400, 0.3)):
+        cl.addcomponent(dir=me.direction("J2000", "%.10frad" % (ra + dra / 206264.806 / math.cos(dec)),
+                                         "%.10frad" % (dec + ddec / 206264.806)),
+                        flux=flux, fluxunit="Jy", freq="887.5MHz", shape="point")
+    cl.rename(str(ms) + ".cl")
+    cl.close()
+    sm = casatools.simulator()
+    sm.openfromms(str(ms))
+    sm.predict(complist=str(ms) + ".cl", incremental=False)
+    sm.setnoise(mode="simplenoise", simplenoise="%gJy" % noise_jy)
+    sm.corrupt()
+    sm.done()
 
 
 def run_demo(outdir):

@@ -842,3 +842,32 @@ def test_post_processing_streams_a_cube_larger_than_the_memory_allowed(tmp_path)
     assert 0.4 < summary["peak"] < 0.6 and summary["mom_max_peak"] == pytest.approx(summary["peak"])
     assert (tmp_path / "big.image.pbcor.common.fits").stat().st_size > 300e6
     assert len(list((tmp_path / "moments").glob("big.*.fits"))) == 9
+
+
+@needs_casa
+def test_residual_noise_guard_on_a_real_askap_snapshot(askap_ms, tmp_path, caplog, monkeypatch):
+    """The real ASKAP snapshot (36 antennas, 3 integrations: ~2000 visibilities per channel for a
+    384 x 384 image) with three point sources and 0.05 Jy/visibility noise painted in: the unmasked
+    clean fits the noise itself (its residual rms falls >1000x below the thermal noise), so that
+    residual must not set the thresholds (it did: each iteration lowered them 1000x)."""
+    from simulate_faust import paint_sources
+    ms = tmp_path / "painted.ms"
+    shutil.copytree(askap_ms, ms)
+    paint_sources(ms)
+    cfg = tmp_path / "askap.cfg"
+    fi.add_dataset([ms], cfg)
+    monkeypatch.setattr(fi.log, "propagate", True)     # an earlier main() call turned it off
+    config = fi.get_config(cfg, Imaging__oversample="3", Imaging__imsize_pb_factor="0.15",
+                           Imaging__line_vwin="3000km/s", Imaging__weighting_name="natural",
+                           Imaging__gain="0.2", Imaging__cyclefactor="1", Imaging__scales="0, 1, 3")
+    image = fi.ImageConfig.from_name("RACS_0635-31", "0.887GHz_spw0", fullcube=False, config=config)
+    image.make_dirty_cube()
+    dirty = image.rms
+    thermal = 0.05 / math.sqrt(2 * 1998)          # natural weighting, XX and YY, one channel
+    assert 0.7 * thermal < dirty < 1.5 * thermal
+    with caplog.at_level("WARNING", logger="faust_imaging"):
+        image.clean_line_nomask(sigma=4.5)
+    marker = json.loads(Path(image.nomask_imagebase + ".nomask.done.json").read_text())
+    assert marker["rms_rejected"] < 0.01 * dirty                 # what clean left: not noise
+    assert marker["rms_used"] == pytest.approx(dirty) and marker["rms_residual"] == []
+    assert any("clean modelled the noise itself" in r.getMessage() for r in caplog.records)
