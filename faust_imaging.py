@@ -20,7 +20,9 @@ As a module::
 From the shell::
 
     python faust_imaging.py list -c faust_imaging.cfg
+    python faust_imaging.py add-dataset my.ms -c user.cfg     # any MS: prints FIELD LABEL lines
     python faust_imaging.py run CB68 244.936GHz_CS --kind joint --weighting 0.5 --chunked
+    python faust_imaging.py run CB68 244.936GHz_CS --mpi 4   # CASA MPI: 4 tclean servers
     python faust_imaging.py moments CB68 --ext clean
     python faust_imaging.py qa CB68 --ext clean
     python faust_imaging.py jobs CB68 244.936GHz_CS --nchunks 8 -o cs_jobs.txt
@@ -38,7 +40,11 @@ An INI file (``configs/faust_imaging.cfg``; write a commented template with
 ``[AutoMultithresh]``, ``[AutoMultithresh7m]``, ``[Thresholds]``, ``[Moments]`` and
 ``[QA]``.  The FAUST targets, setups and spectral windows are data files
 (``configs/faust_targets.csv``, ``faust_setups.csv``, ``faust_spws.csv``); add your
-own with the ``[Catalog]`` keys.  All paths are absolute, so the pipeline runs from
+own with the ``[Catalog]`` keys, or let ``add-dataset`` describe any measurement set.
+Image geometry comes from the data unless set: the primary beam from the MSs' dish
+diameters, the cell from the target's resolution or the longest baseline, multiscale and
+seed-mask scales in synthesized beams.  Post-processing reads cubes one plane at a time.
+All paths are absolute, so the pipeline runs from
 any working directory; tclean's stray ``*.last`` files land in the image directory.
 CASA runs offline from the repository's ``configs/casasiteconfig.py`` (see
 :func:`import_casa`).
