@@ -3,8 +3,9 @@ and the peak memory of post-processing a large cube, streamed vs read whole.
 
 1. The real 36-antenna ASKAP MS of tests/data/askap (288 x 1 MHz channels; shipped fully
    flagged, so it is unflagged and three point sources plus noise are predicted into its
-   DATA with the CASA simulator): ``add-dataset``, then ``run --window`` (a 30-channel window of the SPW, geometry from the data with
-   ``oversample`` 3 and ``imsize_pb_factor`` 0.3), serial vs ``--mpi 2``; and the serial
+   DATA with the CASA simulator): ``add-dataset``, then ``run --window`` (a 30-channel
+   window of the SPW, geometry from the data with ``oversample`` 3 and ``imsize_pb_factor``
+   0.2, a faster clean: gain 0.2, cyclefactor 1), serial vs ``--mpi 2``; and the serial
    run's wall time vs the time inside its own tclean calls (the pipeline's overhead).
 2. A simulated 12 m MS of ``--nchan`` (default 120) channels: the unchunked pipeline, serial
    vs ``--mpi 2``.
