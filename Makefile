@@ -60,7 +60,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VPY) -m pip check
 	@touch $@
 
-venv: $(STAMP)
+# The offline CASA site config, installed into the venv as casasiteconfig.py (casaconfig finds it
+# on sys.path), so a plain `python -c "import casatasks"`, a script or a notebook runs offline
+# without CASASITECONFIG; re-copied whenever configs/casasiteconfig.py changes.
+SITECFG := $(VENV)/.casasiteconfig-installed
+$(SITECFG): configs/casasiteconfig.py $(STAMP)
+	$(VPY) -c "import shutil, sysconfig; shutil.copy('configs/casasiteconfig.py', sysconfig.get_paths()['purelib'])"
+	@touch $@
+
+venv: $(STAMP) $(SITECFG)
 
 # PostgreSQL 15 + Q3C for the racs_pipeline database tests (tests/with_postgres.sh starts a
 # throwaway server on 127.0.0.1 for the test run and removes it afterwards).
@@ -91,17 +99,17 @@ chromium:
 	  echo "       chromium (as root: apt-get install chromium)" >&2; \
 	  exit 2; fi
 
-test: $(STAMP) postgres chromium
+test: $(STAMP) $(SITECFG) postgres chromium
 	tests/with_postgres.sh $(VPY) -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP) postgres chromium
+test-fast: $(STAMP) $(SITECFG) postgres chromium
 	tests/with_postgres.sh $(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(STAMP) $(SITECFG)
 	@$(MAKE) --no-print-directory chromium || echo "(no Chromium: the racs_web demo screenshots are skipped)"
 	$(VPY) tests/demo.py --outdir $(DEMO_OUT) --overwrite
 
-lint: $(STAMP)
+lint: $(STAMP) $(SITECFG)
 	for f in pipe_scripts/*.sh; do bash -n "$$f" || exit 1; done
 	$(VENV)/bin/shellcheck pipe_scripts/*.sh
 

@@ -130,7 +130,8 @@ log = logging.getLogger("ir_blobs")
 # ===========================================================================
 IMAGE_SIZE = 1024  # WFC3/IR raw frames are 1024 x 1024 pixels (seed); _flt frames 1014
 SUBFRAME = 256     # subframe side (seed: 256 x 256 tiles of a 1024 image)
-HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
+# the source file: __file__, or the file CASA's execfile compiled (it may not set __file__)
+HERE = Path(globals().get("__file__") or sys._getframe(0).f_code.co_filename).resolve().parent
 MODEL_DIR = HERE / "models" / "ir_blobs"
 WEIGHTS_FILE = "ir_blobs.weights.h5"
 META_FILE = "ir_blobs_model.json"
@@ -605,6 +606,55 @@ def invoked_as_script(namespace):
     session's namespace, which already holds ``casalog``; the CLI must not start then.
     """
     return namespace.get("__name__") == "__main__" and "casalog" not in namespace
+
+def tool_file(namespace):
+    """The tool's source file: ``__file__``, else (CASA ``execfile`` without it) the file the
+    exec'd code was compiled from; None when neither is an existing file."""
+    path = namespace.get("__file__")
+    if not path:
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_globals is not namespace:
+            frame = frame.f_back
+        path = frame.f_code.co_filename if frame is not None else None
+    return Path(path).resolve() if path and os.path.isfile(path) else None
+
+
+def adopt_into_session(namespace, module_name):
+    """After a CASA ``execfile``: give the tool a module of its own in the session.
+
+    Exec'd code keeps the session's namespace as its globals, so a second tool exec'd into
+    it would replace the first one's ``log``, ``get_config`` or ``main`` inside the first
+    one's functions.  The file is loaded once more as the module ``module_name`` and every
+    name the exec bound is pointed at the module's object (whose globals are the module's),
+    and the module itself is bound as ``module_name``: ``faust_imaging.main([...])`` works
+    whatever is exec'd after it (a bare name is the last exec'd tool's).  Nothing happens on
+    a real import, a script run, or when the file cannot be found.
+
+    Returns
+    -------
+    module or None
+    """
+    import importlib.util
+    if namespace.get("__name__") == module_name or invoked_as_script(namespace):
+        return None
+    path = tool_file(namespace)
+    if path is None:
+        return None
+    module = sys.modules.get(module_name)
+    if module is None or Path(getattr(module, "__file__", "") or "").resolve() != path:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    for key, value in vars(module).items():
+        if key in namespace and not (key.startswith("__") and key.endswith("__")):
+            namespace[key] = value
+    namespace[module_name] = module
+    return module
 # <<< shared conventions <<<
 
 # ===========================================================================
@@ -3422,3 +3472,4 @@ def main(argv=None):
 
 if invoked_as_script(globals()):
     sys.exit(main())
+adopt_into_session(globals(), "ir_blobs")
