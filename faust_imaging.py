@@ -4369,11 +4369,20 @@ def _draw_panel(ax, cset, ix, kind, style, pb_limit):
     npix = data.shape[0]
     lo, hi = int(0.12 * npix), int(0.88 * npix)
     view = data[lo:hi, lo:hi].T
-    cmap = __import__("matplotlib").colormaps[style["cmap"]].copy()
-    cmap.set_bad("0.5")
-    ax.imshow(view, origin="lower", cmap=cmap, vmin=style["vmin"], vmax=style["vmax"])
-    if style["contours"] and np.nanmax(view) > min(style["contours"]):
-        ax.contourf(view, levels=list(style["contours"]) + [np.inf], cmap="Greys_r", alpha=0.3)
+    cmap = __import__("matplotlib").colormaps[style["cmap"]].with_extremes(bad="0.5")
+    finite = view[np.isfinite(view)]
+    if finite.size and finite.min() < finite.max():
+        ax.imshow(view, origin="lower", cmap=cmap, vmin=style["vmin"], vmax=style["vmax"])
+    else:   # a blank or constant plane: matplotlib would divide by its zero range
+        ax.set_facecolor("0.5")
+        ax.set_xlim(-0.5, view.shape[1] - 0.5)
+        ax.set_ylim(-0.5, view.shape[0] - 0.5)
+        ax.text(0.5, 0.5, "blank" if not finite.size else "constant", transform=ax.transAxes,
+                ha="center", va="center", fontsize=6)
+    if style["contours"] and finite.size and finite.max() > min(style["contours"]):
+        top = float(finite.max()) * 1.001       # a finite top level: an infinite one breaks the colour scale
+        levels = [level for level in style["contours"] if level < top] + [top]
+        ax.contourf(view, levels=levels, cmap="Greys_r", alpha=0.3)
     mask = np.nan_to_num(planes["mask"][lo:hi, lo:hi].T)
     if mask.max() > 0.5:
         ax.contour(mask, levels=[0.5], colors=style["mask_colour"], linewidths=0.4)

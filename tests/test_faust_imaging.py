@@ -249,6 +249,7 @@ def test_final_cube_name_units_beam_and_flux(pipeline12m):
 
 
 @pytest.mark.casa
+@pytest.mark.filterwarnings("error::RuntimeWarning")   # QA plots of constant planes divided by zero
 def test_qa_summary_stage_skipping_and_moments(pipeline12m, caplog):
     sim, config, final = pipeline12m["sim"], pipeline12m["config"], pipeline12m["final"]
     base = config.get_imagebase("clean")
