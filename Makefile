@@ -21,7 +21,7 @@ export MPLBACKEND := Agg
 export TF_CPP_MIN_LOG_LEVEL := 2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv test test-fast demo lint clean distclean check-python check-space postgres chromium
+.PHONY: help venv test test-fast demo lint clean distclean check-python check-space postgres chromium sync-conventions
 
 help:
 	@echo "make demo       set up .venv and run every tool's demo into $(DEMO_OUT)/"
@@ -29,7 +29,12 @@ help:
 	@echo "make test-fast  the suite without tests marked slow"
 	@echo "make lint       bash -n and shellcheck on pipe_scripts/"
 	@echo "make venv       only (re)build .venv from requirements.lock"
+	@echo "make sync-conventions  rewrite each tool's shared block from tools/conventions.py"
 	@echo "make clean      remove $(DEMO_OUT)/ and caches;  make distclean  also .venv"
+
+# The shared conventions block: tools/conventions.py is the source, the tools carry copies.
+sync-conventions:
+	$(PYTHON) tools/sync_conventions.py
 
 check-python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { \

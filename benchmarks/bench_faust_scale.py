@@ -5,7 +5,7 @@ and the peak memory of post-processing a large cube, streamed vs read whole.
    flagged, so it is unflagged and three point sources plus noise are predicted into its
    DATA with the CASA simulator): ``add-dataset``, then ``run --window`` (a 30-channel
    window of the SPW, geometry from the data with ``oversample`` 3 and ``imsize_pb_factor``
-   0.2, a faster clean: gain 0.2, cyclefactor 1), serial vs ``--mpi 2``; and the serial
+   0.15, a faster clean: gain 0.2, cyclefactor 1), serial vs ``--mpi 2``; and the serial
    run's wall time vs the time inside its own tclean calls (the pipeline's overhead).
 2. A simulated 12 m MS of ``--nchan`` (default 120) channels: the unchunked pipeline, serial
    vs ``--mpi 2``.
@@ -67,7 +67,7 @@ def askap_case(root, quick):
     cfg = root / "askap.cfg"
     _, out, _ = cli(["add-dataset", ms, "-c", cfg, "-q"])
     field, label = out.split()[:2]
-    settings = ["--set", "Imaging.oversample=3", "--set", "Imaging.imsize_pb_factor=%s" % (0.15 if quick else 0.2),
+    settings = ["--set", "Imaging.oversample=3", "--set", "Imaging.imsize_pb_factor=0.15",
                 "--set", "Imaging.line_vwin=%s" % ("3000km/s" if quick else "10000km/s"),
                 "--set", "Imaging.weighting_name=natural", "--set", "Imaging.gain=0.2",
                 "--set", "Imaging.cyclefactor=1", "--set", "Imaging.scales=0,1,3"]

@@ -1,7 +1,8 @@
 """The command-line and configuration conventions shared by all five tools.
 
-Every module carries an identical copy of the "shared conventions" block (modules must
-stay self-contained); these tests check that the copies agree and that each tool
+Every module carries a copy of the "shared conventions" block (modules must stay
+self-contained), generated from tools/conventions.py by ``make sync-conventions``; these tests
+check that the copies equal the source and that each tool
 behaves the same way: --help, --version, exit codes 0/1/2, config errors that name the
 file, section, key, bad value and what is allowed, --set overrides, --write-config
 templates that load back, and atomic outputs.
@@ -26,15 +27,36 @@ def tool(request):
     return importlib.import_module(request.param)
 
 
-def test_shared_block_identical_in_all_modules():
+def test_shared_block_is_generated_from_its_source():
+    """tools/conventions.py is the source; each tool's copy must equal it (make sync-conventions)."""
+    source = BLOCK.search((ROOT / "tools" / "conventions.py").read_text())
+    assert source, "tools/conventions.py lacks the shared conventions block markers"
     blocks = {}
     for name in MODULES:
         match = BLOCK.search((ROOT / f"{name}.py").read_text())
         assert match, f"{name}.py lacks the shared conventions block markers"
         blocks[name] = match.group(1)
-    reference = blocks["faust_imaging"]
-    differing = [name for name, text in blocks.items() if text != reference]
-    assert not differing, f"shared conventions block differs in: {differing}"
+    differing = [name for name, text in blocks.items() if text != source.group(1)]
+    assert not differing, f"shared conventions block differs from tools/conventions.py in: {differing} " \
+                          f"(run make sync-conventions)"
+
+
+def test_sync_conventions_rewrites_a_stale_copy(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    import sys
+    for name in MODULES:
+        shutil.copy(ROOT / f"{name}.py", tmp_path / f"{name}.py")
+    (tmp_path / "tools").mkdir()
+    for name in ("conventions.py", "sync_conventions.py"):
+        shutil.copy(ROOT / "tools" / name, tmp_path / "tools" / name)
+    stale = tmp_path / "clover.py"
+    stale.write_text(stale.read_text().replace("def parse_bool(raw):", "def parse_bool(raw):  # edited", 1))
+    script = str(tmp_path / "tools" / "sync_conventions.py")
+    check = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    assert check.returncode == 1 and "clover.py" in check.stdout
+    assert subprocess.run([sys.executable, script], capture_output=True, text=True).returncode == 0
+    assert stale.read_text() == (ROOT / "clover.py").read_text()
 
 
 def test_help_and_version_exit_zero(tool, capsys):

@@ -1,0 +1,525 @@
+"""The shared conventions block: THE source of the copy inside each tool.
+
+Every tool (faust_imaging.py, clover.py, autospec.py, racs_pipeline.py, ir_blobs.py) must stay
+one self-contained file, so each carries a copy of the text between the markers below.  Edit
+it here, then run ``make sync-conventions`` (``python tools/sync_conventions.py``), which
+rewrites the copies; ``tests/test_conventions.py`` fails when a copy differs from this file.
+The imports above the block are the ones the block needs (each tool imports them itself).
+"""
+import argparse  # noqa: F401
+import configparser  # noqa: F401
+import logging  # noqa: F401
+import os  # noqa: F401
+import sys  # noqa: F401
+import tempfile  # noqa: F401
+from contextlib import contextmanager  # noqa: F401
+from dataclasses import dataclass  # noqa: F401
+from pathlib import Path  # noqa: F401
+
+# each tool defines these two itself, above its copy of the block
+__version__ = "0"
+log = logging.getLogger("conventions")
+
+# >>> shared conventions >>>
+# This block is identical in all five modules of the toolkit (each module must stay
+# self-contained, so it cannot be imported from a common file); tests/test_conventions.py
+# checks that the copies agree.  Change it in all five files at once.
+# ---------------------------------------------------------------------------
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+_TRUE_WORDS = ("1", "true", "yes", "on")
+_FALSE_WORDS = ("0", "false", "no", "off")
+_NONE_WORDS = ("", "none", "null")
+_LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+class ToolError(Exception):
+    """Base class of this tool's errors (exit code 1 from the command line)."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(ToolError):
+    """A configuration file, option or value is missing or invalid (exit code 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(ToolError):
+    """An input file or argument cannot be used as given (exit code 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class OutputExistsError(InputError):
+    """An output exists already and ``overwrite`` was not requested (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """One entry of a configuration schema.
+
+    Parameters
+    ----------
+    section, key : str
+        INI section and key (keys are matched case-insensitively).
+    type : {'str', 'int', 'float', 'bool', 'path', 'list', 'floatlist'}
+        How the raw text is converted; lists are comma separated.
+    default : object
+        Value used when the key is absent (``None`` = not set).
+    allowed : tuple or None
+        Allowed values for choices, or ``(min, max)`` bounds (either may be None)
+        for numbers when ``bounds`` is true.
+    help : str
+        One-line description, written into config templates and ``--help``.
+    bounds : bool
+        Interpret ``allowed`` as a numeric ``(min, max)`` interval.
+    """
+
+    section: str
+    key: str
+    type: str = "str"
+    default: object = None
+    allowed: tuple = None
+    help: str = ""
+    bounds: bool = False
+
+    def describe_allowed(self):
+        """Human-readable statement of the values this key accepts."""
+        kind = {"bool": "one of true/false/yes/no/on/off/1/0", "int": "an integer",
+                "float": "a number", "list": "a comma-separated list",
+                "floatlist": "a comma-separated list of numbers", "path": "a path",
+                "str": "a string"}[self.type]
+        if self.bounds:
+            low, high = self.allowed
+            return "%s in [%s, %s]" % (kind, "-inf" if low is None else low,
+                                       "inf" if high is None else high)
+        if self.allowed:
+            return "one of " + ", ".join(repr(a) for a in self.allowed)
+        return kind
+
+    def parse(self, raw):
+        """Convert raw text to a value of this key's type; ValueError if invalid."""
+        if isinstance(raw, str) and raw.strip().lower() in _NONE_WORDS:
+            if self.type in ("list", "floatlist"):
+                return []
+            if self.type != "str":
+                return None
+        value = _CONVERTERS[self.type](raw)
+        self.check(value)
+        return value
+
+    def check(self, value):
+        """Raise ValueError when ``value`` lies outside ``allowed``."""
+        if value is None or not self.allowed:
+            return
+        if self.bounds:
+            low, high = self.allowed
+            for item in (value if isinstance(value, list) else [value]):
+                if (low is not None and item < low) or (high is not None and item > high):
+                    raise ValueError("out of range")
+        elif value not in self.allowed:
+            raise ValueError("not allowed")
+
+
+def parse_bool(raw):
+    """Parse a boolean the way people write them in INI files and on the command line."""
+    if isinstance(raw, bool):
+        return raw
+    word = str(raw).strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ValueError("not a boolean")
+
+
+def _parse_list(raw, item=str):
+    if isinstance(raw, (list, tuple)):
+        return [item(v) for v in raw]
+    return [item(v.strip()) for v in str(raw).split(",") if v.strip()]
+
+
+_CONVERTERS = {
+    "str": lambda raw: str(raw).strip(),
+    "path": lambda raw: Path(os.path.expandvars(str(raw).strip())).expanduser(),
+    "int": lambda raw: int(str(raw).strip()),
+    "float": lambda raw: float(str(raw).strip()),
+    "bool": parse_bool,
+    "list": _parse_list,
+    "floatlist": lambda raw: _parse_list(raw, float),
+}
+
+
+class Config:
+    """Validated configuration: ``config[section][key]`` with the schema's types.
+
+    Build it with :func:`load_config`; ``sources`` lists the files that were read.
+    """
+
+    def __init__(self, schema, values, sources=()):
+        self.schema = tuple(schema)
+        self._values = values
+        self.sources = tuple(str(s) for s in sources)
+
+    def __getitem__(self, section):
+        return self._values[section]
+
+    def get(self, section, key):
+        """Value of ``key`` in ``section`` (KeyError when not in the schema)."""
+        return self._values[section][key]
+
+    def as_dict(self):
+        """Plain ``{section: {key: value}}`` copy (paths as strings), for provenance."""
+        return {sec: {k: (str(v) if isinstance(v, Path) else v) for k, v in keys.items()}
+                for sec, keys in self._values.items()}
+
+    def __repr__(self):
+        return "Config(sources=%r, %r)" % (list(self.sources), self.as_dict())
+
+
+def _schema_lookup(schema):
+    return {(k.section.lower(), k.key.lower()): k for k in schema}
+
+
+def _read_config_file(path, lookup, raw, errors):
+    """Read one INI (or TOML) file into ``raw``; unknown sections/keys go to ``errors``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config file %s does not exist (give an existing file with "
+                          "--config, or write a template with --write-config FILE)" % path)
+    if path.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ImportError:  # Python < 3.11
+            import tomli as tomllib
+        try:
+            with path.open("rb") as stream:
+                sections = tomllib.load(stream)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("config file %s is not valid TOML: %s" % (path, exc)) from None
+    else:
+        parser = configparser.ConfigParser(interpolation=None, inline_comment_prefixes=("#", ";"))
+        parser.optionxform = str
+        try:
+            parser.read(path, encoding="utf-8")
+        except (configparser.Error, UnicodeDecodeError) as exc:
+            raise ConfigError("config file %s is not a valid INI file: %s" % (path, exc)) from None
+        sections = {name: dict(parser[name]) for name in parser.sections()}
+    known_sections = sorted({s for s, _ in lookup})
+    for section, items in sections.items():
+        if section.lower() not in known_sections:
+            errors.append("%s: unknown section [%s]; known sections are %s"
+                          % (path, section, ", ".join("[%s]" % s for s in _section_names(lookup))))
+            continue
+        for key, value in (items.items() if isinstance(items, dict) else ()):
+            entry = lookup.get((section.lower(), key.lower()))
+            if entry is None:
+                known = sorted(k.key for (s, _), k in lookup.items() if s == section.lower())
+                errors.append("%s: [%s] unknown key %r; known keys are %s"
+                              % (path, section, key, ", ".join(known)))
+            else:
+                raw[(entry.section, entry.key)] = (value, "%s: [%s] %s" % (path, section, key))
+
+
+def _section_names(lookup):
+    seen = []
+    for entry in lookup.values():
+        if entry.section not in seen:
+            seen.append(entry.section)
+    return seen
+
+
+def load_config(schema, path=None, overrides=None, validators=()):
+    """Read, type-check and validate a configuration; report every problem at once.
+
+    Parameters
+    ----------
+    schema : sequence of ConfigKey
+        The tool's declared keys (the only ones accepted).
+    path : str or Path, optional
+        INI file (``.toml`` files are read as TOML).  Without it, the defaults are used.
+    overrides : dict, optional
+        ``{(section, key): raw value}`` from the command line; they win over the file.
+    validators : sequence of callables
+        Cross-key checks run after the per-key pass: ``f(config) -> list of messages``.
+
+    Returns
+    -------
+    Config
+
+    Raises
+    ------
+    ConfigError
+        Naming the file, section, key, bad value and what is allowed, for every problem.
+    """
+    lookup = _schema_lookup(schema)
+    raw, errors = {}, []
+    if path is not None:
+        _read_config_file(path, lookup, raw, errors)
+    for (section, key), value in (overrides or {}).items():
+        entry = lookup.get((section.lower(), key.lower()))
+        if entry is None:
+            errors.append("command line: unknown option [%s] %s" % (section, key))
+        else:
+            raw[(entry.section, entry.key)] = (value, "command line: [%s] %s" % (section, key))
+    values = {}
+    for entry in schema:
+        value = entry.default
+        if (entry.section, entry.key) in raw:
+            text, where = raw[(entry.section, entry.key)]
+            try:
+                value = entry.parse(text)
+            except (ValueError, TypeError):
+                errors.append("%s = %r is invalid: expected %s"
+                              % (where, text, entry.describe_allowed()))
+        values.setdefault(entry.section, {})[entry.key] = value
+    config = Config(schema, values, [path] if path is not None else [])
+    if not errors:
+        for validator in validators:
+            errors.extend(validator(config))
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return config
+
+
+def parse_overrides(items):
+    """Turn ``--set SECTION.KEY=VALUE`` strings into a ``load_config`` overrides dict."""
+    overrides = {}
+    for item in items or ():
+        target, sep, value = item.partition("=")
+        section, dot, key = target.partition(".")
+        if not (sep and dot and section.strip() and key.strip()):
+            raise ConfigError("--set %r is malformed: expected SECTION.KEY=VALUE" % item)
+        overrides[(section.strip(), key.strip())] = value
+    return overrides
+
+
+def format_config_template(schema, title):
+    """A commented INI template listing every key with its default and allowed values."""
+    lines = ["# %s" % title, "# Every key is optional; the value shown is the default.", ""]
+    section = None
+    for entry in schema:
+        if entry.section != section:
+            section = entry.section
+            lines += (["", "[%s]" % section] if lines[-1] != "" else ["[%s]" % section])
+        lines.append("# %s (%s)" % (entry.help, entry.describe_allowed()))
+        default = entry.default
+        if isinstance(default, (list, tuple)):
+            default = ", ".join(str(v) for v in default)
+        text = "" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+        lines.append(("%s = %s" % (entry.key, text)).rstrip() if default is not None
+                     else "# %s =" % entry.key)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+@contextmanager
+def atomic_path(path, overwrite=False, suffix=".part"):
+    """Yield a temporary sibling path for ``path``; rename it into place on success.
+
+    For writers that take a file name (``fits.writeto``, ``Table.write``,
+    ``savefig``).  Raises OutputExistsError when ``path`` exists and ``overwrite`` is
+    false; on any error the temporary file is removed, so no half-written output is
+    ever left.  ``suffix`` ends the temporary name (e.g. ``.fits`` for writers that
+    infer the format from it).
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError("%s exists already; use --overwrite to replace it" % path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; outputs get the usual permissions
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextmanager
+def atomic_output(path, overwrite=False, mode="w"):
+    """Open a file for writing through :func:`atomic_path` (same guarantees)."""
+    with atomic_path(path, overwrite) as tmp:
+        with open(tmp, mode) as stream:
+            yield stream
+
+
+def setup_logging(verbose=0, quiet=False, logfile=None):
+    """Configure this tool's logger (only ``main`` calls this; library code never does).
+
+    Parameters
+    ----------
+    verbose : int
+        0 = INFO, 1 or more = DEBUG.
+    quiet : bool
+        Only warnings and errors.
+    logfile : str or Path, optional
+        Also write the log (at DEBUG level) to this file.
+    """
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    log.setLevel(logging.DEBUG)
+    for handler in list(log.handlers):
+        if getattr(handler, "_toolkit_handler", False):
+            log.removeHandler(handler)
+            handler.close()
+    handlers = [logging.StreamHandler(sys.stderr)]
+    handlers[0].setLevel(level)
+    if logfile:
+        Path(logfile).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(logfile))
+        handlers[-1].setLevel(logging.DEBUG)
+    for handler in handlers:
+        handler._toolkit_handler = True
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
+        log.addHandler(handler)
+    log.propagate = False
+    return log
+
+
+def add_common_arguments(parser, config_help="configuration file (INI, or .toml)"):
+    """Add the options every subcommand shares: --config, --set, -v, -q, --overwrite."""
+    group = parser.add_argument_group("common options")
+    group.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    group.add_argument("--set", metavar="SECTION.KEY=VALUE", action="append", default=[],
+                       help="override one configuration value (repeatable)")
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="more output (debug messages)")
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    group.add_argument("--overwrite", action="store_true",
+                       help="replace existing outputs instead of skipping or refusing")
+    group.add_argument("--logfile", metavar="FILE", help="also write a debug log to FILE")
+    return group
+
+
+def build_cli(description, subcommands, version, schema):
+    """Argument parser with one sub-parser per entry of ``subcommands``.
+
+    ``subcommands`` maps a name to ``(help, function, add_arguments)``; the function
+    receives the parsed namespace and the loaded Config and returns an exit code.
+    """
+    parser = argparse.ArgumentParser(prog=log.name, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version="%(prog)s " + version)
+    parser.add_argument("--write-config", metavar="FILE",
+                        help="write a commented configuration template to FILE ('-' = stdout)")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    for name, (text, func, add_arguments) in subcommands.items():
+        child = sub.add_parser(name, help=text, description=text)
+        add_arguments(child)
+        add_common_arguments(child)
+        child.set_defaults(func=func)
+    parser.set_defaults(func=None, _schema=schema)
+    return parser
+
+
+def run_cli(parser, argv, validators=()):
+    """Parse ``argv``, load the config, call the subcommand; return the exit code.
+
+    Exit codes: 0 success, 1 failure, 2 usage or configuration error.  Never calls
+    ``sys.exit``, so it is safe inside a CASA session or a notebook.
+    """
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help/--version (0) or a usage error (2)
+        return EXIT_OK if exc.code in (0, None) else EXIT_USAGE
+    try:
+        if args.write_config:
+            return _write_config_template(args)
+        if args.func is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        setup_logging(args.verbose, args.quiet, args.logfile)
+        log.debug("%s %s: %s", log.name, __version__, " ".join(map(str, argv or sys.argv[1:])))
+        config = load_config(args._schema, args.config, parse_overrides(args.set), validators)
+        log.debug("configuration: %r", config)
+        return int(args.func(args, config) or EXIT_OK)
+    except ToolError as exc:
+        if log.handlers:
+            log.error("%s", exc)
+        else:
+            print("%s: error: %s" % (log.name, exc), file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _write_config_template(args):
+    text = format_config_template(args._schema, "%s %s configuration" % (log.name, __version__))
+    if args.write_config == "-":
+        sys.stdout.write(text)
+    else:
+        with atomic_output(args.write_config) as out:
+            out.write(text)
+    return EXIT_OK
+
+
+def not_yet_implemented(issue=None):
+    """Subcommand placeholder that fails clearly until its issue lands."""
+    where = "see issue #%d" % issue if issue else "planned"
+
+    def placeholder(args, config):
+        raise ToolError("'%s %s' is not implemented yet (%s)" % (log.name, args.command, where))
+    return placeholder
+
+
+def invoked_as_script(namespace):
+    """True when run as ``python tool.py``, False on import or CASA ``execfile``.
+
+    CASA's ``execfile`` may run the file with ``__name__ == '__main__'`` inside the
+    session's namespace, which already holds ``casalog``; the CLI must not start then.
+    """
+    return namespace.get("__name__") == "__main__" and "casalog" not in namespace
+
+def tool_file(namespace):
+    """The tool's source file: ``__file__``, else (CASA ``execfile`` without it) the file the
+    exec'd code was compiled from; None when neither is an existing file."""
+    path = namespace.get("__file__")
+    if not path:
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_globals is not namespace:
+            frame = frame.f_back
+        path = frame.f_code.co_filename if frame is not None else None
+    return Path(path).resolve() if path and os.path.isfile(path) else None
+
+
+def adopt_into_session(namespace, module_name):
+    """After a CASA ``execfile``: give the tool a module of its own in the session.
+
+    Exec'd code keeps the session's namespace as its globals, so a second tool exec'd into
+    it would replace the first one's ``log``, ``get_config`` or ``main`` inside the first
+    one's functions.  The file is loaded once more as the module ``module_name`` and every
+    name the exec bound is pointed at the module's object (whose globals are the module's),
+    and the module itself is bound as ``module_name``: ``faust_imaging.main([...])`` works
+    whatever is exec'd after it (a bare name is the last exec'd tool's).  Nothing happens on
+    a real import, a script run, or when the file cannot be found.
+
+    Returns
+    -------
+    module or None
+    """
+    import importlib.util
+    if namespace.get("__name__") == module_name or invoked_as_script(namespace):
+        return None
+    path = tool_file(namespace)
+    if path is None:
+        return None
+    module = sys.modules.get(module_name)
+    if module is None or Path(getattr(module, "__file__", "") or "").resolve() != path:
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[module_name]
+            raise
+    for key, value in vars(module).items():
+        if key in namespace and not (key.startswith("__") and key.endswith("__")):
+            namespace[key] = value
+    namespace[module_name] = module
+    return module
+# <<< shared conventions <<<
