@@ -15,6 +15,16 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
     exit 2
 fi
 
+# pipe_check_bash MAJOR MINOR VERSION -- exit 2 unless bash >= 4.3: mapfile, ${array[@]+...}
+# under set -u and the generated scripts need it (macOS ships 3.2 as /bin/bash).
+pipe_check_bash() {
+    if (( $1 < 4 || ($1 == 4 && $2 < 3) )); then
+        echo "${PIPE_PROG:-pipe_scripts}: error: needs bash >= 4.3, this is bash $3; run it with a newer bash (e.g. from your package manager) as 'bash $0 ...'" >&2
+        exit 2
+    fi
+}
+pipe_check_bash "${BASH_VERSINFO[0]}" "${BASH_VERSINFO[1]}" "$BASH_VERSION"
+
 # ---------------------------------------------------------------- constants
 
 PIPE_PROG=${PIPE_PROG:-pipe_scripts}

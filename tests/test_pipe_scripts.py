@@ -509,6 +509,50 @@ def test_sbatch_submits_stages_with_dependencies(workdir, fake_scheduler):
     assert "#SBATCH --array=2-3" in (logdir / "stage2.sbatch").read_text()
 
 
+def test_sbatch_splits_stages_longer_than_the_array_limit(workdir, tmp_path, fake_scheduler):
+    """2,500 jobs and a final stage: Slurm's default MaxArraySize (1001) allows indices 0-1000, so
+    stage 1 becomes three arrays (indices offset into the stage) and stage 2 waits for all three."""
+    env, calls = fake_scheduler
+    lines = ["echo job %d > out_%d.txt" % (n, n) for n in range(1, 2501)] + ["wait", "echo last > last.txt"]
+    jobfile = write_jobfile(workdir / "big.txt", lines)
+    dry = run([SBATCH_RUN_PIPE, "--dry-run", "--logdir", "s", jobfile], cwd=workdir)
+    assert dry.returncode == 0, dry.stderr
+    pieces = split_dry_run(dry.stdout)
+    assert [re.search(r"#SBATCH --array=(\S+)", text).group(1) for _, text in pieces] == [
+        "0-999", "0-999", "0-499", "0-0"]
+    assert [re.search(r"task_offset=(\d+)", text).group(1) for _, text in pieces] == ["1", "1001", "2001", "2501"]
+    assert pieces[3][0].endswith("--dependency=afterok:<jobids of stage 1> --kill-on-invalid-dep=yes "
+                                 f"{workdir}/s/stage2_part1.sbatch")
+    for n, (_, text) in enumerate(pieces):
+        check_generated_script(text, tmp_path, name="piece%d.sh" % n)
+    result = run([SBATCH_RUN_PIPE, "--logdir", "s", jobfile], cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr
+    logdir = workdir / "s"
+    assert recorded_calls(calls)[3] == (f"--parsable --dependency=afterok:1001:1002:1003 --kill-on-invalid-dep=yes "
+                                        f"{logdir}/stage2_part1.sbatch")
+    # array index 5 of the second array is job 1006; it writes its own job log
+    task_env = {key: value for key, value in os.environ.items() if key != "CASASITECONFIG"}
+    task_env.update(SLURM_ARRAY_TASK_ID="5", SLURM_SUBMIT_DIR=str(workdir))
+    task = run(["bash", logdir / "stage1_part2.sbatch"], cwd=tmp_path, env=task_env)
+    assert task.returncode == 0, task.stderr
+    assert (workdir / "out_1006.txt").read_text() == "job 1006\n"
+    assert (logdir / "job_1006.log").read_text().startswith("### job 1006: echo job 1006")
+    # a cluster with a smaller limit
+    small = run([SBATCH_RUN_PIPE, "--dry-run", "--max-array-size", "2000", jobfile], cwd=workdir)
+    assert [re.search(r"#SBATCH --array=(\S+)", t).group(1) for _, t in split_dry_run(small.stdout)] == [
+        "0-1999", "0-499", "0-0"]
+
+
+def test_wrappers_refuse_an_old_bash(tmp_path):
+    """bash < 4.3 (macOS /bin/bash 3.2) gets a clear message, not a syntax error half way."""
+    fake = tmp_path / "jobfile_test.sh"
+    fake.write_text("source %s\npipe_check_bash 4 3 4.3.0\necho passed 4.3\npipe_check_bash 3 2 3.2.57\n"
+                    "echo not reached\n" % (PIPE_SCRIPTS / "_jobfile.sh"))
+    result = run(["bash", fake], cwd=tmp_path)
+    assert result.stdout == "passed 4.3\n"
+    assert result.returncode == 2 and "needs bash >= 4.3, this is bash 3.2.57" in result.stderr
+
+
 def test_sbatch_reports_failed_submission(workdir, tmp_path):
     bin_dir = tmp_path / "failbin"
     bin_dir.mkdir()
