@@ -214,8 +214,10 @@ CASA_EXTS = ("image", "mask", "model", "pb", "psf", "residual", "sumwt", "weight
 CONCAT_EXTS = ("image", "mask", "model", "pb", "psf", "residual")
 #: FITS files exported for the final products.
 FITS_EXPORTS = ("image.pbcor.common", "mask", "pb")
-COMMON_BEAM_FUDGE = 1.0  # exact common beam: chunks are concatenated before smoothing
-HANNING_RMS_FACTOR = 1.305  # noise of a 3-point Hanning-smoothed channel is rms/sqrt(8/3)^0.5
+#: The original's factor: mom1/mom2 cut the Hanning-smoothed cube at sigma x rms / 1.305.  For independent
+#: channels the smoothed noise would be rms / sqrt(8/3) = rms / 1.63; ALMA channels are correlated already
+#: (the correlator's own spectral response), so less is gained, and the original's value is kept.
+HANNING_RMS_FACTOR = 1.305
 # ---------------------------------------------------------------------------
 # >>> shared conventions >>>
 # This block is identical in all five modules of the toolkit (each module must stay
@@ -1484,13 +1486,6 @@ def split_channels(nchan_total, nchunks):
 # ===========================================================================
 # CASA image I/O helpers
 # ===========================================================================
-def _spectral_axis(csys_record):
-    for key, value in csys_record.items():
-        if key.startswith("spectral"):
-            return value
-    raise InputError("image has no spectral axis")
-
-
 def get_freq_axis_from_image(imagename):
     """Channel-centre frequencies (Hz) of a CASA image, in image channel order.
 
