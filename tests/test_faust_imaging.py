@@ -412,6 +412,29 @@ def test_chunked_run_equals_unchunked(pipeline12m, caplog):
     assert np.nanmax(np.abs(c - b)) == 0.0
 
 
+@pytest.mark.slow
+def test_job_file_phases_make_the_chunked_cube(pipeline12m, capsys):
+    """The phases a job file runs (preprocess; chunks by two workers; postprocess), each its own
+    CLI call as in pipe_scripts, give the unchunked cube within half the noise."""
+    unchunked = pipeline12m["config"]
+    common = [FIELD, LABEL, "-c", str(pipeline12m["cfg"]), "--kind", "12m", "--ext", "phased", "--nchunks", "2",
+              "--rms", repr(unchunked.rms), "-q"]
+    assert fi.main(["run"] + common + ["--phase", "preprocess"]) == 0
+    base = unchunked.get_imagebase("phased")
+    assert not Path(base + ".image").exists()                          # preprocess images nothing
+    for worker in (1, 0):                                               # any order
+        assert fi.main(["run"] + common + ["--phase", "chunks", "--worker", str(worker), "--nworkers", "2"]) == 0
+    for index in (0, 1):                                                # each worker made its chunk
+        assert Path(base.replace(LABEL, "%s_chunk%d" % (LABEL, index)) + ".image").is_dir()
+    assert fi.main(["run"] + common + ["--phase", "postprocess"]) == 0
+    a, _ = _read_fits(pipeline12m["final"])
+    b, _ = _read_fits(base + ".image.pbcor.common.fits")
+    finite = np.isfinite(a) & np.isfinite(b)
+    assert a.shape == b.shape and finite.mean() > 0.99
+    assert np.abs(a - b)[finite].max() < 0.5 * unchunked.rms
+    capsys.readouterr()
+
+
 def test_unwritable_prod_dir_and_bad_gridder_named(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
