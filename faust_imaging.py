@@ -573,9 +573,27 @@ def setup_logging(verbose=0, quiet=False, logfile=None):
     for handler in handlers:
         handler._toolkit_handler = True
         handler.setFormatter(logging.Formatter(_LOG_FORMAT, "%H:%M:%S"))
+        handler.addFilter(_remember_message)
         log.addHandler(handler)
     log.propagate = False
     return log
+
+
+_RECENT_MESSAGES = []      # the last messages the tool logged (so a warning is not shown twice)
+
+
+def _remember_message(record):
+    _RECENT_MESSAGES.append(record.getMessage())
+    del _RECENT_MESSAGES[:-50]
+    return True
+
+
+def _warning_as_log(message, category, filename, lineno, file=None, line=None):
+    """``warnings.showwarning`` on the command line: one log line, no source line; a warning
+    whose text the tool has just logged is not repeated."""
+    text = str(message)
+    if text not in _RECENT_MESSAGES:
+        log.warning("%s (%s)", text, category.__name__)
 
 
 def add_common_arguments(parser, config_help="configuration file (INI, or .toml)"):
@@ -634,7 +652,9 @@ def run_cli(parser, argv, validators=()):
         log.debug("%s %s: %s", log.name, __version__, " ".join(map(str, argv or sys.argv[1:])))
         config = load_config(args._schema, args.config, parse_overrides(args.set), validators)
         log.debug("configuration: %r", config)
-        return int(args.func(args, config) or EXIT_OK)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_as_log
+            return int(args.func(args, config) or EXIT_OK)
     except ToolError as exc:
         if log.handlers:
             log.error("%s", exc)

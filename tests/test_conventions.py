@@ -224,3 +224,22 @@ def test_autospec_defaults_to_run(capsys):
     assert autospec.main(["--nproc", "2", "-q"]) == 2          # run, but nothing to run on
     assert "no parameters: there is no ./param.py and neither --param FILE nor --config FILE" \
         in capsys.readouterr().err
+
+
+def test_warnings_on_the_command_line_are_one_log_line(tool, capfd):
+    """A warning during a command is logged once as 'tool: WARNING ...', without the file:line and
+    source line Python prints; one the tool has just logged is not repeated."""
+    import warnings
+
+    def command(args, config):
+        tool.log.warning("already logged")
+        warnings.warn("already logged", UserWarning)
+        warnings.warn("only warned", RuntimeWarning)
+        return 0
+
+    parser = tool.build_cli("test", {"go": ("test", command, lambda p: None)}, "0", tool.CONFIG_SCHEMA)
+    assert tool.run_cli(parser, ["go"]) == 0
+    err = capfd.readouterr().err
+    assert err.count("already logged") == 1
+    assert "WARNING" in err and "only warned (RuntimeWarning)" in err
+    assert ".py:" not in err and "warnings.warn" not in err
