@@ -220,8 +220,10 @@ build_stage_script() {
 
 # stage_script_path PIECE -- stage<N>.sbatch, or stage<N>_part<K>.sbatch for a split stage.
 stage_script_path() {
-    local stage=${PIECE_STAGE[$1]} first
-    first=$(pieces_of "$stage" | head -n 1)
+    local stage=${PIECE_STAGE[$1]} first=$1
+    while (( first > 0 && PIECE_STAGE[first - 1] == stage )); do
+        first=$(( first - 1 ))
+    done
     if (( PIECE_OFFSET[$1] == 0 )); then
         printf '%s/stage%d.sbatch' "$PIPE_LOG_DIR" "$stage"
     else
