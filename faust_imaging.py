@@ -1605,7 +1605,6 @@ class PlaneWriter:
     def __init__(self, template, outfile, beam=None, unit=False, masked=True):
         self.template, self.outfile = str(template), str(outfile)
         self.beam, self.unit, self.masked = beam, unit, masked
-        self.any_invalid = False
 
     def __enter__(self):
         casatools, _ = import_casa()
@@ -1634,7 +1633,6 @@ class PlaneWriter:
         if valid is not None and self.masked:
             valid = np.asarray(valid, dtype=bool) & np.isfinite(plane)
             if not valid.all():      # the first such plane creates the mask 'mask0' (True elsewhere)
-                self.any_invalid = True
                 self.ia.putregion(pixels=np.where(valid, plane, np.float32(0)).reshape(layout),
                                   pixelmask=valid.reshape(layout), region=self._rg.box(blc=blc, trc=trc))
                 return
@@ -2418,6 +2416,20 @@ def ms_contains_diameter(ms_filen, diameter=None, epsilon=0.5):
     return len(ids) > 0
 
 
+def listed_ms_files(config):
+    """``[Paths] ms_files`` as absolute paths (relative entries are below ``DATA_DIR``)."""
+    data_dir = Path(config["Paths"]["DATA_DIR"]).expanduser().resolve()
+    return [str((data_dir / Path(m).expanduser()).resolve()) for m in config["Paths"]["ms_files"]]
+
+
+def _read_marker(base, stage):
+    """The stage marker ``<base>.<stage>.done.json`` as a dict ({} when missing or unreadable)."""
+    try:
+        return json.loads(Path("%s.%s.done.json" % (base, stage)).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 class DataSet:
     """The measurement sets of a field and setup for one array kind, and image geometry.
 
@@ -2472,7 +2484,7 @@ class DataSet:
         from glob import glob
         paths = self.config["Paths"]
         data_dir = Path(paths["DATA_DIR"]).expanduser().resolve()
-        listed = [str((data_dir / Path(m).expanduser()).resolve()) for m in paths["ms_files"]]
+        listed = listed_ms_files(self.config)
         if not listed:
             if not data_dir.is_dir():
                 raise InputError("[Paths] DATA_DIR = %s does not exist: set it to the directory "
@@ -2876,8 +2888,7 @@ def add_dataset(ms_files, config_path):
             updates[("Catalog", "%s_file" % kind)] = path
         files[kind] = Path(path)
         check_writable(files[kind].parent)
-    data_dir = Path(config["Paths"]["DATA_DIR"]).expanduser().resolve()
-    listed = [str((data_dir / Path(m).expanduser()).resolve()) for m in config["Paths"]["ms_files"]] if exists else []
+    listed = listed_ms_files(config) if exists else []
     new_ms = [m for m in ms_files if m not in listed]
     if new_ms:
         updates[("Paths", "ms_files")] = ", ".join((list(config["Paths"]["ms_files"]) if exists else []) + new_ms)
@@ -3538,12 +3549,7 @@ class ImageConfig:
     def noise_record(self):
         """``{'rms_method', 'rms_dirty', 'rms_residual', 'rms_used', 'set_by_hand'}`` (Jy/beam) from
         the stage markers: the dirty cube's rms and the residual rms the thresholds used."""
-        def marker(base, stage):
-            try:
-                return json.loads(Path("%s.%s.done.json" % (base, stage)).read_text())
-            except (OSError, ValueError):
-                return {}
-        dirty, nomask = marker(self.dirty_imagebase, "dirty"), marker(self.nomask_imagebase, "nomask")
+        dirty, nomask = _read_marker(self.dirty_imagebase, "dirty"), _read_marker(self.nomask_imagebase, "nomask")
         return {"rms_method": self.config["Thresholds"]["rms_method"],
                 "rms_dirty": nomask.get("rms_dirty", dirty.get("rms_estimate")),
                 "rms_residual": nomask.get("rms_residual", []), "rms_used": self._rms,
@@ -3564,11 +3570,8 @@ class ImageConfig:
         return geometry
 
     def _recorded_rms(self, base, stage="dirty", key="rms_estimate"):
-        try:
-            record = json.loads(Path("%s.%s.done.json" % (base, stage)).read_text())
-            return record.get(key) or (record.get("rms") if stage == "dirty" else None)
-        except (OSError, ValueError):
-            return None
+        record = _read_marker(base, stage)
+        return record.get(key) or (record.get("rms") if stage == "dirty" else None)
 
     def run_pipeline(self, ext="clean", use_chunking=None, nchunks=None, nomask_sigma=None,
                      seedmask_sigma=None, clean_sigma=None, overwrite=None):
