@@ -121,6 +121,13 @@ __all__ = [
     "evaluate",
     "saliency_maps",
     "run_demo",
+    "mad_sigma",
+    "import_casa",
+    "file_digest",
+    "jsonable",
+    "StageLedger",
+    "write_provenance",
+    "cli_main",
 ]
 __version__ = "1.0.0"
 
@@ -676,6 +683,258 @@ def adopt_into_session(namespace, module_name):
             namespace[key] = value
     namespace[module_name] = module
     return module
+
+# ---------------------------------------------------------------------------
+# Noise, CASA, stage ledger, provenance, main(): what every tool needs the same way
+# ---------------------------------------------------------------------------
+def mad_sigma(values, axis=None):
+    """Gaussian-equivalent sigma, ``1.4826 x`` the median absolute deviation (astropy's
+    ``mad_std``), NaNs ignored; NaN where a slice has no finite value.
+
+    >>> round(float(mad_sigma([1.0, 2.0, 3.0, 4.0, float("nan")])), 4)
+    1.4826
+    """
+    import numpy as np
+    from astropy.stats import mad_std
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN slices give NaN
+        result = mad_std(np.asarray(values, dtype=float), axis=axis, ignore_nan=True)
+    return float(result) if np.ndim(result) == 0 else np.asarray(result)
+
+
+def import_casa():
+    """Import and return ``(casatools, casatasks)``, offline and safely.
+
+    Inside a CASA session the session's modules are returned.  Elsewhere the repository's
+    ``configs/casasiteconfig.py`` (beside the tool) is used through ``CASASITECONFIG``
+    unless that is set already (so no data update is attempted); ``sys.argv`` is hidden
+    during the import, because casaconfig parses it and would *execute* a file given to
+    this tool's ``--config`` (an abbreviation of its ``--configfile``); and when
+    TensorFlow is loaded already the import uses ``RTLD_DEEPBIND`` (the two bundled
+    protobuf libraries abort the process otherwise).
+
+    Raises
+    ------
+    ImportError
+        When casatools/casatasks are not installed, saying how to install them.
+    """
+    here = tool_file(globals())
+    siteconfig = here.parent / "configs" / "casasiteconfig.py" if here is not None else None
+    if siteconfig is not None and siteconfig.is_file():
+        os.environ.setdefault("CASASITECONFIG", str(siteconfig))
+    saved_argv, saved_flags = sys.argv, sys.getdlopenflags()
+    sys.argv = sys.argv[:1]
+    try:
+        if "tensorflow" in sys.modules or "keras" in sys.modules:
+            sys.setdlopenflags(os.RTLD_NOW | os.RTLD_DEEPBIND)
+        import casatasks
+        import casatools
+    except ImportError as exc:
+        raise ImportError("%s needs casatools and casatasks (%s); install them with `make demo` "
+                          "or `make test` (pinned in requirements.lock) or run inside a CASA 6 "
+                          "session" % (log.name, exc)) from None
+    finally:
+        sys.argv = saved_argv
+        sys.setdlopenflags(saved_flags)
+    return casatools, casatasks
+
+
+_DIGESTS = {}
+
+
+def file_digest(path):
+    """SHA-256 (hex) of a file's content; of a directory (a measurement set, a CASA image):
+    of the names, sizes and modification times of the files in it.  File digests are cached
+    per (path, size, modification time) within a process."""
+    import hashlib
+    path = Path(path)
+    if path.is_dir():          # not cached: a change deep inside leaves the top's mtime alone
+        digest = hashlib.sha256()
+        for item in sorted(p for p in path.rglob("*") if p.is_file()):
+            info = item.stat()
+            digest.update(("%s %d %d\n" % (item.relative_to(path), info.st_size,
+                                           info.st_mtime_ns)).encode())
+        return "dir:" + digest.hexdigest()
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        with path.open("rb") as stream:
+            _DIGESTS[key] = hashlib.file_digest(stream, "sha256").hexdigest()
+    return _DIGESTS[key]
+
+
+def jsonable(value):
+    """``value`` with numpy scalars, paths, tuples and sets made plain JSON types."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return [jsonable(v) for v in items]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        return value.item()
+    return value
+
+
+class StageLedger:
+    """How each stage's products were made, so that a re-run reuses only what the same
+    inputs and settings made.
+
+    ``path`` is one JSON file for every stage (``outdir/racs_stages.json``) or, when it
+    contains ``{stage}``, one file per stage (``<imagebase>.{stage}.done.json``).  A stage
+    is current only when its record has this tool's version, the same settings, the same
+    inputs (``file_digest``) and all its outputs exist; otherwise the log says which
+    setting or input changed.  Outputs without a record are never reused; ``overwrite``
+    reruns every stage.  Extra ``meta`` given to ``record`` (an rms, a count) is kept at the
+    top level of the record and returned by ``meta``.
+    """
+
+    def __init__(self, path, overwrite=False):
+        self.template = str(path)
+        self.per_stage = "{stage}" in self.template
+        self.path = None if self.per_stage else Path(self.template)
+        self.overwrite = overwrite
+        self.status = {}
+        self.entries = {} if self.per_stage else self._load(self.path)
+
+    def file(self, stage):
+        """The JSON file holding ``stage``'s record."""
+        return Path(self.template.replace("{stage}", stage)) if self.per_stage else self.path
+
+    @staticmethod
+    def _load(path):
+        import json
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except (OSError, ValueError):
+            log.warning("stage record %s is unreadable; its stages run again", path)
+            return {}
+
+    def entry(self, stage):
+        """The record of ``stage`` (a dict), or None."""
+        if self.per_stage:
+            return self._load(self.file(stage)) or None
+        return self.entries.get(stage)
+
+    @staticmethod
+    def describe(settings, inputs=None):
+        """``(settings, {name: digest})`` as they are stored (JSON types)."""
+        import json
+        digests = {name: (file_digest(p) if p is not None and Path(p).exists() else None)
+                   for name, p in sorted((inputs or {}).items())}
+        return json.loads(json.dumps(jsonable(settings), sort_keys=True, default=str)), digests
+
+    @staticmethod
+    def _changes(now, then):
+        keys = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+        return ", ".join("%s: %s -> %s" % (k, _short(then.get(k)), _short(now.get(k)))
+                         for k in keys[:6])
+
+    def why_not_current(self, stage, outputs, settings, inputs=None):
+        """Why ``stage`` must run (a sentence), or None when its products can be reused."""
+        settings, digests = self.describe(settings, inputs)
+        entry = self.entry(stage)
+        if self.overwrite:
+            return "overwrite requested"
+        if entry is None:
+            return ("its outputs exist but there is no record of how they were made"
+                    if any(Path(p).exists() for p in outputs) else "no record of an earlier run")
+        if entry.get("version") != __version__:
+            return "made by %s %s" % (log.name, entry.get("version"))
+        if entry.get("settings") != settings:
+            return "settings changed (%s)" % self._changes(settings, entry.get("settings") or {})
+        if (entry.get("inputs") or {}) != digests:
+            return "input(s) changed: %s" % ", ".join(
+                sorted(k for k in set(digests) | set(entry.get("inputs") or {})
+                       if digests.get(k) != (entry.get("inputs") or {}).get(k)))
+        missing = [Path(p).name for p in outputs if not Path(p).exists()]
+        return "output missing: %s" % ", ".join(missing) if missing else None
+
+    def current(self, stage, outputs, settings, inputs=None):
+        """True (logged) when ``stage`` can be reused as it is; else False (reason logged)."""
+        reason = self.why_not_current(stage, outputs, settings, inputs)
+        if reason is None:
+            log.info("stage %s: reusing %s (same inputs and settings)", stage,
+                     ", ".join(Path(p).name for p in outputs) or "its result")
+            self.status[stage] = "reused"
+            return True
+        quiet = reason.startswith("no record") or self.overwrite
+        log.log(logging.INFO if quiet else logging.WARNING, "stage %s: running (%s)", stage, reason)
+        return False
+
+    def record(self, stage, outputs, settings, inputs=None, **meta):
+        """Record (atomically) that ``stage`` made ``outputs`` from ``settings`` and ``inputs``."""
+        import json
+        import time
+        settings, digests = self.describe(settings, inputs)
+        entry = {"stage": stage, "version": __version__, "settings": settings, "inputs": digests,
+                 "outputs": [Path(p).name for p in outputs],
+                 "made": time.strftime("%Y-%m-%dT%H:%M:%S"), **jsonable(meta)}
+        self.status[stage] = "ran"
+        if self.per_stage:
+            content = entry
+        else:
+            self.entries[stage] = entry
+            content = self.entries
+        with atomic_output(self.file(stage), overwrite=True) as stream:
+            json.dump(content, stream, indent=1, sort_keys=True, default=str)
+
+    def meta(self, stage):
+        """The stored record of ``stage`` ({} when there is none)."""
+        return self.entry(stage) or {}
+
+    def clear(self, stage):
+        """Forget ``stage`` (before its products are remade)."""
+        if self.per_stage:
+            self.file(stage).unlink(missing_ok=True)
+        elif self.entries.pop(stage, None) is not None:
+            import json
+            with atomic_output(self.path, overwrite=True) as stream:
+                json.dump(self.entries, stream, indent=1, sort_keys=True, default=str)
+
+
+def _short(value, width=60):
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def write_provenance(path, config=None, **extra):
+    """Write how the products beside ``path`` were made (JSON, atomically): tool, version,
+    command line, working directory, date, Python, the resolved configuration and ``extra``.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    import json
+    import platform
+    import time
+    info = {"tool": log.name, "version": __version__, "argv": list(sys.argv),
+            "cwd": os.getcwd(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "python": platform.python_version(),
+            "config": config.as_dict() if config is not None else None, **jsonable(extra)}
+    with atomic_output(path, overwrite=True) as out:
+        json.dump(info, out, indent=2, default=str)
+    return Path(path)
+
+
+def cli_main(argv, subcommands, schema, validators=(), prepare_argv=None):
+    """The body of every tool's ``main()``: build the command line from ``subcommands`` and
+    run it; return the exit code (0 ok, 1 failure, 2 usage or configuration error).
+
+    ``argv`` None reads ``sys.argv[1:]``; ``prepare_argv(argv)`` may rewrite it first;
+    ``validators`` is a sequence of config validators or a function of the final ``argv``
+    returning one.  The parsed namespace carries ``_argv`` (the list, or None for
+    ``sys.argv``).
+    """
+    given = argv
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if prepare_argv is not None:
+        argv = prepare_argv(argv)
+    parser = build_cli(__doc__.strip().splitlines()[0], subcommands, __version__, schema)
+    parser.set_defaults(_argv=None if given is None else list(given))
+    return run_cli(parser, argv, validators=validators(argv) if callable(validators) else validators)
 # <<< shared conventions <<<
 
 # ===========================================================================
@@ -3487,8 +3746,7 @@ def main(argv=None):
     argv : list of str, optional
         Arguments without the program name; ``None`` reads ``sys.argv[1:]``.
     """
-    parser = build_cli(__doc__.strip().splitlines()[0], SUBCOMMANDS, __version__, CONFIG_SCHEMA)
-    return run_cli(parser, argv, validators=(_validate_config,))
+    return cli_main(argv, SUBCOMMANDS, CONFIG_SCHEMA, validators=(_validate_config,))
 
 
 if invoked_as_script(globals()):

@@ -243,3 +243,62 @@ def test_warnings_on_the_command_line_are_one_log_line(tool, capfd):
     assert err.count("already logged") == 1
     assert "WARNING" in err and "only warned (RuntimeWarning)" in err
     assert ".py:" not in err and "warnings.warn" not in err
+
+
+def test_mad_sigma_matches_the_gaussian_sigma_and_ignores_nans(tool):
+    import numpy as np
+    rng = np.random.default_rng(3)
+    data = rng.normal(0.0, 2.5, (4, 20000))
+    data[0, :100] = np.nan
+    data[1, :50] = 1e6                       # outliers barely move it
+    sigma = tool.mad_sigma(data, axis=1)
+    assert sigma.shape == (4,) and np.allclose(sigma, 2.5, rtol=0.03), sigma
+    assert np.isnan(tool.mad_sigma([np.nan, np.nan]))
+    assert isinstance(tool.mad_sigma([1.0, 2.0, 3.0]), float)
+
+
+def test_stage_ledger_reuses_only_what_the_same_settings_and_inputs_made(tmp_path, caplog):
+    """Both layouts (one file for all stages; one file per stage), every reason to rerun."""
+    import logging
+    import racs_pipeline as tool
+    source = tmp_path / "in.txt"
+    source.write_text("a")
+    msdir = tmp_path / "x.ms"
+    (msdir / "sub").mkdir(parents=True)
+    (msdir / "table.dat").write_text("t")
+    out = tmp_path / "out.txt"
+    for path in (tmp_path / "ledger.json", str(tmp_path / "base.{stage}.done.json")):
+        ledger = tool.StageLedger(path)
+        inputs = {"image": source, "ms": msdir}
+        assert not ledger.current("a", [out], {"k": 1}, inputs)
+        out.write_text("product")
+        assert not ledger.current("a", [out], {"k": 1}, inputs)   # no record: not reused
+        ledger.record("a", [out], {"k": 1}, inputs, rms=0.5)
+        again = tool.StageLedger(path)
+        assert again.current("a", [out], {"k": 1}, inputs)
+        assert again.meta("a")["rms"] == 0.5
+        with caplog.at_level(logging.WARNING, logger=tool.log.name):
+            caplog.clear()
+            assert not again.current("a", [out], {"k": 2}, inputs)
+            assert "settings changed (k: 1 -> 2)" in caplog.text
+        (msdir / "sub" / "new").write_text("n")                     # the MS changed
+        assert "input(s) changed: ms" in again.why_not_current("a", [out], {"k": 1}, inputs)
+        ledger.record("a", [out], {"k": 1}, inputs)
+        out.unlink()
+        again = tool.StageLedger(path)
+        assert "output missing: out.txt" == again.why_not_current("a", [out], {"k": 1}, inputs)
+        out.write_text("product")
+        assert tool.StageLedger(path, overwrite=True).why_not_current("a", [out], {"k": 1}, inputs)
+        again.clear("a")
+        assert again.meta("a") == {} and tool.StageLedger(path).meta("a") == {}
+    assert (tmp_path / "ledger.json").is_file() and not (tmp_path / "base.a.done.json").exists()
+
+
+def test_write_provenance_records_version_argv_and_config(tool, tmp_path):
+    import json
+    config = tool.load_config(tool.CONFIG_SCHEMA)
+    path = tool.write_provenance(tmp_path / "run.json", config, extra=1)
+    info = json.loads(path.read_text())
+    assert info["tool"] == tool.log.name and info["version"] == tool.__version__
+    assert info["config"] == json.loads(json.dumps(config.as_dict(), default=str)) and info["extra"] == 1
+    assert isinstance(info["argv"], list) and info["cwd"]
