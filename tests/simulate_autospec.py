@@ -62,7 +62,6 @@ class Scene:
 
     def radec(self, x, y):
         """Sky position (deg) of pixel (x, y) (0-based) on the TAN grid."""
-        from astropy.wcs import WCS
         return tuple(float(v) for v in self.celestial_wcs().wcs_pix2world([[x, y]], 0)[0])
 
     def celestial_wcs(self, pixscale=None, nx=None, ny=None):
@@ -183,18 +182,27 @@ def _cube_header(scene):
     return hdr
 
 
-def write_cube(scene, path, form="muse", data=None, var=None):
+def write_cube(scene, path, form="muse", data=None, var=None, fsf=False):
     """Write the cube.
 
     form : 'muse' (DATA + STAT extensions, INSTRUME=MUSE), 'novar' (DATA only),
     'primary' (data in the primary HDU, variance in extension 1: DATA_EXT = (0, 1)),
     'named' (extensions SCI and ERRV: DATA_EXT = ('SCI', 'ERRV')).
+    fsf : bool
+        Also write MUSE FSF keywords (mpdaf ``MoffatModel2``, FSFMODE = 2) of the scene's
+        PSF (the galaxies' FWHM, constant with wavelength, and ``scene.beta``) in the
+        primary header, so that AutoSpec makes its PSF extraction.
     """
     from astropy.io import fits
     if data is None:
         _, data, var = render(scene)
     hdr = _cube_header(scene)
     primary = fits.Header({"INSTRUME": "MUSE"}) if form in ("muse", "novar") else fits.Header()
+    if fsf:
+        from mpdaf.MUSE import MoffatModel2
+        fwhm = float(np.mean([g.fwhm for g in scene.galaxies])) if scene.galaxies else 0.7
+        MoffatModel2([fwhm], [scene.beta], (float(scene.wave[0]), float(scene.wave[-1])),
+                     scene.pixscale).to_header(primary)
     if form in ("muse", "novar"):
         hdus = [fits.PrimaryHDU(header=primary), fits.ImageHDU(data, hdr, name="DATA")]
         if form == "muse":

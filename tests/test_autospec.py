@@ -240,6 +240,18 @@ def test_marz_file(default_run):
         assert list(hdul["FIBRES"].data["NAME"]) == ["1", "2", "3", "4", "5", "6"]
 
 
+def test_provenance_beside_the_products(default_run):
+    """autospec_run.json (the shared write_provenance): tool, version, command line and the
+    resolved configuration of the run."""
+    import json
+    _, files, result = default_run
+    info = json.loads((result["summary"].parent / "autospec_run.json").read_text())
+    assert info["tool"] == "autospec" and info["version"] == autospec.__version__
+    assert {"argv", "cwd", "date", "python"} <= set(info)
+    assert info["config"]["autospec"]["APER"] == APER and info["config"]["autospec"]["ORIG_FROM"] == "simulator"
+    assert info["config"]["autospec"]["DATACUBE"] == str(files["cube"])
+
+
 def test_out_flags_single_row_catalogue_plots_and_narrow_band(scene_files, tmp_path):
     scene, files, _ = scene_files
     cat = tmp_path / "one.txt"
@@ -481,3 +493,213 @@ def test_extended_line_emission_in_the_sky_region_simulated_truth(tmp_path):
     assert fluxes["local", 6.0][0] < 0.5 and "sky_lines" in fluxes["local", 6.0][1], fluxes
     assert abs(fluxes["annulus", 6.0][0] - 1) < 0.25, fluxes
     assert "sky_lines" in fluxes["annulus", 3.0][1] and "sky_lines" in fluxes["local", 3.0][1], fluxes
+
+
+# ---------------------------------------------------------------------------
+# The EXTRACTIONS registry drives the extractions
+# ---------------------------------------------------------------------------
+def _family(name):
+    """The EXTRACTIONS entry a spectrum belongs to, from its name (written out by hand)."""
+    base = name[:-len("_SKYSUB")] if name.endswith("_SKYSUB") else name
+    if base.startswith("CROSS_CORRELATION") or base.endswith("_CONTSUB"):
+        return "XCOR"
+    if base.startswith("MUSE_APER_"):
+        return "APER"
+    return {"MUSE_SKY": "SKY", "MUSE_TOT": "TOT", "MUSE_WHITE": "WEIGHTED", "HST": "WEIGHTED",
+            "MUSE_NB": "NB", "MUSE_OPTIMAL": "OPTIMAL", "MUSE_PSF": "PSF"}[base]
+
+
+@pytest.fixture(scope="module")
+def everything_on(scene_files):
+    """Galaxy 1 of a cube with FSF keywords, one IMG image, NB_SEGMENT at its 6100 A line."""
+    scene, files, tmp = scene_files
+    out = tmp / "everything"
+    out.mkdir()
+    cube = sim.write_cube(scene, out / "fsf.fits", fsf=True)
+    img = sim.write_image(scene, out / "hst.fits")
+    cat = out / "one.txt"
+    cat.write_text("1 %.8f %.8f\n" % (scene.truth[1]["ra"], scene.truth[1]["dec"]))
+    params = dict(DATACUBE=cube, CATALOG=cat, IMG=[img], NB_SEGMENT="6100", APER=APER, SIZE=7.0,
+                  PLOTS=False, OUTPUT=out / "out")
+    return scene, params
+
+
+def test_extractions_registry_gives_the_spectra_in_its_order(everything_on):
+    """Every entry of EXTRACTIONS makes spectra, and the Source file lists them in the
+    registry's order; the summary table's metadata describes the same entries."""
+    from astropy.io import fits
+    from astropy.table import Table
+    _, params = everything_on
+    result = autospec.run(progress=False, overwrite=True, **params)
+    assert result["rows"][0]["STATUS"] in ("ok", "flagged"), result["rows"][0]
+    with fits.open(result["rows"][0]["FILE"]) as hdul:
+        names = [h.name[4:-5] for h in hdul if h.name.startswith("SPE_") and h.name.endswith("_DATA")]
+    assert {"MUSE_PSF_SKYSUB", "MUSE_NB_SKYSUB", "HST_SKYSUB", "MUSE_SKY"} <= set(names), names
+    families = list(dict.fromkeys(_family(n) for n in names))
+    assert families == list(autospec.EXTRACTIONS)
+    assert [_family(n) for n in names] == sorted((_family(n) for n in names), key=list(autospec.EXTRACTIONS).index)
+    meta = Table.read(str(result["summary"])).meta["extractions"]
+    assert list(meta) == list(autospec.EXTRACTIONS)
+
+
+def test_extractions_registry_entries_add_and_remove_extractions(everything_on, monkeypatch, tmp_path):
+    """Adding an entry adds its spectrum (to the result, the Source file and the summary S/N);
+    removing one removes its spectra."""
+    _, params = everything_on
+    cfg = autospec.load_autospec_config(overrides={("autospec", k): v for k, v in params.items()})
+    cfg["autospec"]["OUTPUT"] = tmp_path            # not the other test's products
+    state = autospec.build_state(cfg["autospec"])
+    row = autospec.read_catalogue(params["CATALOG"], size=7.0)[0]
+
+    def mean_spaxel(ctx):
+        flat = ctx.mask.ravel()
+        npix = flat.sum()
+        var = ctx.var[:, flat].sum(axis=1) / npix ** 2 + ctx.sky_var
+        return {ctx.prefix + "_MEAN" + ctx.suffix: (ctx.data[:, flat].mean(axis=1), var)}
+
+    monkeypatch.setitem(autospec.EXTRACTIONS, "MEAN", autospec.Extraction(mean_spaxel, "<P>_MEAN", "mean spaxel"))
+    monkeypatch.delitem(autospec.EXTRACTIONS, "OPTIMAL")
+    obj = autospec.extract_object(state, row)
+    assert "MUSE_OPTIMAL_SKYSUB" not in obj.spectra and list(obj.spectra)[-1] == "MUSE_MEAN_SKYSUB"
+    assert obj.families["MUSE_MEAN_SKYSUB"] == "MEAN" and obj.families["MUSE_TOT_SKYSUB"] == "TOT"
+    assert list(dict.fromkeys(obj.families.values())) == list(autospec.EXTRACTIONS)
+    npix = obj.info["MASK_OBJ_NPIX"]                 # the mean spaxel is the mask sum / npix
+    assert np.allclose(obj.spectra["MUSE_MEAN_SKYSUB"][0] * npix, obj.spectra["MUSE_TOT_SKYSUB"][0])
+    summary, _ = autospec.process_object(state, row)
+    assert np.isfinite(summary["SN_MUSE_MEAN_SKYSUB"]) and "SN_MUSE_OPTIMAL_SKYSUB" not in summary
+    assert "MUSE_MEAN_SKYSUB" in _source(summary["FILE"]).spectra
+
+
+# ---------------------------------------------------------------------------
+# FITS cards of the fast writer: astropy's images, nothing cut
+# ---------------------------------------------------------------------------
+def _read_cards(*cards):
+    """A primary header made of fits_card images, read by astropy from a FITS file."""
+    import io
+    from astropy.io import fits
+    head = [autospec.fits_card("SIMPLE", True), autospec.fits_card("BITPIX", 8),
+            autospec.fits_card("NAXIS", 0), *cards, "END".ljust(80)]
+    text = "".join(head)
+    assert len(text) % 80 == 0
+    with fits.open(io.BytesIO((text + " " * (-len(text) % 2880)).encode("ascii"))) as hdul:
+        hdul.verify("exception")
+        return hdul[0].header
+
+
+@pytest.mark.parametrize("key, value, comment", [
+    ("OBJECT", "NGC 1068", "name"), ("EMPTY", "", "nothing"), ("EMPTY2", "", ""),
+    ("QUOTE", "it's", ""), ("SHORT", "ab", "x"), ("EXACT", "x" * 68, ""),
+    ("CRPIX1", 31.0, "Pixel coordinate of reference point"), ("TINY", 1e-05, ""),
+    ("BIG", 1.2345e+200, "c"), ("NEG", -0.30000000000000004, ""), ("F32", np.float32(0.1), ""),
+    ("F64", np.float64(2.5e-10), "c"), ("NAXIS1", 3681, ""), ("ID", np.int64(-42), "object ID %d"),
+    ("BITPIX", -32, "array data type"), ("EXTEND", True, ""), ("VAREST", np.bool_(False), "v"),
+    ("lower", 7, ""), ("LONGCOM", 1.5, "c" * 80), ("STRCOM", "value", "c" * 80),
+])
+def test_fits_card_is_astropys_card_image(key, value, comment):
+    import warnings
+    from astropy.io import fits
+    from astropy.io.fits.verify import VerifyWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", VerifyWarning)          # astropy's "comment truncated"
+        expected = fits.Card(key, value, comment).image
+    assert autospec.fits_card(key, value, comment) == expected
+    if key not in ("NAXIS1", "BITPIX"):             # structural: not in a primary header's body
+        header = _read_cards(autospec.fits_card(key, value, comment))
+        assert header[key] == (float(str(value)) if isinstance(value, np.float32) else value)   # as str() writes it
+
+
+def test_fits_card_long_string_continues_and_long_key_is_hierarch():
+    from astropy.io import fits
+    value = "".join("%03d-abcdefg " % i for i in range(10))[:119] + "!"   # FITS drops trailing blanks
+    assert len(value) == 120
+    card = autospec.fits_card("LONGSTR", value, "a comment")
+    assert len(card) == 240 and card[80:88] == "CONTINUE" and card == fits.Card("LONGSTR", value, "a comment").image
+    flags = ",".join(autospec.QUALITY_FLAGS)                    # every flag at once: 107 characters
+    exact = -1.2345678901234567e-100                            # repr of 24 characters
+    header = _read_cards(card, autospec.fits_card("QFLAGS", flags, "autospec quality flags"),
+                         autospec.fits_card("VERYLONGKEYWORD", 3.5, "a long key"),
+                         autospec.fits_card("ESO DET CHIP NAME", "CCD-44 " * 12 + "end", "HIERARCH + CONTINUE"),
+                         autospec.fits_card("EXACT", exact, "all 17 digits"))
+    assert header["LONGSTR"] == value and header.comments["LONGSTR"] == "a comment"
+    assert header["QFLAGS"] == flags
+    assert header["VERYLONGKEYWORD"] == 3.5 and header.comments["VERYLONGKEYWORD"] == "a long key"
+    assert header["ESO DET CHIP NAME"] == "CCD-44 " * 12 + "end"
+    assert header["EXACT"] == exact                             # astropy's own card keeps 13 digits
+    assert autospec.fits_card("VERYLONGKEYWORD", 3.5).startswith("HIERARCH VERYLONGKEYWORD = 3.5")
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("NANVAL", float("nan"), "NANVAL = nan: FITS headers cannot hold NaN"),
+    ("INFVAL", np.float32("inf"), "INFVAL = .*inf"),
+    ("TEXT", "caf\xe9", "TEXT = 'caf\xe9': header text must be printable ASCII"),
+    ("TAB", "a\tb", "TAB = 'a\\\\tb'"),
+    ("NONE", None, "NONE = None: a card holds a bool, int, float or str, not NoneType"),
+    ("A" * 70, 1.5, "A{70} = 1.5 cannot be written: keyword and value do not fit"),
+    ("HIERARCH B", -1.2345678901234567e-100, "B = -1.2345678901234567e-100 cannot be written"),
+    ("HIERARCH KEY", float("nan"), "HIERARCH KEY = nan"),
+])
+def test_fits_card_refuses_what_fits_cannot_hold_naming_key_and_value(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        autospec.fits_card(key, value)
+
+
+# ---------------------------------------------------------------------------
+# Sub-cubes (OUT_SUB): the fast writer against mpdaf's own cut-out and writer
+# ---------------------------------------------------------------------------
+def test_fast_writer_sub_cubes_match_mpdaf(scene_files, tmp_path):
+    """The CUB_ extensions of the fast writer hold what mpdaf cuts from the cube file itself
+    (``cube[:, y0:y1, x0:x1]``) and writes (``Source.write``): bitwise-equal data and
+    variance, the same WCS (world coordinates of the eight corners), the same unit; mpdaf
+    reads the file back; the continuum-subtracted sub-cube is the sky-subtracted cut-out
+    minus its CONT_POLY Legendre continuum, as mpdaf's Source.write of build_source has it."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    from mpdaf.obj import Cube
+    from mpdaf.sdetect import Source
+    _, files, _ = scene_files
+    params = autospec.load_autospec_config(overrides={
+        ("autospec", "DATACUBE"): str(files["cube"]), ("autospec", "CATALOG"): str(files["catalogue"]),
+        ("autospec", "APER"): APER, ("autospec", "SIZE"): 5.0, ("autospec", "OUT_SUB"): True,
+        ("autospec", "OUTPUT"): str(tmp_path)})["autospec"]
+    state = autospec.build_state(params)
+    row = autospec.read_catalogue(files["catalogue"], size=5.0)[1]
+    obj = autospec.extract_object(state, row)
+    obj.info["FLAGS"] = ",".join(autospec.QUALITY_FLAGS)      # longer than one card
+    fast_path = tmp_path / "fast.fits"
+    state.writer.write(fast_path, row, obj, state.cube)
+    stamp = obj.subcubes["stamp"]
+    full = Cube(str(files["cube"]))
+    cut = full[:, stamp.ylo:stamp.yhi, stamp.xlo:stamp.xhi]
+    ref = Source.from_data(row.ID, row.RA, row.DEC, ("AutoSpec", autospec.__version__, "cube.fits", ""))
+    ref.cubes["MUSE"] = cut
+    ref.write(str(tmp_path / "mpdaf_cut.fits"))
+    autospec.build_source(state, row, obj).write(str(tmp_path / "mpdaf_build.fits"))
+    nwave, ny, nx = cut.shape
+    corners = np.array([(x, y, z) for x in (0, nx - 1) for y in (0, ny - 1) for z in (0, nwave - 1)], float)
+    truth = WCS(fits.getheader(files["cube"], "DATA")).all_pix2world(corners + [stamp.xlo, stamp.ylo, 0], 0)
+    with fits.open(fast_path) as fast, fits.open(tmp_path / "mpdaf_cut.fits") as slow, \
+            fits.open(tmp_path / "mpdaf_build.fits") as built:
+        fast.verify("exception")
+        for ext in ("CUB_MUSE_DATA", "CUB_MUSE_STAT"):
+            assert fast[ext].data.dtype == slow[ext].data.dtype == np.dtype(">f4")
+            assert np.array_equal(fast[ext].data, slow[ext].data, equal_nan=True), ext     # bitwise
+            world = WCS(fast[ext].header).all_pix2world(corners, 0)
+            assert np.allclose(world, WCS(slow[ext].header).all_pix2world(corners, 0), rtol=0, atol=1e-10)
+            assert np.allclose(world, truth, rtol=0, atol=1e-10), ext
+        for ext in ("CUB_MUSE_CONTSUB_DATA", "CUB_MUSE_CONTSUB_STAT"):
+            assert np.allclose(fast[ext].data, built[ext].data, rtol=1e-6, atol=0), ext
+            assert np.allclose(WCS(fast[ext].header).all_pix2world(corners, 0), truth, rtol=0, atol=1e-10)
+    back = Source.from_file(str(fast_path))
+    assert back.header["QFLAGS"] == obj.info["FLAGS"]
+    sub = back.cubes["MUSE"]
+    assert sub.shape == cut.shape and sub.wcs.isEqual(cut.wcs) and sub.wave.isEqual(cut.wave)
+    assert sub.unit == cut.unit == full.unit
+    assert np.array_equal(sub.data.filled(np.nan), cut.data.filled(np.nan), equal_nan=True)
+    assert np.array_equal(sub.var.filled(np.nan), cut.var.filled(np.nan), equal_nan=True)
+    contsub = back.cubes["MUSE_CONTSUB"]
+    assert contsub.wcs.isEqual(cut.wcs) and contsub.unit == full.unit
+    skysub = cut.data.filled(np.nan).astype(np.float64) - obj.spectra["MUSE_SKY"][0][:, None, None]
+    expected = skysub - autospec.continuum_fit(skysub, params["CONT_POLY"])
+    scale = np.abs(expected).max()
+    assert np.allclose(contsub.data.filled(np.nan), expected, rtol=0, atol=1e-6 * scale)
+    assert np.array_equal(contsub.var.filled(np.nan), cut.var.filled(np.nan), equal_nan=True)
