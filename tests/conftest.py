@@ -113,3 +113,42 @@ def fresh_pg_database(pg_url):
     admin.dispose()
 
 
+
+
+# ---------------------------------------------------------------------------
+# Slow tests: `make test-fast` (-m "not slow") must stay under 3 minutes on 2 cores
+# ---------------------------------------------------------------------------
+SLOW_LIST = TESTS / "slow_tests.txt"
+
+
+def _slow_names():
+    names = set()
+    for line in SLOW_LIST.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.add(line)
+    return names
+
+
+@pytest.hookimpl(tryfirst=True)          # before -m deselects by marker
+def pytest_collection_modifyitems(config, items):
+    """Mark as slow the tests named in tests/slow_tests.txt (besides @pytest.mark.slow).
+
+    The list holds ``file::test`` names measured above ~2 s on 2 cores, and every user of a
+    module fixture that costs more than that (marking only some of them would move the
+    fixture's cost to the next one).  A listed name that no longer exists in a collected file
+    is an error, so the list cannot rot silently.
+    """
+    names = _slow_names()
+    collected_files = {item.nodeid.split("::", 1)[0] for item in items}
+    seen = set()
+    for item in items:
+        name = item.nodeid.split("[", 1)[0]
+        if name in names:
+            item.add_marker(pytest.mark.slow)
+            seen.add(name)
+    whole_files = not config.getoption("-k") and not any("::" in a for a in config.args)
+    stale = sorted(n for n in names - seen if n.split("::", 1)[0] in collected_files)
+    if stale and whole_files and not config.getoption("--lf"):
+        raise pytest.UsageError("tests/slow_tests.txt names tests that do not exist: %s"
+                                % ", ".join(stale))
