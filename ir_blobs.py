@@ -71,6 +71,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import sys
 import tempfile
 import time
@@ -1359,12 +1360,6 @@ def _border_width(n, fraction):
     return int(round(fraction * n))
 
 
-def robust_sigma(values):
-    """Gaussian-equivalent sigma from the median absolute deviation (astropy ``mad_std``) of finite values."""
-    from astropy.stats import mad_std
-    return float(mad_std(values, ignore_nan=True))
-
-
 def clip_bounds(data, mode="sigma", clip_sigma=3.0, factor=0.5, limits=None):
     """Lower and upper clip bounds of an image, and the statistics they came from.
 
@@ -1372,7 +1367,8 @@ def clip_bounds(data, mode="sigma", clip_sigma=3.0, factor=0.5, limits=None):
     ----------
     data : ndarray
     mode : {'sigma', 'zscale'}
-        'sigma': median -+ clip_sigma x robust sigma (symmetric, in noise units).
+        'sigma': median -+ clip_sigma x robust sigma (:func:`mad_sigma`, 1.4826 x the median
+        absolute deviation; symmetric, in noise units).
         'zscale': the original's rule, median + factor x (zscale limit - median); for a
         difference image centred on zero that is factor x (vmin, vmax).
     clip_sigma, factor : float
@@ -1393,7 +1389,7 @@ def clip_bounds(data, mode="sigma", clip_sigma=3.0, factor=0.5, limits=None):
         sigma = float("nan")
     elif mode == "sigma":
         vmin = vmax = float("nan")
-        sigma = robust_sigma(finite)
+        sigma = mad_sigma(finite)
         lo, hi = med - clip_sigma * sigma, med + clip_sigma * sigma
     else:
         raise ConfigError("[Data] clip_mode = %r: use 'sigma' or 'zscale'" % (mode,))
@@ -1557,7 +1553,7 @@ def _check_difference_like(data, path):
     """Warn when a frame given as a difference image looks like a sky frame (blobs would be negative there)."""
     values = data[np.isfinite(data)][::97]
     med = float(np.median(values))
-    sigma = robust_sigma(values)
+    sigma = mad_sigma(values)
     if sigma > 0 and abs(med) > 5 * sigma:
         log.warning("%s: median %.4g is %.0f sigma from zero - this looks like a sky frame, not a difference "
                     "image (median stack - frame), in which blobs would be dark; give --median-stack", Path(path).name,
@@ -2402,34 +2398,134 @@ def _mean_dimming(difference, x, y, radius):
 # ===========================================================================
 # Model
 # ===========================================================================
-@contextmanager
-def _quiet_stderr():
-    """File descriptor 2 to /dev/null for a while (TensorFlow's C++ start-up lines ignore logging)."""
+# What TensorFlow's C++ libraries print on file descriptor 2 while they load.  absl writes
+# it before absl::InitializeLog() is called, so TF_CPP_MIN_LOG_LEVEL does not reach it
+# (TensorFlow 2.21: the oneDNN notice of port.cc prints at every level 0-3, twice, each
+# after absl's pre-initialisation line; measured).  TF_ENABLE_ONEDNN_OPTS=0 would silence
+# the notice, but predict then runs 1.7-2.8x slower (probabilities equal to 1.5e-7), so it
+# is left alone.  The import's console output is caught and sorted instead.
+# absl's prefix; before absl is set up it reads "I0000 00:00:<unix time>.<us> <thread> file.cc:153] "
+_ABSL_LINE = re.compile(r"(?P<severity>[IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] ")
+_TF_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: (?P<severity>[IWEF]) \S+:\d+\] ")  # TF < 2.16
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_CONTINUATIONS = ("To enable the following instructions:",)   # cpu_feature_guard's second line
+_SEVERITIES = "IWEF"                                           # TF_CPP_MIN_LOG_LEVEL 0 1 2 3
+
+
+def _own_log_line(text):
+    """True when ``text`` is a line of this tool's log (``HH:MM:SS LEVEL ir_blobs: ...``)."""
+    return re.match(r"\d\d:\d\d:\d\d [A-Z]+ +%s: " % re.escape(log.name), text) is not None
+
+
+def _triage_startup_lines(lines, min_level=3):
+    """Sort what TensorFlow's import printed on the console into ``[(level, text)]``.
+
+    A C++ log line (absl's ``I0000 00:00:00.000000 123 file.cc:153] `` prefix, or the
+    ``date: I file.cc:153] `` one of older TensorFlow) whose severity is below
+    ``min_level`` (TF_CPP_MIN_LOG_LEVEL: 0 INFO, 1 WARNING, 2 ERROR, 3 FATAL), its known
+    continuation lines and absl's pre-initialisation notice are start-up noise: level
+    DEBUG.  A line of this tool's own log gets level None (to be printed as it is).
+    Anything else (a FATAL line, an unexpected message) is a WARNING.
+
+    Examples
+    --------
+    >>> _triage_startup_lines(["I0000 00:00:1796.02 14997 port.cc:153] oneDNN custom operations are on.",
+    ...                        "boom"], min_level=3)
+    [(10, 'I0000 00:00:1796.02 14997 port.cc:153] oneDNN custom operations are on.'), (30, 'boom')]
+    """
+    out, previous_hidden = [], False
+    for text in (line.rstrip() for line in lines):
+        if not text:
+            continue
+        match = _ABSL_LINE.match(text) or _TF_LINE.match(text)
+        if match:
+            hidden = _SEVERITIES.index(match["severity"]) < min_level
+        elif text.startswith(_ABSL_PREAMBLE):
+            hidden = min_level > 0
+        else:
+            hidden = previous_hidden and text.startswith(_CONTINUATIONS)
+        if _own_log_line(text):
+            out.append((None, text))
+        else:
+            out.append((logging.DEBUG if hidden else logging.WARNING, text))
+        previous_hidden = hidden
+    return out
+
+
+def _tf_min_log_level():
+    """TF_CPP_MIN_LOG_LEVEL as TensorFlow reads it (0 when unset or not a number)."""
     try:
-        sys.stderr.flush()
-        fd = sys.stderr.fileno()
-        saved = os.dup(fd)
-    except (AttributeError, OSError, ValueError):   # notebooks, CASA's logger, pytest capture
+        return min(max(int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")), 0), 3)
+    except ValueError:
+        return 0
+
+
+@contextmanager
+def _captured_fd2(lines):
+    """Collect what is written to file descriptor 2 (C++ libraries and Python) into ``lines``.
+
+    File descriptor 2 itself is redirected (to a temporary file), so this works where
+    ``sys.stderr`` is some other object (CASA's logger, pytest's capture) too; a no-op when
+    the process has no descriptor 2.  A process that dies inside (an abort in a C++
+    library) loses what was collected.
+    """
+    _flush_stderr()
+    try:
+        saved = os.dup(2)
+    except OSError:
         yield
         return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), fd)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
             yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
+        finally:
+            _flush_stderr()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode("utf-8", "replace").splitlines())
+
+
+def _flush_stderr():
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):     # closed or replaced by an object without flush
+        pass
+
+
+def _report_startup_lines(lines, min_level):
+    """Pass TensorFlow's import-time console lines on: noise to the log at DEBUG, the rest as
+    WARNINGs (``tensorflow: ...``), this tool's own log lines to stderr unchanged."""
+    for level, text in _triage_startup_lines(lines, min_level):
+        if level is None:
+            print(text, file=sys.stderr)
+        else:
+            log.log(level, "tensorflow: %s", text)
 
 
 def _import_keras(threads=None):
-    """Import keras (TensorFlow backend) lazily and quietly; set the CPU thread pools once."""
+    """Import keras (TensorFlow backend) lazily and quietly; set the CPU thread pools once.
+
+    Before the first import TF_CPP_MIN_LOG_LEVEL defaults to 3 (TensorFlow's C++ INFO,
+    WARNING and ERROR lines off: at 2, training prints an ERROR line about a NodeDef
+    attribute, ``use_unbounded_threadpool``, for every fit); errors of TensorFlow's own
+    reach Python as exceptions.  What the import itself prints on the console is sorted by
+    :func:`_triage_startup_lines` and passed on (start-up notices at DEBUG, anything else
+    as a WARNING).  TensorFlow's Python logger is set to ERROR.  TF_ENABLE_ONEDNN_OPTS is
+    left alone.
+    """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if "tensorflow" not in sys.modules:
         import importlib
-        with _quiet_stderr():
-            importlib.import_module("tensorflow")
-            importlib.import_module("keras")
+        lines = []
+        try:
+            with _captured_fd2(lines):
+                importlib.import_module("tensorflow")
+                importlib.import_module("keras")
+        finally:
+            _report_startup_lines(lines, _tf_min_log_level())
     import tensorflow as tf
     import keras
     tf.get_logger().setLevel("ERROR")
@@ -2478,14 +2574,6 @@ def build_model(size=SUBFRAME, pool=2, filters=(8, 16, 32, 32), kernels=(5, 3, 3
     return keras.Model(inputs, outputs, name="ir_blobs")
 
 
-def _sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 class BlobModel:
     """The trained classifier: weights, threshold and metadata from a model directory.
 
@@ -2509,7 +2597,7 @@ class BlobModel:
             self.meta = json.loads(meta_path.read_text())
         except ValueError as exc:
             raise InputError("%s is not valid JSON (%s)" % (meta_path, exc)) from None
-        self.sha256 = _sha256(weights)
+        self.sha256 = file_digest(weights)
         if self.meta.get("weights_sha256") not in (None, self.sha256):
             raise InputError("%s does not match the checksum in %s (weights from another training?)"
                              % (weights, meta_path))
@@ -2611,7 +2699,8 @@ def train(model_dir=None, seed=12345, epochs=20, n_train=20000, n_val=2000, n_fr
     Returns
     -------
     dict
-        The metadata written to ``ir_blobs_model.json``.
+        The metadata written to ``ir_blobs_model.json`` (through :func:`write_provenance`:
+        with the tool, version, command line and date).
     """
     model_dir = Path(model_dir) if model_dir else MODEL_DIR
     weights, meta_path = model_dir / WEIGHTS_FILE, model_dir / META_FILE
@@ -2658,17 +2747,14 @@ def train(model_dir=None, seed=12345, epochs=20, n_train=20000, n_val=2000, n_fr
                     noise_max=noise_max, depth_min=depth_min, depth_max=depth_max, max_blobs=max_blobs,
                     blob_library=str(blob_library) if blob_library else "synthetic", real_frames=len(real),
                     data=d)
-    meta = dict(ir_blobs_version=__version__, architecture=dict(ARCHITECTURE), threshold=threshold,
-                weights_sha256=_sha256(weights), n_parameters=int(model.count_params()), settings=settings,
+    meta = dict(architecture=dict(ARCHITECTURE), threshold=threshold,
+                weights_sha256=file_digest(weights), n_parameters=int(model.count_params()), settings=settings,
                 history={k: [round(float(v), 5) for v in vals] for k, vals in history.history.items()},
                 epochs_run=len(history.history["loss"]), validation=val_metrics,
                 seconds=dict(data=round(t_data, 1), fit=round(t_fit, 1), total=round(time.time() - t0, 1)),
                 threads=nproc or os.cpu_count(),
-                versions={"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__,
-                          "python": sys.version.split()[0]},
-                written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    with atomic_output(meta_path, overwrite=True) as out:
-        json.dump(meta, out, indent=1)
+                versions={"tensorflow": tf.__version__, "keras": keras.__version__, "numpy": np.__version__})
+    meta = json.loads(write_provenance(meta_path, None, **meta).read_text())   # + tool, version, argv, date
     try:
         _plot_history(meta, model_dir / "ir_blobs_training.png")
     except Exception as exc:          # a plot must not lose a trained model
@@ -2840,8 +2926,9 @@ def predict(path, median_stack=None, outdir=None, model_dir=None, threshold=None
     ``_tiles.csv``: one row per subframe (``TILE_COLUMNS``; the strongest located blob of a
     flagged tile, ``n_blobs`` located in it, quality ``flags``, see ``QUALITY_FLAGS``);
     ``_blobs.csv``: every blob located in a flagged tile (``BLOB_COLUMNS``); ``_tiles.json``:
-    provenance (inputs, settings, model checksum, threshold, scaling); ``_tiles.png``: the
-    frame with the tile grid, flagged tiles and blob circles.
+    provenance (:func:`write_provenance`: version, command line; inputs, settings, model
+    checksum, threshold, scaling); ``_tiles.png``: the frame with the tile grid, flagged
+    tiles and blob circles.
 
     Parameters
     ----------
@@ -2891,17 +2978,16 @@ def predict(path, median_stack=None, outdir=None, model_dir=None, threshold=None
     result = dict(rows=rows, candidates=candidates, paths=paths, threshold=thr, seconds=seconds,
                   n_tiles=len(rows), header=prep["header"], model_sha256=model.sha256)
     if write:
-        provenance = dict(ir_blobs_version=__version__, frame=str(Path(path).resolve()),
+        provenance = dict(frame=str(Path(path).resolve()),
                           median_stack=str(Path(median_stack).resolve()) if median_stack else None,
                           stack_frames=[str(s) for s in stack_paths or []], threshold=thr,
                           model_dir=str(model.model_dir), model_sha256=model.sha256,
                           data=_section_defaults("Data", data_settings), predict=p,
-                          scaling={k: v for k, v in prep["info"].items()}, quality_flags=QUALITY_FLAGS,
-                          command=" ".join(sys.argv), written=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                          scaling=dict(prep["info"]), quality_flags=QUALITY_FLAGS)
         blobs = _blob_rows(candidates)
         writers = {"csv": lambda tmp: Path(tmp).write_text(_csv_text(rows, TILE_COLUMNS)),
                    "blobs": lambda tmp: Path(tmp).write_text(_csv_text(blobs, BLOB_COLUMNS)),
-                   "json": lambda tmp: Path(tmp).write_text(json.dumps(provenance, indent=1, default=float))}
+                   "json": lambda tmp: write_provenance(tmp, None, **provenance)}
         if "png" in paths:
             writers["png"] = lambda tmp: plot_tiles(prep["scaled"], rows, candidates, tmp, title=Path(path).name,
                                                     threshold=thr)
@@ -3023,7 +3109,7 @@ def _match_known(blob, known, match_radius):
 
 def _settings_hash(model, data, predict_settings, median_stack, match_radius):
     text = json.dumps(dict(model=model.sha256, data=data, predict=predict_settings, match_radius=match_radius,
-                           median_stack=_sha256(median_stack) if median_stack else None), sort_keys=True,
+                           median_stack=file_digest(median_stack) if median_stack else None), sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -3244,8 +3330,8 @@ def evaluate(model_dir=None, outdir=None, seed=777, n_frames=40, n_blobs=6, thre
     in it, and tiles only touched by a blob are left out of the precision.  Reports
     precision, recall, F1, ROC AUC, the confusion matrix, recall against blob depth and
     radius, recall and precision for blobs of depth >= ``min_depth``, and the
-    localisation error of flagged tiles' blobs; with ``outdir``: ``evaluation.json``,
-    ``evaluation.png`` and ``saliency.png``.
+    localisation error of flagged tiles' blobs; with ``outdir``: ``evaluation.json`` (the
+    results with :func:`write_provenance`'s fields), ``evaluation.png`` and ``saliency.png``.
 
     Returns
     -------
@@ -3301,7 +3387,7 @@ def evaluate(model_dir=None, outdir=None, seed=777, n_frames=40, n_blobs=6, thre
         picks = _saliency_picks(labels, flagged, depth, n_saliency)
         sal = saliency_maps(model, tiles["images"][picks]) if len(picks) else np.zeros((0,) + tiles["images"].shape[1:])
         res["paths"] = {k: str(v) for k, v in paths.items()}
-        writers = {"json": lambda tmp: Path(tmp).write_text(json.dumps(res, indent=1, default=float)),
+        writers = {"json": lambda tmp: write_provenance(tmp, None, **res),
                    "png": lambda tmp: _plot_evaluation(res, labels[scored], prob[scored], tmp),
                    "saliency": lambda tmp: _plot_saliency(tiles, picks, sal, prob, tmp)}
         _write_together({k: paths[k] for k in ("json", "png", "saliency")},

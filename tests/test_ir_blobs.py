@@ -8,6 +8,10 @@ superimposed on simulated blob-free subframes.
 import csv
 import json
 import math
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -112,6 +116,9 @@ def test_scale_data_sigma_mode_bounds():
     _, info = ib.scale_data(img, mode="sigma", clip_sigma=3.0)
     assert abs(info["sigma"] - 2.0) < 0.05
     assert abs(info["lo"] - (5.0 - 6.0)) < 0.15 and abs(info["hi"] - (5.0 + 6.0)) < 0.15
+    values = img.astype(np.float64).ravel()        # the block's mad_sigma against numpy's MAD x 1.4826
+    assert info["sigma"] == pytest.approx(1.482602218505602 * np.median(np.abs(values - np.median(values))),
+                                          rel=1e-6)
 
 
 def test_zscale_mode_matches_original_rule_on_zero_centred_difference():
@@ -413,6 +420,9 @@ def test_shipped_model_recall_precision_on_fresh_simulation(model, tmp_path):
     assert res["n_positive"] > 100 and res["bright"]["tp"] >= 40         # enough blobs to mean something
     for name in ("evaluation.json", "evaluation.png", "saliency.png"):
         assert (tmp_path / name).stat().st_size > 1000
+    written = json.loads((tmp_path / "evaluation.json").read_text())
+    assert written["version"] == ib.__version__ and written["seed"] == 2027
+    assert written["all"] == pytest.approx(res["all"])
     # recall rises with depth: the faintest bin well below the deepest
     bins = [b for b in res["recall_by_depth"] if b["n"] >= 5]
     assert bins[0]["recall"] < bins[-1]["recall"]
@@ -485,6 +495,9 @@ def test_predict_end_to_end(tmp_path, size, with_stack):
         assert not depths            # no median stack: the depth scale is unknown
     meta = json.loads((outdir / f"{stem}_tiles.json").read_text())
     assert meta["model_sha256"] and meta["threshold"] and (outdir / f"{stem}_tiles.png").stat().st_size > 10000
+    assert meta["model_sha256"] == ib.file_digest(ib.MODEL_DIR / ib.WEIGHTS_FILE)
+    assert (meta["tool"], meta["version"], meta["frame"]) == ("ir_blobs", ib.__version__,
+                                                              str((tmp_path / f"{stem}.fits").resolve()))
 
 
 def test_sky_frame_given_as_difference_is_flagged(tmp_path, caplog):
@@ -508,6 +521,90 @@ def test_predict_refuses_to_overwrite_then_overwrites(tmp_path, capsys):
     # the PNG of the first run is removed: it would not match the new tables
     assert sorted(p.name for p in out.iterdir()) == ["frame_flt_blobs.csv", "frame_flt_tiles.csv",
                                                      "frame_flt_tiles.json"]
+
+
+# ---------------------------------------------------------------------------
+# a clean console: TensorFlow's start-up lines are caught, real messages passed on
+# ---------------------------------------------------------------------------
+TOOL_LOG_LINE = re.compile(r"\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) +ir_blobs: ")
+
+
+def _env_without_tf_log_level(**extra):
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env.update(MPLBACKEND="Agg", **extra)
+    return env
+
+
+def test_predict_console_holds_only_the_tools_log_lines(tmp_path):
+    """A fresh process (TensorFlow imported anew) without TF_CPP_MIN_LOG_LEVEL: with -v every
+    stderr line, TensorFlow's oneDNN / absl start-up notices included, is an ir_blobs log line."""
+    rng = np.random.default_rng(4)
+    sim = ib.simulate_frame(rng, size=256, n_blobs=1, depths=(0.2,), trail=False)
+    frame = ib.write_frame(tmp_path / "tiny_diff.fits", sim["difference"], mjd=60010.0)
+    run = subprocess.run([sys.executable, str(ROOT / "ir_blobs.py"), "predict", str(frame), "--outdir",
+                          str(tmp_path / "out"), "--no-plot", "-v"], capture_output=True, text=True,
+                         env=_env_without_tf_log_level(), cwd=tmp_path, timeout=300)
+    lines = run.stderr.splitlines()
+    assert run.returncode == 0, run.stderr
+    assert [line for line in lines if not TOOL_LOG_LINE.match(line)] == []
+    assert any("1 of 1 subframes flagged" in line for line in lines)      # the tool's own lines are kept
+    assert not [line for line in lines if "tensorflow:" in line and " DEBUG " not in line]
+
+
+def test_startup_lines_sorted_by_tensorflows_log_level():
+    notice = "I0000 00:00:1796215766.022571   14997 port.cc:153] oneDNN custom operations are on."
+    guard = "I0000 00:00:1796215766.053825   14997 cpu_feature_guard.cc:227] This TensorFlow binary is optimized"
+    lines = ["WARNING: All log messages before absl::InitializeLog() is called are written to STDERR", notice,
+             guard, "To enable the following instructions: AVX2 FMA, in other operations, rebuild TensorFlow",
+             "E0000 00:00:1796215766.1 14997 cuda_dnn.cc:8310] Unable to register cuDNN factory",
+             "F0000 00:00:1796215766.2 14997 check.cc:1] Check failed: protobuf", "",
+             "2024-01-11 05:40:05.061907: W tensorflow/core/x.cc:9] an old-style warning",
+             "A module that was compiled using NumPy 1.x cannot be run in NumPy 2.4.6",
+             "12:00:01 WARNING ir_blobs: a warning of the tool's own"]
+    levels = [level for level, _ in ib._triage_startup_lines(lines, min_level=3)]
+    D, W = 10, 30
+    #          preamble notice guard cont.  E     F     old W  numpy  own
+    assert levels == [D, D, D, D, D, W, D, W, None]
+    levels = [level for level, _ in ib._triage_startup_lines(lines, min_level=2)]
+    assert levels == [D, D, D, D, W, W, D, W, None]       # ERROR lines shown from level 2 down
+    levels = [level for level, _ in ib._triage_startup_lines(lines, min_level=0)]
+    assert levels == [W, W, W, W, W, W, W, W, None]       # TF_CPP_MIN_LOG_LEVEL=0: everything shown
+    assert ib._triage_startup_lines(["To enable the following instructions: AVX2"], 3) == [
+        (W, "To enable the following instructions: AVX2")]   # a continuation only after a hidden line
+
+
+FAKE_TENSORFLOW = r"""
+import logging, os, sys
+os.write(2, b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
+            b"I0000 00:00:1796215766.022571   14997 port.cc:153] oneDNN custom operations are on.\n")
+sys.stderr.write("A module that was compiled using NumPy 1.x cannot be run in NumPy 2.4.6\n")
+def get_logger():
+    return logging.getLogger("tensorflow")
+"""
+
+
+@pytest.mark.parametrize("replaced_stderr", [False, True])
+def test_import_passes_on_what_is_not_a_startup_notice(tmp_path, replaced_stderr):
+    """A stand-in TensorFlow that prints absl's notices (on descriptor 2) and a message that
+    matters (through sys.stderr) while it is imported: the notices are hidden, the message logged.
+    Also where sys.stderr is an object without a descriptor (CASA's logger, a notebook)."""
+    (tmp_path / "tensorflow.py").write_text(FAKE_TENSORFLOW)
+    (tmp_path / "keras.py").write_text("")
+    code = ("import io, sys; import ir_blobs as ib; ib.setup_logging(); "
+            + ("sys.stderr = io.StringIO(); " if replaced_stderr else "")
+            + "ib._import_keras(); print('imported'); "
+            + ("print(sys.stderr.getvalue(), end='')" if replaced_stderr else ""))
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=_env_without_tf_log_level(PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)])))
+    assert run.returncode == 0 and run.stdout.startswith("imported\n"), run.stderr
+    if replaced_stderr:        # Python's message went to the stand-in stream; descriptor 2 stays clean
+        assert run.stdout.splitlines()[1:] == ["A module that was compiled using NumPy 1.x cannot be run in "
+                                               "NumPy 2.4.6"] and run.stderr == ""
+        return
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1 and TOOL_LOG_LINE.match(lines[0]), lines
+    assert "WARNING" in lines[0] and lines[0].endswith("tensorflow: A module that was compiled using NumPy 1.x "
+                                                       "cannot be run in NumPy 2.4.6")
 
 
 # ---------------------------------------------------------------------------
@@ -588,6 +685,9 @@ def test_train_tiny_is_reproducible_and_loadable(tmp_path):
     meta = ib.train(tmp_path / "a", **kw)
     ib.train(tmp_path / "b", **kw)
     assert meta["n_parameters"] < 100_000 and meta["epochs_run"] == 1 and 0 < meta["threshold"] < 1
+    assert meta == json.loads((tmp_path / "a" / ib.META_FILE).read_text())       # returned = written
+    assert meta["version"] == ib.__version__
+    assert meta["weights_sha256"] == ib.file_digest(tmp_path / "a" / ib.WEIGHTS_FILE)
     a, b = ((tmp_path / d / ib.WEIGHTS_FILE).read_bytes() for d in "ab")
     m1, m2 = ib.BlobModel(tmp_path / "a"), ib.BlobModel(tmp_path / "b")
     tiles = np.random.default_rng(0).standard_normal((4, 256, 256)).astype(np.float32)
