@@ -302,57 +302,140 @@ pipe_emit_stage_comment() {
         "$PIPE_JOB_LIST_NAME"
 }
 
-# ---------------------------------------------------------------- cluster submission
-# qsub_run_pipe.sh and sbatch_run_pipe.sh define build_stage_script STAGE,
-# stage_script_path STAGE and dependency_args STAGE PREVIOUS_ID (the submit-command
-# arguments that make STAGE wait for job PREVIOUS_ID, one per line), and set
-# PIPE_LOG_DIR, PIPE_SUBMIT (the submit command, an array) and PIPE_CANCEL.
+# ---------------------------------------------------------------- arrays of a stage
 
-# pipe_print_dry_run -- for each stage two '# ====' header lines (stage, submit
-# command with a placeholder for the previous job id), then the script as it would be
-# written.  Nothing is written or submitted.
-pipe_print_dry_run() {
-    local stage n_stages=${#PIPE_STAGE_FIRST[@]} args
-    for (( stage = 1; stage <= n_stages; stage++ )); do
-        mapfile -t args < <(dependency_args "$stage" "<jobid of stage $(( stage - 1 ))>")
-        printf '# ==== stage %d of %d (jobs %d-%d); would be submitted with:\n' "$stage" "$n_stages" \
-            "${PIPE_STAGE_FIRST[stage - 1]}" "${PIPE_STAGE_LAST[stage - 1]}"
-        printf '# ====   %s\n' "${PIPE_SUBMIT[*]} ${args[*]+${args[*]} }$(stage_script_path "$stage")"
-        build_stage_script "$stage"
+# Filled by pipe_split_stages: each stage becomes one or more submissions ("pieces"),
+# in stage order.  Piece i runs jobs PIPE_PIECE_FIRST[i]-PIPE_PIECE_LAST[i] of stage
+# PIPE_PIECE_STAGE[i]; PIPE_PIECE_PART[i] is its number within the stage (1, 2, ...);
+# PIPE_PIECE_OFFSET[i] is 0 when the array indices are the job numbers, else the job
+# number of array index 0 (indices 0..n-1).  Stage S's pieces are PIPE_STAGE_PIECE_FIRST
+# [S-1] .. PIPE_STAGE_PIECE_FIRST[S-1] + PIPE_STAGE_PIECE_COUNT[S-1] - 1.
+PIPE_PIECE_STAGE=()
+PIPE_PIECE_FIRST=()
+PIPE_PIECE_LAST=()
+PIPE_PIECE_PART=()
+PIPE_PIECE_OFFSET=()
+PIPE_STAGE_PIECE_FIRST=()
+PIPE_STAGE_PIECE_COUNT=()
+
+# pipe_split_stages MAX_TASKS MAX_INDEX -- fill the PIPE_PIECE_* arrays.  A stage of
+# more than MAX_TASKS jobs becomes several arrays of MAX_TASKS jobs (the last one the
+# rest); the arrays of a split stage, and a stage whose last job number is above
+# MAX_INDEX, get offsets (indices 0..n-1), else the indices are the job numbers.
+pipe_split_stages() {
+    local max_tasks=$1 max_index=$2 stage first last start end offset part
+    PIPE_PIECE_STAGE=() PIPE_PIECE_FIRST=() PIPE_PIECE_LAST=() PIPE_PIECE_PART=() PIPE_PIECE_OFFSET=()
+    PIPE_STAGE_PIECE_FIRST=() PIPE_STAGE_PIECE_COUNT=()
+    for (( stage = 1; stage <= ${#PIPE_STAGE_FIRST[@]}; stage++ )); do
+        first=${PIPE_STAGE_FIRST[stage - 1]} last=${PIPE_STAGE_LAST[stage - 1]} part=0
+        PIPE_STAGE_PIECE_FIRST+=("${#PIPE_PIECE_STAGE[@]}")
+        for (( start = first; start <= last; start += max_tasks )); do
+            end=$(( start + max_tasks - 1 < last ? start + max_tasks - 1 : last ))
+            offset=0
+            if (( last - first + 1 > max_tasks || last > max_index )); then
+                offset=$start
+            fi
+            part=$(( part + 1 ))
+            PIPE_PIECE_STAGE+=("$stage") PIPE_PIECE_FIRST+=("$start") PIPE_PIECE_LAST+=("$end")
+            PIPE_PIECE_PART+=("$part") PIPE_PIECE_OFFSET+=("$offset")
+        done
+        PIPE_STAGE_PIECE_COUNT+=("$part")
     done
 }
 
-# pipe_submit_stage STAGE PREVIOUS_ID -- write the stage script, submit it, record it
-# in submitted.txt and print the new job id.
-pipe_submit_stage() {
-    local script job_id args
-    script=$(stage_script_path "$1")
-    build_stage_script "$1" > "$script"
+# pipe_piece_script_path PIECE EXTENSION -- LOGDIR/stage<N>.EXT, or LOGDIR/stage<N>_part<K>.EXT
+# for an array with offset indices.
+pipe_piece_script_path() {
+    local stage=${PIPE_PIECE_STAGE[$1]}
+    if (( PIPE_PIECE_OFFSET[$1] == 0 )); then
+        printf '%s/stage%d.%s' "$PIPE_LOG_DIR" "$stage" "$2"
+    else
+        printf '%s/stage%d_part%d.%s' "$PIPE_LOG_DIR" "$stage" "${PIPE_PIECE_PART[$1]}" "$2"
+    fi
+}
+
+# pipe_piece_title PIECE -- "stage S of N (jobs F-L)", with ", array K of M" for a split stage.
+pipe_piece_title() {
+    local stage=${PIPE_PIECE_STAGE[$1]} parts=""
+    if (( PIPE_STAGE_PIECE_COUNT[stage - 1] > 1 )); then
+        parts=", array ${PIPE_PIECE_PART[$1]} of ${PIPE_STAGE_PIECE_COUNT[stage - 1]}"
+    fi
+    printf 'stage %d of %d%s (jobs %d-%d)' "$stage" "${#PIPE_STAGE_FIRST[@]}" "$parts" \
+        "${PIPE_PIECE_FIRST[$1]}" "${PIPE_PIECE_LAST[$1]}"
+}
+
+# ---------------------------------------------------------------- cluster submission
+# A wrapper that uses pipe_print_dry_run and pipe_submit_all (qsub_run_pipe.sh) calls
+# pipe_split_stages first, defines build_stage_script PIECE, stage_script_path PIECE
+# and dependency_args STAGE PREVIOUS_ID... (the submit-command arguments, one per line,
+# that make STAGE wait for the job ids of every array of the stage before, in piece
+# order; none for stage 1), and sets PIPE_LOG_DIR, PIPE_SUBMIT (the submit command, an
+# array) and PIPE_CANCEL.
+
+# pipe_print_dry_run -- for each array two '# ====' header lines (stage, submit command
+# with placeholders for the previous stage's job ids), then the script as it would be
+# written.  Nothing is written or submitted.
+pipe_print_dry_run() {
+    local stage n_stages=${#PIPE_STAGE_FIRST[@]} piece part args previous=()
+    for (( stage = 1; stage <= n_stages; stage++ )); do
+        previous=()
+        if (( stage > 1 )); then
+            if (( PIPE_STAGE_PIECE_COUNT[stage - 2] == 1 )); then
+                previous=("<jobid of stage $(( stage - 1 ))>")
+            else
+                for (( part = 1; part <= PIPE_STAGE_PIECE_COUNT[stage - 2]; part++ )); do
+                    previous+=("<jobid of stage $(( stage - 1 )) part $part>")
+                done
+            fi
+        fi
+        for (( piece = PIPE_STAGE_PIECE_FIRST[stage - 1];
+               piece < PIPE_STAGE_PIECE_FIRST[stage - 1] + PIPE_STAGE_PIECE_COUNT[stage - 1]; piece++ )); do
+            mapfile -t args < <(dependency_args "$stage" ${previous[@]+"${previous[@]}"})
+            printf '# ==== %s; would be submitted with:\n' "$(pipe_piece_title "$piece")"
+            printf '# ====   %s\n' "${PIPE_SUBMIT[*]} ${args[*]+${args[*]} }$(stage_script_path "$piece")"
+            build_stage_script "$piece"
+        done
+    done
+}
+
+# pipe_submit_piece PIECE PREVIOUS_ID... -- write the array's script, submit it, record
+# it in submitted.txt and print the new job id.
+pipe_submit_piece() {
+    local piece=$1 script job_id args
+    shift
+    script=$(stage_script_path "$piece")
+    build_stage_script "$piece" > "$script"
     chmod +x "$script"
-    mapfile -t args < <(dependency_args "$1" "$2")
+    mapfile -t args < <(dependency_args "${PIPE_PIECE_STAGE[piece]}" "$@")
     # ${args[@]+...}: an empty array is "unbound" under set -u in bash 4.3
     if ! job_id=$("${PIPE_SUBMIT[@]}" ${args[@]+"${args[@]}"} "$script"); then
-        pipe_die 1 "${PIPE_SUBMIT[0]} failed for stage $1 ($script); stages already submitted are listed in $PIPE_LOG_DIR/submitted.txt (remove them with $PIPE_CANCEL if needed)"
+        pipe_die 1 "${PIPE_SUBMIT[0]} failed for stage ${PIPE_PIECE_STAGE[piece]} ($script); arrays already submitted are listed in $PIPE_LOG_DIR/submitted.txt (remove them with $PIPE_CANCEL if needed)"
     fi
     job_id=${job_id%%;*}              # sbatch --parsable may print 'jobid;cluster'
     job_id=${job_id//[[:space:]]/}
-    printf 'stage %d (jobs %d-%d): %s %s\n' "$1" "${PIPE_STAGE_FIRST[$1 - 1]}" \
-        "${PIPE_STAGE_LAST[$1 - 1]}" "$job_id" "$script" >> "$PIPE_LOG_DIR/submitted.txt"
+    printf 'stage %d (jobs %d-%d): %s %s\n' "${PIPE_PIECE_STAGE[piece]}" "${PIPE_PIECE_FIRST[piece]}" \
+        "${PIPE_PIECE_LAST[piece]}" "$job_id" "$script" >> "$PIPE_LOG_DIR/submitted.txt"
     printf '%s' "$job_id"
 }
 
-# pipe_submit_all -- write the cleaned job list and submit the stages in order, each
-# depending on the one before.
+# pipe_submit_all -- write the cleaned job list and submit the arrays stage by stage,
+# each array depending on every array of the stage before.
 pipe_submit_all() {
-    local stage n_stages=${#PIPE_STAGE_FIRST[@]} previous=""
+    local stage n_stages=${#PIPE_STAGE_FIRST[@]} piece job_id previous=() ids=()
     command -v "${PIPE_SUBMIT[0]}" > /dev/null ||
         pipe_die 1 "${PIPE_SUBMIT[0]} not found on PATH; run this on the cluster's login node, or use --dry-run to only print the scripts"
     pipe_prepare_logdir "$PIPE_LOG_DIR"
     pipe_write_job_list "$PIPE_LOG_DIR/$PIPE_JOB_LIST_NAME"
     for (( stage = 1; stage <= n_stages; stage++ )); do
-        previous=$(pipe_submit_stage "$stage" "$previous")
+        ids=()
+        for (( piece = PIPE_STAGE_PIECE_FIRST[stage - 1];
+               piece < PIPE_STAGE_PIECE_FIRST[stage - 1] + PIPE_STAGE_PIECE_COUNT[stage - 1]; piece++ )); do
+            job_id=$(pipe_submit_piece "$piece" ${previous[@]+"${previous[@]}"})
+            ids+=("$job_id")
+        done
+        previous=("${ids[@]}")
         printf 'submitted stage %d of %d (jobs %d-%d) as %s\n' "$stage" "$n_stages" \
-            "${PIPE_STAGE_FIRST[stage - 1]}" "${PIPE_STAGE_LAST[stage - 1]}" "$previous"
+            "${PIPE_STAGE_FIRST[stage - 1]}" "${PIPE_STAGE_LAST[stage - 1]}" "${ids[*]}"
     done
     printf 'logs: %s/job_NNNN.log\n' "$PIPE_LOG_DIR"
 }

@@ -306,11 +306,12 @@ def test_bad_worker_count_is_usage_error(bad, workdir):
 @pytest.mark.parametrize("wrapper, args, message", [
     (QSUB_RUN_PIPE, ["--flavour", "sge"], "bad value for --flavour: 'sge'"),
     (QSUB_RUN_PIPE, ["-N", "1bad"], "bad value for -N: '1bad'"),
+    (QSUB_RUN_PIPE, ["--max-array-size", "0"], "bad value for --max-array-size: '0'"),
     (SBATCH_RUN_PIPE, ["--max-parallel", "0"], "bad value for --max-parallel: '0'"),
     (SBATCH_RUN_PIPE, ["--logdir", "my logs"], "contains blanks"),
     (SBATCH_RUN_PIPE, ["--mem", "lots"], "bad value for --mem: 'lots'"),
     (RUN_PIPE, ["--frobnicate"], "unknown option '--frobnicate'"),
-], ids=["flavour", "pbs-name", "max-parallel", "logdir-blank", "mem", "unknown"])
+], ids=["flavour", "pbs-name", "pbs-max-array", "max-parallel", "logdir-blank", "mem", "unknown"])
 def test_bad_options_are_usage_errors(wrapper, args, message, workdir):
     jobfile = write_jobfile(workdir / "jobs.txt", ["true"])
     result = run([wrapper, *args, "--dry-run", jobfile], cwd=workdir)
@@ -447,6 +448,99 @@ def test_pbs_script_runs_its_own_job_line(workdir, tmp_path, fake_scheduler):
     assert "to log" in log and "exit code 7" in log
 
 
+def pbs_arrays(stdout):
+    """The arrays of a qsub --dry-run: for each, a dict with the stage, the jobs of its
+    header, the qsub command, the '#PBS -J/-t' range (None for a plain job), the task
+    offset (0 when the indices are the job numbers, and for a plain job) and the job
+    numbers its tasks run, checked against the header."""
+    arrays = []
+    for header, (command, script) in zip(re.findall(r"^# ==== stage (\d+) .*\(jobs (\d+)-(\d+)\)", stdout,
+                                                    flags=re.MULTILINE), split_dry_run(stdout)):
+        stage, first, last = (int(value) for value in header)
+        found = re.search(r"^#PBS -[Jt] (\d+)-(\d+)$", script, flags=re.MULTILINE)
+        offset = re.search(r"^task_offset=(\d+) ", script, flags=re.MULTILINE)
+        offset = int(offset.group(1)) if offset else 0
+        if found:
+            index_range = (int(found.group(1)), int(found.group(2)))
+            jobs = [index + offset for index in range(index_range[0], index_range[1] + 1)]
+        else:
+            index_range = None
+            jobs = [int(re.search(r"^task_id=(\d+)$", script, flags=re.MULTILINE).group(1))]
+        assert jobs == list(range(first, last + 1)), (header, index_range, offset)
+        arrays.append(dict(stage=stage, command=command, range=index_range, offset=offset,
+                           jobs=jobs, script=script))
+    return arrays
+
+
+def test_qsub_splits_a_stage_longer_than_max_array_size(workdir, tmp_path, fake_scheduler):
+    """25,000 jobs and a final stage: PBS Pro's default max_array_size (10000 subjobs) makes
+    stage 1 three arrays (indices offset into the stage); stage 2 waits for all three."""
+    env, calls = fake_scheduler
+    lines = ["echo job %d > out_%d.txt" % (n, n) for n in range(1, 25001)] + ["wait", "echo a", "echo b"]
+    jobfile = write_jobfile(workdir / "big.txt", lines)
+    dry = run([QSUB_RUN_PIPE, "--dry-run", "--logdir", "q", jobfile], cwd=workdir, env=env)
+    assert dry.returncode == 0, dry.stderr
+    arrays = pbs_arrays(dry.stdout)
+    logdir = workdir / "q"
+    assert [(a["stage"], a["range"], a["offset"]) for a in arrays] == [
+        (1, (0, 9999), 1), (1, (0, 9999), 10001), (1, (0, 4999), 20001), (2, (25001, 25002), 0)]
+    assert [job for a in arrays for job in a["jobs"]] == list(range(1, 25003))  # each job once
+    assert [a["command"] for a in arrays] == [
+        f"qsub {logdir}/stage1_part1.pbs", f"qsub {logdir}/stage1_part2.pbs", f"qsub {logdir}/stage1_part3.pbs",
+        "qsub -W depend=afterok:<jobid of stage 1 part 1>:<jobid of stage 1 part 2>:<jobid of stage 1 part 3> "
+        f"{logdir}/stage2.pbs"]
+    check_generated_script(arrays[1]["script"], tmp_path, "part2.sh")
+    assert recorded_calls(calls) == [] and not logdir.exists()
+
+    result = run([QSUB_RUN_PIPE, "--logdir", "q", jobfile], cwd=workdir, env=env)
+    assert result.returncode == 0, result.stderr
+    assert recorded_calls(calls) == [
+        f"{logdir}/stage1_part1.pbs", f"{logdir}/stage1_part2.pbs", f"{logdir}/stage1_part3.pbs",
+        f"-W depend=afterok:1001[].fakeserver:1002[].fakeserver:1003[].fakeserver {logdir}/stage2.pbs"]
+    assert "as 1001[].fakeserver 1002[].fakeserver 1003[].fakeserver\n" in result.stdout
+    assert len((logdir / "submitted.txt").read_text().splitlines()) == 4
+    # array index 5 of the second array is job 10006; it writes its own job log
+    task_env = dict(os.environ, PBS_ARRAY_INDEX="5", PBS_O_WORKDIR=str(workdir))
+    task = run(["bash", logdir / "stage1_part2.pbs"], cwd=tmp_path, env=task_env)
+    assert task.returncode == 0, task.stderr
+    assert (workdir / "out_10006.txt").read_text() == "job 10006\n"
+    assert (logdir / "job_10006.log").read_text().startswith("### job 10006: echo job 10006")
+
+    usage = run([QSUB_RUN_PIPE, "--help"], cwd=workdir)
+    assert "--max-array-size N" in usage.stdout and "default 10000" in usage.stdout
+
+
+@pytest.mark.parametrize("flavour, array_dep, flag", [
+    ("pbspro", "afterok", "-J"), ("torque", "afterokarray", "-t")])
+def test_qsub_small_max_array_size_splits_every_stage(flavour, array_dep, flag, workdir, tmp_path):
+    """--max-array-size 7000: 25,000 jobs become four arrays, the next 7,001 an array and a
+    plain job (PBS Pro refuses one-index arrays); every array of a stage waits for all
+    arrays of the stage before (on Torque: afterokarray for arrays, afterok for a plain job)."""
+    lines = (["echo %d" % n for n in range(1, 25001)] + ["wait"] + ["echo %d" % n for n in range(25001, 32002)]
+             + ["wait", "echo last"])
+    jobfile = write_jobfile(workdir / "big.txt", lines)
+    dry = run([QSUB_RUN_PIPE, "--dry-run", "--flavour", flavour, "--max-array-size", "7000", "--logdir", "q",
+               jobfile], cwd=workdir)
+    assert dry.returncode == 0, dry.stderr
+    arrays = pbs_arrays(dry.stdout)
+    assert [(a["stage"], a["range"], a["offset"]) for a in arrays] == [
+        (1, (0, 6999), 1), (1, (0, 6999), 7001), (1, (0, 6999), 14001), (1, (0, 3999), 21001),
+        (2, (0, 6999), 25001), (2, None, 0), (3, None, 0)]
+    assert [job for a in arrays for job in a["jobs"]] == list(range(1, 32003))  # each job once
+    for a in arrays:
+        assert (f"#PBS {flag} " in a["script"]) == (a["range"] is not None)
+    logdir = workdir / "q"
+    stage1 = ":".join("<jobid of stage 1 part %d>" % part for part in range(1, 5))
+    stage2 = f"{array_dep}:<jobid of stage 2 part 1>" + (
+        ",afterok:<jobid of stage 2 part 2>" if flavour == "torque" else ":<jobid of stage 2 part 2>")
+    assert [a["command"] for a in arrays] == [f"qsub {logdir}/stage1_part{part}.pbs" for part in range(1, 5)] + [
+        f"qsub -W depend={array_dep}:{stage1} {logdir}/stage2_part1.pbs",
+        f"qsub -W depend={array_dep}:{stage1} {logdir}/stage2_part2.pbs",
+        f"qsub -W depend={stage2} {logdir}/stage3.pbs"]
+    check_generated_script(arrays[4]["script"], tmp_path, "offset.sh")
+    check_generated_script(arrays[5]["script"], tmp_path, "plain.sh")
+
+
 # ---------------------------------------------------------------- sbatch_run_pipe.sh
 
 def test_sbatch_dry_run_script(workdir, tmp_path, fake_scheduler):
@@ -541,6 +635,32 @@ def test_sbatch_splits_stages_longer_than_the_array_limit(workdir, tmp_path, fak
     small = run([SBATCH_RUN_PIPE, "--dry-run", "--max-array-size", "2000", jobfile], cwd=workdir)
     assert [re.search(r"#SBATCH --array=(\S+)", t).group(1) for _, t in split_dry_run(small.stdout)] == [
         "0-1999", "0-499", "0-0"]
+
+
+def test_split_stages_offsets_split_stages_and_high_indices(tmp_path):
+    """pipe_split_stages MAX_TASKS MAX_INDEX: a stage of more than MAX_TASKS jobs is split
+    and offset; a stage that fits but whose job numbers pass MAX_INDEX (Torque's 99999) is
+    one array with offset indices; the others keep the job numbers as indices."""
+    script = tmp_path / "split_test.sh"
+    script.write_text(
+        "source %s\n"
+        "PIPE_STAGE_FIRST=(1 25001 99991) PIPE_STAGE_LAST=(25000 25010 100010)\n"
+        "for limits in '10000 99999' '100000 99999'; do\n"
+        "    pipe_split_stages $limits\n"
+        "    for (( i = 0; i < ${#PIPE_PIECE_STAGE[@]}; i++ )); do\n"
+        "        echo \"${PIPE_PIECE_STAGE[i]} ${PIPE_PIECE_FIRST[i]}-${PIPE_PIECE_LAST[i]} \\\n"
+        "part ${PIPE_PIECE_PART[i]} offset ${PIPE_PIECE_OFFSET[i]}\"\n"
+        "    done\n"
+        "    echo \"stage pieces: ${PIPE_STAGE_PIECE_FIRST[*]} / ${PIPE_STAGE_PIECE_COUNT[*]}\"\n"
+        "done\n" % (PIPE_SCRIPTS / "_jobfile.sh"))
+    result = run(["bash", script], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "1 1-10000 part 1 offset 1", "1 10001-20000 part 2 offset 10001", "1 20001-25000 part 3 offset 20001",
+        "2 25001-25010 part 1 offset 0", "3 99991-100010 part 1 offset 99991",
+        "stage pieces: 0 3 4 / 3 1 1",
+        "1 1-25000 part 1 offset 0", "2 25001-25010 part 1 offset 0", "3 99991-100010 part 1 offset 99991",
+        "stage pieces: 0 1 2 / 1 1 1"]
 
 
 def test_wrappers_refuse_an_old_bash(tmp_path):
