@@ -108,9 +108,16 @@ by hand for cubes with large velocity gradients.
 Outputs (fixed names): ``<name>_<map>.fits`` for every :data:`OUTPUT_MAPS` entry (class,
 ncomp, prob, per-component and dominant-component velocity / width / peak with ``_err``,
 rchi2, rms, domain; with ``--nh3-22`` also tkin, tex, logn, tau), ``<name>_table.ecsv``
-(one row per spectrum), ``<name>_model.fits`` and ``<name>_residual.fits`` on the cube's
-own axis, and ``<name>_clover.fits`` (the cube as the networks saw it) when its axis was
-changed.
+(one row per spectrum), ``<name>_provenance.json`` (version, command line, configuration,
+inputs with SHA-256 digests), ``<name>_model.fits`` and ``<name>_residual.fits`` on the
+cube's own axis, and ``<name>_clover.fits`` (the cube as the networks saw it) when its axis
+was changed.
+
+Spectral axes are read with astropy's WCS (``WCS(header).spectral``, SpectralCoord): any
+FITS spectral type (FREQ, VRAD, VOPT, VELO, WAVE, AWAV, ...) in any unit, CDELT or CD/PC
+matrices, AIPS-convention ``VELO-LSR``/``FREQ-LSR`` as wcslib translates them; velocities
+are radio-convention km/s for the rest frequency of ``--rest-frequency``, else RESTFRQ
+(RESTFREQ, RESTWAV).
 
 Inside a CASA 6 session: ``execfile("clover.py")`` defines the functions and runs nothing.
 TensorFlow, astropy, scipy and pyspeckit are imported only by the functions that need
@@ -126,6 +133,7 @@ import configparser
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -1028,6 +1036,154 @@ def cli_main(argv, subcommands, schema, validators=(), prepare_argv=None):
     parser = build_cli(__doc__.strip().splitlines()[0], subcommands, __version__, schema)
     parser.set_defaults(_argv=None if given is None else list(given))
     return run_cli(parser, argv, validators=validators(argv) if callable(validators) else validators)
+
+# ---------------------------------------------------------------------------
+# TensorFlow / keras, imported lazily and quietly (clover, ir_blobs)
+# ---------------------------------------------------------------------------
+# What TensorFlow's C++ libraries print on file descriptor 2 while they load.  absl writes
+# it before absl::InitializeLog() is called, so TF_CPP_MIN_LOG_LEVEL does not reach it
+# (TensorFlow 2.21: the oneDNN notice of port.cc prints at every level 0-3, twice, each after
+# absl's pre-initialisation line; measured).  TF_ENABLE_ONEDNN_OPTS=0 would silence the
+# notice, but ir_blobs' predict then runs 1.7-2.8x slower (probabilities equal to 1.5e-7), so
+# it is left alone.  The import's console output is caught and sorted instead.
+_ABSL_LINE = r"(?P<severity>[IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "    # absl's prefix
+_TF_LINE = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: (?P<severity>[IWEF]) \S+:\d+\] "  # TF < 2.16
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_CONTINUATIONS = ("To enable the following instructions:",)   # cpu_feature_guard's second line
+_SEVERITIES = "IWEF"                                           # TF_CPP_MIN_LOG_LEVEL 0 1 2 3
+
+
+def _own_log_line(text):
+    """True when ``text`` is a line of this tool's log (``HH:MM:SS LEVEL tool: ...``)."""
+    import re
+    return re.match(r"\d\d:\d\d:\d\d [A-Z]+ +%s: " % re.escape(log.name), text) is not None
+
+
+def _triage_startup_lines(lines, min_level=3):
+    """Sort what TensorFlow's import printed on the console into ``[(level, text)]``.
+
+    A C++ log line (absl's ``I0000 00:00:00.000000 123 file.cc:153] `` prefix, or the
+    ``date: I file.cc:153] `` one of older TensorFlow) whose severity is below ``min_level``
+    (TF_CPP_MIN_LOG_LEVEL: 0 INFO, 1 WARNING, 2 ERROR, 3 FATAL), its known continuation
+    lines and absl's pre-initialisation notice are start-up noise: level DEBUG.  A line of
+    this tool's own log gets level None (to be printed as it is).  Anything else (a FATAL
+    line, an unexpected message) is a WARNING.
+
+    Examples
+    --------
+    >>> _triage_startup_lines(["I0000 00:00:1796.02 14997 port.cc:153] oneDNN custom operations are on.",
+    ...                        "boom"], min_level=3)
+    [(10, 'I0000 00:00:1796.02 14997 port.cc:153] oneDNN custom operations are on.'), (30, 'boom')]
+    """
+    import re
+    out, previous_hidden = [], False
+    for text in (line.rstrip() for line in lines):
+        if not text:
+            continue
+        match = re.match(_ABSL_LINE, text) or re.match(_TF_LINE, text)
+        if match:
+            hidden = _SEVERITIES.index(match["severity"]) < min_level
+        elif text.startswith(_ABSL_PREAMBLE):
+            hidden = min_level > 0
+        else:
+            hidden = previous_hidden and text.startswith(_CONTINUATIONS)
+        if _own_log_line(text):
+            out.append((None, text))
+        else:
+            out.append((logging.DEBUG if hidden else logging.WARNING, text))
+        previous_hidden = hidden
+    return out
+
+
+def _tf_min_log_level():
+    """TF_CPP_MIN_LOG_LEVEL as TensorFlow reads it (0 when unset or not a number)."""
+    try:
+        return min(max(int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")), 0), 3)
+    except ValueError:
+        return 0
+
+
+def _flush_stderr():
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):     # closed, or an object without flush
+        pass
+
+
+@contextmanager
+def _captured_fd2(lines):
+    """Collect what is written to file descriptor 2 (C++ libraries and Python) into ``lines``.
+
+    File descriptor 2 itself is redirected (to a temporary file), so this works where
+    ``sys.stderr`` is some other object (CASA's logger, pytest's capture) too; a no-op when
+    the process has no descriptor 2.  A process that dies inside (an abort in a C++
+    library) loses what was collected.
+    """
+    _flush_stderr()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            _flush_stderr()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode("utf-8", "replace").splitlines())
+
+
+def _report_startup_lines(lines, min_level):
+    """Pass TensorFlow's import-time console lines on: noise to the log at DEBUG, the rest as
+    WARNINGs (``tensorflow: ...``), this tool's own log lines to stderr unchanged."""
+    for level, text in _triage_startup_lines(lines, min_level):
+        if level is None:
+            print(text, file=sys.stderr)
+        else:
+            log.log(level, "tensorflow: %s", text)
+
+
+def _import_keras(threads=None):
+    """Import keras (TensorFlow backend) lazily and quietly; set the CPU thread pools once.
+
+    Before the first import TF_CPP_MIN_LOG_LEVEL defaults to 3 (TensorFlow's C++ INFO,
+    WARNING and ERROR lines off: at 2, TF 2.21 with keras 3.15 prints an ERROR line about a
+    NodeDef attribute, ``use_unbounded_threadpool``, at every ``fit``); TensorFlow's own
+    failures reach Python as exceptions.  What the import prints on the console is sorted by
+    :func:`_triage_startup_lines` and passed on (start-up notices at DEBUG, anything else as
+    a WARNING); the Python loggers of TensorFlow and absl are set to ERROR.
+    TF_ENABLE_ONEDNN_OPTS is left alone (it changes the numerics).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if "tensorflow" not in sys.modules:
+        import importlib
+        lines = []
+        try:
+            with _captured_fd2(lines):
+                importlib.import_module("tensorflow")
+                importlib.import_module("keras")
+        finally:
+            _report_startup_lines(lines, _tf_min_log_level())
+    import tensorflow as tf
+    import keras
+    tf.get_logger().setLevel("ERROR")
+    try:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # absl comes with TensorFlow; nothing to quieten without it
+        pass
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(int(threads))
+        except RuntimeError:  # already initialised in this process: keep its pools
+            log.debug("TensorFlow thread pools already set; nproc=%s ignored", threads)
+    return keras
 # <<< shared conventions <<<
 
 # ===========================================================================
@@ -1601,47 +1757,6 @@ META_FILE = "clover_models.json"
 # ===========================================================================
 # Science: networks
 # ===========================================================================
-@contextmanager
-def _silenced_stderr():
-    """Send file descriptor 2 to /dev/null for a while (TensorFlow's C++ start-up lines,
-    which ignore Python's logging); a no-op where stderr has no file descriptor."""
-    try:
-        sys.stderr.flush()
-        fd = sys.stderr.fileno()
-        saved = os.dup(fd)
-    except (AttributeError, OSError, ValueError):   # notebooks, CASA's logger, pytest capture
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), fd)
-            yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-
-
-def _import_keras(threads=None):
-    """Import keras (TensorFlow backend) lazily and quietly; set the CPU thread pools once."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-    if "tensorflow" not in sys.modules:
-        import importlib
-        with _silenced_stderr():                  # start-up lines go to /dev/null
-            importlib.import_module("tensorflow")
-            importlib.import_module("keras")
-    import tensorflow as tf
-    import keras
-    tf.get_logger().setLevel("ERROR")
-    if threads:
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-            tf.config.threading.set_inter_op_parallelism_threads(int(threads))
-        except RuntimeError:  # already initialised in this process: keep its pools
-            log.debug("TensorFlow thread pools already set; nproc=%s ignored", threads)
-    return keras
-
-
 def build_network(nchan, n_out, head="class", dense=32):
     """Compact 1-D ConvNet on (nchan, 2) inputs (local and 3x3-mean spectra).
 
@@ -1918,8 +2033,9 @@ def refine_gaussians(spectra, params, prior_sigma=None, n_iter=12, chunk=1024, n
 
     Notes
     -----
-    Non-finite channels are left out of the fit.  The noise ``s`` of each spectrum is 1.4826 x the median absolute first difference
-    / sqrt(2) (robust to lines wider than a few channels).  Each spectrum is fitted in a
+    Non-finite channels are left out of the fit.  The noise ``s`` of each spectrum is
+    :func:`mad_sigma` of its first differences / sqrt(2) (robust to lines wider than a few
+    channels).  Each spectrum is fitted in a
     window of channels covering its components +- 5 sigma of the starting values (a
     common width within a chunk).  Starting from the network's estimate, a few steps
     converge, at a small fraction of the cost of a fit from scratch with model selection
@@ -2063,15 +2179,9 @@ def _slabs_and_jacobian(q, freq, jacobian=True):
 
 
 def _difference_noise(spectra):
-    """Per-spectrum noise: 1.4826 x median |first difference| / sqrt(2) (robust to lines
-    wider than a few channels); never zero."""
-    diff = np.abs(np.diff(spectra, axis=1))
-    if np.isfinite(diff).all():
-        noise = 1.4826 * np.median(diff, axis=1) / np.sqrt(2)
-    else:                                  # blank channels: finite differences only
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            noise = np.nan_to_num(1.4826 * np.nanmedian(diff, axis=1) / np.sqrt(2))
+    """Per-spectrum noise: :func:`mad_sigma` of the first differences / sqrt(2) (robust to
+    lines wider than a few channels; blank channels left out); never zero."""
+    noise = np.nan_to_num(mad_sigma(np.diff(spectra, axis=1), axis=1) / np.sqrt(2))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         top = np.nan_to_num(np.nanmax(np.abs(spectra), axis=1))
@@ -2551,16 +2661,13 @@ def check_against_data(spectra, velocity, net, line, settings=None, freq_hz=None
 
 
 def _residual_noise(y, model, fallback, min_free=20):
-    """rms per channel (1.4826 MAD) of the residuals in the line-free channels (model below
-    1 % of its peak), or of all residuals when fewer than ``min_free`` are line-free."""
+    """rms per channel (:func:`mad_sigma`) of the residuals in the line-free channels (model
+    below 1 % of its peak), or of all residuals when fewer than ``min_free`` are line-free."""
     resid = y - model
     free = np.abs(model) < 0.01 * np.abs(model).max(axis=1, keepdims=True) + 1e-30
     free &= np.isfinite(resid)
     use = np.where((free.sum(axis=1) >= min_free)[:, None], free, np.isfinite(resid))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        r = np.where(use, resid, np.nan)
-        s_res = 1.4826 * np.nanmedian(np.abs(r - np.nanmedian(r, axis=1)[:, None]), axis=1)
+    s_res = mad_sigma(np.where(use, resid, np.nan), axis=1)
     return np.where(np.isfinite(s_res) & (s_res > 0), s_res, fallback)
 
 
@@ -3176,9 +3283,8 @@ def _joint_internal_jacobian(jac, q, p):
 
 
 def _joint_noise(spectra):
-    """Per-spectrum noise from first differences (1.4826 median |diff| / sqrt 2), NaN-aware."""
-    with np.errstate(all="ignore"):
-        noise = 1.4826 * np.nanmedian(np.abs(np.diff(spectra, axis=1)), axis=1) / np.sqrt(2)
+    """Per-spectrum noise from first differences (:func:`mad_sigma` / sqrt 2), NaN-aware."""
+    noise = mad_sigma(np.diff(spectra, axis=1), axis=1) / np.sqrt(2)
     return np.where(np.isfinite(noise) & (noise > 0), noise, np.inf)
 
 
@@ -3429,7 +3535,7 @@ def make_features(cube):
 
 
 def robust_noise(spectra, edge=50):
-    """Per-spectrum noise from the edge channels: 1.4826 x MAD of the first and last ``edge``.
+    """Per-spectrum noise from the edge channels: :func:`mad_sigma` of the first and last ``edge``.
 
     Parameters
     ----------
@@ -3440,8 +3546,7 @@ def robust_noise(spectra, edge=50):
     n = spectra.shape[0]
     edge = max(1, min(edge, n // 4 or 1))
     ends = np.concatenate([spectra[:edge], spectra[n - edge:]], axis=0)
-    med = np.median(ends, axis=0)
-    return 1.4826 * np.median(np.abs(ends - med), axis=0)
+    return mad_sigma(ends, axis=0)
 
 
 def fill_blank_channels(cube, rng, max_blank=0.5):
@@ -3449,8 +3554,8 @@ def fill_blank_channels(cube, rng, max_blank=0.5):
 
     Real cubes often have blanked channels: band edges flagged in every pixel,
     single bad channels, regridding gaps.  A spectrum with at most ``max_blank`` of its
-    channels blank gets noise there (its own rms: 1.4826 x median absolute first
-    difference / sqrt(2)), so it is still classified; one with more stays blank and
+    channels blank gets noise there (its own rms: :func:`mad_sigma` of the first
+    differences / sqrt(2)), so it is still classified; one with more stays blank and
     gives NaN outputs (the original dropped every spectrum with any NaN).
 
     Parameters
@@ -3482,7 +3587,7 @@ def fill_blank_channels(cube, rng, max_blank=0.5):
         return cube, None
     spec = cube[:, fix]
     bad = ~np.isfinite(spec)
-    sigma = 1.4826 * np.nanmedian(np.abs(np.diff(spec, axis=0)), axis=0) / np.sqrt(2)
+    sigma = mad_sigma(np.diff(spec, axis=0), axis=0) / np.sqrt(2)
     noise = (rng.standard_normal(spec.shape) * sigma).astype(cube.dtype)
     filled = cube.copy()
     filled[:, fix] = np.where(bad, noise, spec)
@@ -3565,41 +3670,117 @@ class Cube:
     rest_hz: float = None     # rest frequency used for the velocities (Hz)
 
 
-_SPECTRAL_KINDS = {"FREQ": "freq", "VRAD": "radio", "VELO": "radio", "VOPT": "optical",
-                   "FELO": "optical", "WAVE": "wave", "AWAV": "wave"}
+# velocity axes and the Doppler convention their values are in (FITS WCS Paper III)
+_VELOCITY_CONVENTIONS = {"VRAD": "radio", "VOPT": "optical", "VELO": "relativistic"}
+# CTYPE words people write for a spectral axis that are not FITS spectral types
+_SPECTRAL_LOOKALIKES = ("VELO", "FREQ", "VRAD", "VOPT", "FELO", "WAVE", "AWAV", "VLSR", "VEL")
 
 
-def _velocity_axis(values, ctype, unit, rest_hz):
-    """Radio-convention velocity (km/s) from spectral-axis values in their unit."""
+def _read_wcs(header, path):
+    """astropy WCS of a FITS header; a header wcslib cannot read is an InputError naming the
+    file and the keyword; a spectral type translated by wcslib (AIPS ``VELO-LSR`` with
+    VELREF, ``FREQ-LSR``) is logged, and an AIPS velocity axis without VELREF - which
+    wcslib reads as optical - gives a :class:`CloverWarning`."""
+    from astropy.wcs import WCS, FITSFixedWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)   # OBSGEO, DATE-OBS, unit spelling fixes
+        try:
+            wcs = WCS(header)
+        except Exception as exc:  # noqa: BLE001 - astropy/wcslib raise many types for bad keywords
+            raise InputError(_wcs_problem(header, path, exc)) from None
+    spec = wcs.wcs.spec
+    if spec >= 0:
+        key = "CTYPE%d" % (spec + 1)
+        written, read = str(header.get(key, "")).strip(), wcs.wcs.ctype[spec]
+        if written.upper() != read.upper():
+            log.info("%s: %s = %r read as %r (wcslib, AIPS convention)", path, key, written, read)
+            if written[:4].upper() in ("VELO", "FELO") and read.startswith("VOPT") and "VELREF" not in header:
+                warnings.warn("%s: %s = %r without VELREF is read as an OPTICAL velocity (AIPS convention); "
+                              "if it is a radio velocity, set VELREF = 257 or %s = 'VRAD'"
+                              % (path, key, written, key), CloverWarning, stacklevel=3)
+    return wcs
+
+
+def _wcs_problem(header, path, exc):
+    """The message for a header that wcslib refuses: which keyword, what it holds, the fix."""
+    text = " ".join(str(exc).split())
+    found = re.search(r"\b(CUNIT|CTYPE)(\d+)\b", text)
+    if found:
+        key, axis = found.group(0), found.group(2)
+        value, ctype = header.get(key), header.get("CTYPE" + axis)
+        detail = text.split(":")[-1].strip() if ":" in text else text
+        if found.group(1) == "CUNIT":
+            return ("%s: %s = %r is not a unit clover can use for %s = %r (%s); write a FITS unit that "
+                    "fits the axis: Hz or GHz (FREQ), m/s or km/s (VRAD, VOPT, VELO), m or nm (WAVE)"
+                    % (path, key, value, "CTYPE" + axis, ctype, detail))
+        return ("%s: %s = %r cannot be read (%s); use a FITS spectral type such as FREQ, VRAD, VOPT "
+                "or WAVE" % (path, key, value, detail))
+    return "%s: the WCS cannot be read (%s); check the CTYPEn, CUNITn and CRVALn keywords" % (path, text)
+
+
+def _no_spectral_axis(header, naxis, path):
+    """InputError for a header without a FITS spectral axis; names a look-alike CTYPE."""
+    ctypes = {"CTYPE%d" % i: str(header.get("CTYPE%d" % i, "")).strip() for i in range(1, max(naxis, 1) + 1)}
+    for key, value in ctypes.items():
+        if value[:4].upper().startswith(_SPECTRAL_LOOKALIKES):
+            return InputError("%s has no spectral axis that FITS WCS knows: %s = %r is not a spectral type; "
+                              "rename it to VRAD (radio velocity), VOPT (optical velocity) or FREQ "
+                              "(frequency) with a matching CUNIT" % (path, key, value))
+    listed = ", ".join("%s = %r" % kv for kv in ctypes.items() if kv[1]) or "no CTYPEn keywords"
+    return InputError("%s has no spectral axis (%s; FITS spectral types are FREQ, VRAD, VOPT, VELO, "
+                      "WAVE, AWAV, ...); clover needs a spectral cube or spectrum" % (path, listed))
+
+
+def _spectral_coord(wcs, nchan):
+    """SpectralCoord of the ``nchan`` channels of the WCS's spectral axis, in the cube's own
+    frame: the observer (OBSGEO + date) is dropped - clover changes no frame, and building it
+    costs a second of coordinate transforms, may want IERS tables and fails for SPECSYS =
+    'SOURCE' - and air wavelengths are turned into vacuum ones by wcslib (SpectralCoord
+    knows only vacuum wavelengths)."""
+    spec = wcs.spectral.deepcopy()
+    spec.wcs.obsgeo = np.full(6, np.nan)
+    if spec.wcs.ctype[0].startswith("AWAV"):
+        spec.wcs.sptr("WAVE-???")
+    spec.wcs.set()
+    return spec.pixel_to_world(np.arange(nchan))
+
+
+def _radio_velocity(coord, ctype, rest_hz, where):
+    """Radio-convention velocity (km/s) of a SpectralCoord.
+
+    Parameters
+    ----------
+    coord : astropy.coordinates.SpectralCoord
+        Frequencies, wavelengths, energies or velocities (those carry the Doppler
+        convention and rest frequency of their header when it has one).
+    ctype : str
+        FITS spectral type of the axis (the convention of a velocity axis without a rest
+        frequency).
+    rest_hz : float or None
+        Rest frequency (Hz) the velocities refer to; a velocity axis written for another
+        rest frequency is re-referenced to this one (its frequencies are kept).
+    where : str
+        File and keyword, for the error message.
+
+    Raises
+    ------
+    InputError
+        When a rest frequency is needed (any axis but a radio velocity) and none is known.
+    """
     from astropy import units as u
-    kind = _SPECTRAL_KINDS.get(ctype[:4].upper())
-    if kind is None:
-        raise InputError("spectral axis type %r is not supported; use FREQ, VRAD, VELO, VOPT, "
-                         "FELO, WAVE or AWAV" % ctype)
-    try:
-        unit = u.Unit(unit or ("Hz" if kind == "freq" else "m/s" if kind != "wave" else "m"),
-                      parse_strict="raise")
-    except ValueError:
-        raise InputError("spectral unit %r is not a unit astropy knows; write CUNIT as e.g. "
-                         "Hz, GHz, m/s or km/s" % unit) from None
-    q = values * unit
-    needs_rest = kind in ("freq", "optical", "wave")
-    if needs_rest and not rest_hz:
-        raise InputError("a %s axis needs the rest frequency to give velocities; set RESTFRQ "
-                         "in the header or rest_frequency= (in Hz)" % ctype)
-    try:
-        if kind == "radio":
-            return q.to_value(u.km / u.s)
-        if kind == "freq":
-            f = q.to_value(u.Hz)
-        elif kind == "wave":
-            f = (q.to(u.Hz, equivalencies=u.spectral())).value
-        else:
-            f = rest_hz / (1 + q.to_value(u.km / u.s) / C_KMS)
-    except u.UnitConversionError:
-        raise InputError("spectral unit %r does not fit a %s axis; use a frequency unit for "
-                         "FREQ, a velocity unit for VRAD/VELO/VOPT" % (str(unit), ctype)) from None
-    return C_KMS * (1 - f / rest_hz)
+    from astropy.coordinates import SpectralCoord
+    rest = rest_hz * u.Hz if rest_hz else None
+    if coord.unit.physical_type == "speed" and coord.doppler_rest is None:
+        convention = _VELOCITY_CONVENTIONS.get(ctype[:4].upper(), "radio")
+        if rest is None and convention == "radio":
+            return coord.to_value(u.km / u.s)           # already what clover needs
+        if rest is not None:
+            coord = SpectralCoord(coord.quantity, doppler_convention=convention, doppler_rest=rest)
+    if rest is None and coord.doppler_rest is None:
+        raise InputError("%s: a %s axis needs the rest frequency to give radio velocities; set RESTFRQ "
+                         "(Hz) in the header, or give rest_frequency= / --rest-frequency" % (where, ctype))
+    return coord.to(u.km / u.s, doppler_convention="radio",
+                    doppler_rest=rest if rest is not None else coord.doppler_rest).value
 
 
 def read_cube(path, rest_frequency=None, nh3=False, force_rest=False, line="oneone"):
@@ -3612,7 +3793,9 @@ def read_cube(path, rest_frequency=None, nh3=False, force_rest=False, line="oneo
         as Stokes are dropped), or a text spectrum (see :func:`read_text_spectrum`).
         A 1-D spectrum becomes a 1 x 1 cube.
     rest_frequency : float, optional
-        Hz; overrides RESTFRQ/RESTFREQ of the header (NH3 mode defaults to the line's).
+        Hz; overrides RESTFRQ/RESTFREQ/RESTWAV of the header (NH3 mode defaults to the
+        line's).  A velocity axis written for another rest frequency is re-referenced to
+        this one.
     nh3 : bool
         NH3 mode: the rest frequency must be that of ``line`` (see :func:`check_nh3_rest`).
     force_rest : bool
@@ -3623,15 +3806,42 @@ def read_cube(path, rest_frequency=None, nh3=False, force_rest=False, line="oneo
     Returns
     -------
     Cube
+        ``velocity`` is the radio velocity (km/s) of every channel.
 
     Raises
     ------
     InputError
-        Missing or unreadable file, no spectral axis, a non-degenerate extra axis, an
-        unknown spectral unit, a missing or (NH3) wrong rest frequency, or no finite value.
+        Missing or unreadable file, no spectral axis, a non-degenerate extra axis, a
+        spectral unit that does not fit the axis, a missing or (NH3) wrong rest frequency,
+        or no finite value; the message names the file and the keyword.
+
+    Warns
+    -----
+    CloverWarning
+        An AIPS-convention ``VELO-xxx`` axis without VELREF (read as optical velocity).
+
+    Notes
+    -----
+    The spectral axis is decoded by astropy/wcslib: ``WCS(header).spectral.pixel_to_world``
+    gives a SpectralCoord (CDELT or CD/PC matrices, any unit, air wavelengths converted to
+    vacuum), turned into radio velocities with ``.to(km/s, doppler_convention="radio",
+    doppler_rest=rest)``.  A VRAD axis needs no rest frequency; VOPT, VELO (relativistic,
+    FITS Paper III) and frequency/wavelength axes do.
+
+    Examples
+    --------
+    >>> from astropy.io import fits
+    >>> import tempfile, pathlib
+    >>> hdr = fits.Header({"CTYPE1": "FREQ", "CUNIT1": "GHz", "CRVAL1": 23.6944955,
+    ...                    "CDELT1": -1.0e-5, "CRPIX1": 1.0, "RESTFRQ": 23.6944955e9})
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     path = pathlib.Path(tmp) / "spectrum.fits"
+    ...     fits.PrimaryHDU(np.ones(20, np.float32), hdr).writeto(path)
+    ...     velocity = read_cube(path).velocity
+    >>> [round(float(v), 4) for v in velocity[:3]]          # steps of c x 10 kHz / 23.69 GHz
+    [0.0, 0.1265, 0.253]
     """
     from astropy.io import fits
-    from astropy.wcs import WCS, FITSFixedWarning
     path = Path(path)
     if not path.is_file():
         raise InputError("cube %s does not exist; give the path of a FITS cube or spectrum" % path)
@@ -3646,26 +3856,17 @@ def read_cube(path, rest_frequency=None, nh3=False, force_rest=False, line="oneo
     except OSError as exc:
         raise InputError("cannot read %s as FITS (%s); give a FITS file, or a text spectrum "
                          "ending in %s" % (path, exc, ", ".join(TEXT_SUFFIXES))) from None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FITSFixedWarning)
-        try:
-            wcs = WCS(header)
-        except Exception as exc:  # astropy raises several types for bad WCS keywords
-            raise InputError("%s: the WCS cannot be read (%s); check CTYPE/CUNIT" % (path, exc)) from None
-    spec = _spectral_axis_index(header, data.ndim)
-    if spec is None:
-        raise InputError("%s has no spectral axis (no CTYPEn of FREQ/VRAD/VELO/VOPT/FELO/WAVE); "
-                         "clover needs a spectral cube or spectrum" % path)
+    wcs = _read_wcs(header, path)
+    spec = wcs.wcs.spec
+    if not wcs.has_spectral or spec >= data.ndim:
+        raise _no_spectral_axis(header, wcs.naxis, path)
     data, wcs2d = _squeeze_to_cube(data, wcs, spec, path)
     if not np.isfinite(data).any():
         raise InputError("%s contains no finite value (all NaN); nothing to predict" % path)
-    n = data.shape[0]
-    key = str(spec + 1)
-    crval, crpix = header.get("CRVAL" + key, 0.0), header.get("CRPIX" + key, 1.0)
-    values = crval + (np.arange(n) + 1 - crpix) * _spectral_cdelt(header, key)
-    ctype = str(header.get("CTYPE" + key, ""))
+    ctype = wcs.wcs.ctype[spec]
     rest = _rest_frequency(header, rest_frequency, nh3, line)
-    velocity = _velocity_axis(values, ctype, header.get("CUNIT" + key, ""), rest)
+    velocity = _radio_velocity(_spectral_coord(wcs, data.shape[0]), ctype, rest,
+                               "%s (CTYPE%d = %r)" % (path, spec + 1, ctype))
     if nh3:
         check_nh3_rest(path, rest, velocity, ctype, force_rest, line)
     spatial = wcs2d.to_header()
@@ -3679,6 +3880,8 @@ def read_cube(path, rest_frequency=None, nh3=False, force_rest=False, line="oneo
 
 
 TEXT_SUFFIXES = (".txt", ".dat", ".csv", ".ecsv", ".tsv")
+# FITS spectral type of a text spectrum's first column, by the physical type of its unit
+_TEXT_AXIS_TYPES = {"frequency": "FREQ", "speed": "VRAD", "length": "WAVE"}
 # header keywords copied from the input to every output map (frames, beam, provenance)
 HEADER_KEEP = ("BMAJ", "BMIN", "BPA", "OBJECT", "TELESCOP", "DATE-OBS", "MJD-OBS", "SPECSYS",
                "SSYSOBS", "VELOSYS", "VELREF", "OBSRA", "OBSDEC", "RADESYS", "EQUINOX")
@@ -3687,12 +3890,16 @@ NH3_REST_TOLERANCE_HZ = 1.0e6    # (1,1)-(2,2) are 28 MHz apart; CCS 2-1 at 22.3
 
 
 def _rest_frequency(header, rest_frequency, nh3, line="oneone"):
-    """Rest frequency (Hz): the argument, else RESTFRQ/RESTFREQ, else the NH3 line's in NH3 mode."""
+    """Rest frequency (Hz): the argument, else RESTFRQ/RESTFREQ, else c / RESTWAV (vacuum, m),
+    else the NH3 line's in NH3 mode."""
     if rest_frequency:
         return float(rest_frequency)
     rest = header.get("RESTFRQ", header.get("RESTFREQ"))
     if rest:
         return float(rest)
+    wave = header.get("RESTWAV", header.get("RESTWAVE"))
+    if wave:
+        return C_KMS * 1e3 / float(wave)
     return NH3_REST_HZ[line] if nh3 else None
 
 
@@ -3700,8 +3907,8 @@ def check_nh3_rest(path, rest_hz, velocity, ctype, force=False, line="oneone"):
     """Refuse an NH3-mode cube that is not of NH3 ``line`` (unless ``force``).
 
     The rest frequency must be within :data:`NH3_REST_TOLERANCE_HZ` of the line's, and
-    for a frequency axis the band centre must lie within 300 km/s of it (a (2,2) or CCS
-    cube written without RESTFRQ).
+    for an axis that is not a velocity (frequency, wavelength) the band centre must lie
+    within 300 km/s of it (a (2,2) or CCS cube written without RESTFRQ).
 
     Raises
     ------
@@ -3712,7 +3919,7 @@ def check_nh3_rest(path, rest_hz, velocity, ctype, force=False, line="oneone"):
     problem = None
     if rest_hz and abs(rest_hz - want) > NH3_REST_TOLERANCE_HZ:
         problem = "its rest frequency is %.6f GHz" % (rest_hz / 1e9)
-    elif ctype[:4].upper() == "FREQ" and abs(np.median(velocity)) > 300.0:
+    elif ctype[:4].upper() not in _VELOCITY_CONVENTIONS and abs(np.median(velocity)) > 300.0:
         problem = "its band centre is %.0f km/s from the line" % np.median(velocity)
     if problem and not force:
         raise InputError("%s is not an NH3 %s cube: %s, NH3 %s is at %.7f GHz; give the %s cube, "
@@ -3760,33 +3967,30 @@ def read_text_spectrum(path, rest_frequency=None, nh3=False, force_rest=False, l
         y = np.asarray(value, np.float32)
     except (TypeError, ValueError):
         raise InputError("%s: the first two columns must be numbers" % path) from None
-    unit = str(axis.unit) if axis.unit is not None else ("Hz" if np.nanmedian(np.abs(x)) > 1e6 else "km/s")
     from astropy import units as u
-    is_freq = u.Unit(unit).physical_type == "frequency"
+    from astropy.coordinates import SpectralCoord
+    unit = axis.unit if axis.unit is not None else u.Hz if np.nanmedian(np.abs(x)) > 1e6 else u.km / u.s
+    ctype = _TEXT_AXIS_TYPES.get(str(unit.physical_type).split("/")[0])
+    if ctype is None:
+        raise InputError("%s: the first column is in %s; give frequencies (Hz, GHz), velocities (km/s) "
+                         "or wavelengths (m, nm)" % (path, unit))
     step = np.diff(x)
     if not len(step) or np.any(np.abs(step - step.mean()) > 1e-3 * abs(step.mean())):
         raise InputError("%s: the channels are not evenly spaced (steps %.6g to %.6g %s); resample "
                          "the spectrum to a uniform axis first" % (path, step.min(), step.max(), unit))
     header = fits.Header()
-    header.update(NAXIS=1, NAXIS1=len(x), CTYPE1="FREQ" if is_freq else "VRAD", CUNIT1=unit,
+    header.update(NAXIS=1, NAXIS1=len(x), CTYPE1=ctype, CUNIT1=unit.to_string("fits"),
                   CRVAL1=float(x[0]), CDELT1=float(step.mean()), CRPIX1=1.0)
     if value.unit is not None:
         header["BUNIT"] = str(value.unit)
     rest = _rest_frequency(header, rest_frequency, nh3, line)
-    velocity = _velocity_axis(x, header["CTYPE1"], unit, rest)
+    velocity = _radio_velocity(SpectralCoord(x * unit), ctype, rest, "%s (first column, %s)" % (path, unit))
     if nh3:
-        check_nh3_rest(path, rest, velocity, header["CTYPE1"], force_rest, line)
+        check_nh3_rest(path, rest, velocity, ctype, force_rest, line)
     spatial = WCS(naxis=2).to_header()
     if rest:
         spatial["RESTFRQ"] = header["RESTFRQ"] = rest
     return Cube(y[:, None, None], velocity, header, spatial, header.get("BUNIT", ""), 1, path, rest)
-
-
-def _spectral_axis_index(header, naxis):
-    for i in range(naxis):
-        if str(header.get("CTYPE%d" % (i + 1), ""))[:4].upper() in _SPECTRAL_KINDS:
-            return i
-    return None
 
 
 def _squeeze_to_cube(data, wcs, spec, path):
@@ -3839,11 +4043,12 @@ def _spectral_cdelt(header, key):
 # Stage: predict
 # ===========================================================================
 def _output_paths(stem, outdir, refine=True, joint=False):
-    """Fixed output names: a FITS map per :data:`OUTPUT_MAPS` entry, the table, the model and
-    residual cubes (with ``refine``)."""
+    """Fixed output names: a FITS map per :data:`OUTPUT_MAPS` entry, the table, the
+    provenance record, the model and residual cubes (with ``refine``)."""
     names = [n for n, (_, _, needs) in OUTPUT_MAPS.items() if needs is None or (needs == "joint" and joint)]
     paths = {name: Path(outdir) / ("%s_%s.fits" % (stem, name)) for name in names}
     paths["table"] = Path(outdir) / ("%s_table.ecsv" % stem)
+    paths["provenance"] = Path(outdir) / ("%s_provenance.json" % stem)
     if refine:
         paths["model"] = Path(outdir) / ("%s_model.fits" % stem)
         paths["residual"] = Path(outdir) / ("%s_residual.fits" % stem)
@@ -3928,6 +4133,22 @@ def _write_outputs(paths, maps, table, model, cube, extra, domain, stem, outdir,
     if extra["cube"] is not None:
         data, vel = extra["cube"]
         write_network_cube(outdir / (stem + "_clover.fits"), data, vel, cube, overwrite, history)
+
+
+def _write_provenance_record(paths, config, arguments, cube, cube22, models, domain, n_pixels, seconds):
+    """``<name>_provenance.json`` beside the products: how they were made (inputs with digests)."""
+    inputs = {"cube": str(cube.path), "cube_sha256": file_digest(cube.path)}
+    if cube22 is not None:
+        inputs.update(nh3_22=str(cube22.path), nh3_22_sha256=file_digest(cube22.path))
+    meta = Path(models.model_dir) / META_FILE
+    write_provenance(paths["provenance"], config, predict=arguments, inputs=inputs,
+                     rest_frequency_hz=cube.rest_hz, velocity_range_kms=[float(cube.velocity.min()),
+                                                                         float(cube.velocity.max())],
+                     models={"line": models.line, "model_dir": str(models.model_dir),
+                             "members": models.n_members,
+                             "meta_sha256": file_digest(meta) if meta.is_file() else None},
+                     domain=domain.as_dict(), n_pixels=n_pixels, seconds=round(seconds, 2),
+                     outputs=sorted(p.name for name, p in paths.items() if name != "provenance"))
 
 
 def _remove_stale(stem, outdir, written, network_cube):
@@ -4075,7 +4296,7 @@ def _predict_blocks(cube, models, batch_size, block_pixels, progress):
 def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
             batch_size=2048, seed=0, rest_frequency=None, block_pixels=20000,
             progress=True, write=True, models=None, refine=True, tile=0, force_rest=False,
-            nh3_22=None, settings=None):
+            nh3_22=None, settings=None, config=None):
     """Classify every spectrum of a cube (or one spectrum) and measure its components.
 
     Parameters
@@ -4122,6 +4343,8 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
         components found give T_kin, T_ex, N(NH3) and tau (:func:`fit_nh3_joint`).
     settings : dict, optional
         Keys of :data:`DATA_CHECK`.
+    config : Config, optional
+        The configuration the command line resolved, copied into the provenance record.
 
     Returns
     -------
@@ -4142,6 +4365,8 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
     Notes
     -----
     Output names are fixed: ``<name>_<map>.fits`` for every map, ``<name>_table.ecsv``,
+    ``<name>_provenance.json`` (:func:`write_provenance`: version, command line,
+    configuration, the arguments and inputs of this call, with file digests),
     ``<name>_model.fits`` and ``<name>_residual.fits`` (with refine), and
     ``<name>_clover.fits`` - the cube as the networks saw it - when its axis was
     resampled, trimmed, padded or clipped.  Velocities are radio velocities on the cube's
@@ -4189,10 +4414,15 @@ def predict(f, nh3=False, nproc=1, outdir=None, overwrite=False, model_dir=None,
         model[:, ~valid] = np.nan
         if cube.velocity[-1] < cube.velocity[0]:
             model = model[::-1]
+    seconds = time.perf_counter() - start
     if write:
         _write_outputs(paths, maps, table, model, cube, extra, domain, stem, outdir, overwrite)
         _remove_stale(stem, outdir, paths, extra["cube"] is not None)
-    seconds = time.perf_counter() - start
+        arguments = {"nh3": bool(nh3), "nproc": nproc, "batch_size": batch_size, "seed": seed,
+                     "rest_frequency": rest_frequency, "block_pixels": block_pixels, "refine": bool(refine),
+                     "tile": int(tile), "force_rest": bool(force_rest), "settings": {**DATA_CHECK, **(settings or {})}}
+        _write_provenance_record(paths, config, arguments, cube, cube22, models, domain,
+                                 int(valid.sum()), seconds)
     log.info("predicted %d pixels in %.1f s", int(valid.sum()), seconds)
     return {"maps": maps, "table": table, "paths": paths if write else {}, "seconds": seconds,
             "n_pixels": int(valid.sum()), "velocity": cube.velocity, "domain": domain, "model": model}
@@ -4478,8 +4708,8 @@ def emission_channel(data, smooth=5, min_snr=5.0):
     """Channel of the emission peak of a (sub-)cube, or None when there is none.
 
     The mean of the finite spectra is smoothed by a ``smooth``-channel boxcar; its
-    maximum counts as emission when it exceeds ``min_snr`` x its noise (1.4826 MAD of
-    the smoothed mean spectrum about its median).
+    maximum counts as emission when it exceeds ``min_snr`` x its noise (:func:`mad_sigma`
+    of the smoothed mean spectrum).
 
     Examples
     --------
@@ -4496,7 +4726,7 @@ def emission_channel(data, smooth=5, min_snr=5.0):
     mean = np.array([plane[valid].mean(dtype=float) for plane in data])
     mean = np.convolve(mean, np.ones(smooth) / smooth, mode="same")
     base = np.median(mean)
-    noise = 1.4826 * np.median(np.abs(mean - base))
+    noise = mad_sigma(mean)
     peak = int(np.argmax(mean))
     return peak if mean[peak] - base > min_snr * max(noise, 1e-30) else None
 
@@ -4634,10 +4864,9 @@ def _regression_table(sim, comp, comp_err, pred, truth, min_snr=8.0):
 
 
 def _robust_std(x):
-    """1.4826 x median absolute deviation of the finite values (NaN if none)."""
+    """:func:`mad_sigma` of the finite values (NaN if none; infinities left out too)."""
     x = np.asarray(x, float)
-    x = x[np.isfinite(x)]
-    return 1.4826 * np.median(np.abs(x - np.median(x))) if x.size else float("nan")
+    return mad_sigma(x[np.isfinite(x)])
 
 
 SEP_BINS = (0.0, 1.5, 2.0, 3.0, np.inf)
@@ -5204,7 +5433,7 @@ def _cli_predict(args, config):
         if value is not None:
             p[key] = value
     p["settings"] = {k: p.pop(k) for k in list(p) if k in DATA_CHECK}
-    res = predict(args.cube, overwrite=args.overwrite, **p)
+    res = predict(args.cube, overwrite=args.overwrite, config=config, **p)
     log.info("wrote %d files to %s", len(res["paths"]), Path(next(iter(res["paths"].values()))).parent)
     return EXIT_OK
 

@@ -8,7 +8,7 @@ import numpy as np
 
 import clover
 
-__all__ = ["domain_cube", "write_cube_fits", "map_metrics", "beam_noise"]
+__all__ = ["domain_cube", "write_cube_fits", "map_metrics", "pooled_pulls", "beam_noise"]
 
 
 def beam_noise(rng, shape, beam_px):
@@ -93,22 +93,36 @@ def write_cube_fits(path, cube, velocity, line="gauss", beam_px=0.0, template=No
     return path
 
 
+def _matched(maps, truth):
+    """(selection, names) of the interior pixels where clover found the true number of
+    components: two-component pixels (vlsr1, vlsr2) and one-component pixels (vlsr)."""
+    inner = clover.interior_pixels(truth["class"])
+    return [(inner & (truth["ncomp"] == k) & (maps["ncomp"] == k), names)
+            for k, names in ((2, ("vlsr1", "vlsr2")), (1, ("vlsr",)))]
+
+
+def pooled_pulls(maps_and_truths):
+    """Finite centroid pulls (fit - truth) / error of one or several (maps, truth) pairs."""
+    pulls = [((maps[n] - truth[n]) / maps[n + "_err"])[sel]
+             for maps, truth in maps_and_truths for sel, names in _matched(maps, truth) for n in names]
+    pulls = np.concatenate(pulls)
+    return pulls[np.isfinite(pulls)]
+
+
 def map_metrics(maps, truth, dv_kms):
-    """Interior class accuracy and kinematic errors of clover maps against the truth."""
+    """Interior class accuracy and kinematic errors of clover maps against the truth; the
+    centroid pull spread is clover.mad_sigma of :func:`pooled_pulls` (one map)."""
     inner = clover.interior_pixels(truth["class"])
     out = {"class_accuracy": float((maps["class"] == truth["class"])[inner].mean())}
-    two = inner & (truth["ncomp"] == 2) & (maps["ncomp"] == 2)
-    one = inner & (truth["ncomp"] == 1) & (maps["ncomp"] == 1)
-    dv, ds, pull = [], [], []
-    for sel, names in ((two, ("vlsr1", "vlsr2")), (one, ("vlsr",))):
+    dv, ds = [], []
+    for sel, names in _matched(maps, truth):
         for name in names:
-            d = (maps[name] - truth[name])[sel]
-            dv.append(np.abs(d))
-            pull.append(d / maps[name + "_err"][sel])
+            dv.append(np.abs(maps[name] - truth[name])[sel])
             sname = name.replace("vlsr", "sig")
             ds.append(np.abs(maps[sname] - truth[sname])[sel] / truth[sname][sel])
-    dv, ds, pull = (np.concatenate(a) if a else np.array([np.nan]) for a in (dv, ds, pull))
+    dv, ds = (np.concatenate(a) if a else np.array([np.nan]) for a in (dv, ds))
+    pull = pooled_pulls([(maps, truth)])
     out.update({"mae_v_kms": float(np.nanmedian(dv)), "mae_v_channels": float(np.nanmedian(dv) / dv_kms),
-                "mae_sigma_rel": float(np.nanmedian(ds)),
-                "pull_std_v": float(1.4826 * np.nanmedian(np.abs(pull - np.nanmedian(pull))))})
+                "mae_sigma_rel": float(np.nanmedian(ds)), "pull_std_v": float(clover.mad_sigma(pull)),
+                "pull_median_v": float(np.median(pull)) if pull.size else float("nan"), "n_pulls": int(pull.size)})
     return out
