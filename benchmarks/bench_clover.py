@@ -6,9 +6,11 @@ parameters drawn from the training ranges, small gradients inside the block, pea
 4-30).  Reported: spectra per second and accuracy against the truth (classification per
 class, median absolute centroid/dispersion errors of two-component pixels).
 
-    .venv/bin/python benchmarks/bench_clover.py [--size 100] [--lsq-pixels 10000]
+    .venv/bin/python benchmarks/bench_clover.py [--size 100] [--lsq-pixels 10000] [--quick]
 
-Writes ``benchmarks/results/clover.json`` and prints a Markdown table.
+Writes ``benchmarks/results/clover.json`` and prints a Markdown table.  ``--quick`` is a smoke
+run (30 x 30 pixels, 30 least-squares pixels, one repeat, no warm-up) whose numbers are not
+written.
 """
 import argparse
 import os
@@ -142,7 +144,12 @@ def main(argv=None):
     parser.add_argument("--lsq-pixels", type=int, default=3000,
                         help="random pixels fitted by least squares (default 3000)")
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="30 x 30 pixels, 30 fitted, one repeat, no warm-up (a smoke run; nothing written)")
     args = parser.parse_args(argv)
+    repeat = 3
+    if args.quick:
+        args.size, args.lsq_pixels, repeat = 30, 30, 1       # 9 blocks: all three classes
     import clover
     cube, vel, truth = simulate_block_cube(args.size)
     npix = args.size ** 2
@@ -154,12 +161,13 @@ def main(argv=None):
         clover.cube_hdu(cube, vel).writeto(path)
         predict = lambda: clover.predict(path, models=models, outdir=Path(tmp) / "out", overwrite=True,  # noqa: E731
                                          progress=False)
-        predict()                                                   # warm-up (tracing)
-        t_clover, res = best_of(predict, repeat=3)
+        if not args.quick:
+            predict()                                               # warm-up (tracing)
+        t_clover, res = best_of(predict, repeat=repeat)
         t_plain, plain = best_of(lambda: clover.predict(path, models=models, outdir=Path(tmp) / "plain",
-                                                        overwrite=True, progress=False, refine=False), repeat=3)
+                                                        overwrite=True, progress=False, refine=False), repeat=repeat)
     x, tmax, valid = clover.make_features(cube)
-    t_net, _ = best_of(lambda: clover.predict_spectra(x, models), repeat=3)
+    t_net, _ = best_of(lambda: clover.predict_spectra(x, models), repeat=repeat)
     start = time.perf_counter()
     lsq = run_lsq(cube, vel, chosen)
     t_lsq = time.perf_counter() - start
@@ -187,6 +195,9 @@ def main(argv=None):
           "one-component pixels that each method puts in the right class); "
           "accuracy and errors over the %d of %d least-squares pixels whose 3x3 window lies in one block"
           % (mask.sum(), lsq_pixels))
+    if args.quick:
+        print("--quick: a smoke run, results/clover.json not written")
+        return 0
     path = write_results("clover", rows, cube={"size": args.size, "nchan": 500, "seed": 12345,
                                               "blocks": "10x10 pixels, random class and parameters",
                                               "lsq_pixels": lsq_pixels, "scored_pixels": int(mask.sum()),

@@ -10,9 +10,10 @@ accuracy (pixels whose 3x3 window is in one region), median |centroid error| in 
 in channels of the cube, median |dispersion error| / dispersion, the robust spread of the
 centroid pulls (error / reported uncertainty) and whether the axis was resampled.
 
-    .venv/bin/python benchmarks/bench_clover_domain.py [--nproc 2]
+    .venv/bin/python benchmarks/bench_clover_domain.py [--nproc 2] [--quick]
 
-Writes ``benchmarks/results/clover_domain.json`` and prints Markdown tables.
+Writes ``benchmarks/results/clover_domain.json`` and prints Markdown tables.  ``--quick`` is a
+smoke run (two Gaussian bins and one NH3 bin of the grid) whose numbers are not written.
 """
 import argparse
 import os
@@ -55,25 +56,32 @@ def run_bin(line, models, factor, sigma_kms, beam, tmp, seed=1):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="three bins of the grid (a smoke run; nothing written)")
     args = parser.parse_args(argv)
     import clover
     clover.setup_logging(quiet=True)
+    if args.quick:
+        gauss_bins = [(1.0, 2.0, 0.0), (2.0, 5.0, 2.0)]
+        nh3_bins = [(2.0, 0.3, 2.0)]
+    else:
+        gauss_bins = [(f, s, b) for f in FACTORS for s in GAUSS_SIGMA_CH for b in BEAMS]
+        nh3_bins = [(f, s, b) for f in FACTORS for s in NH3_SIGMA_KMS for b in BEAMS]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = clover.CloverModels("gauss", nproc=args.nproc)
-        for factor in FACTORS:
-            for sch in GAUSS_SIGMA_CH:
-                for beam in BEAMS:
-                    rows.append(run_bin("gauss", models, factor, sch * factor * clover.TEMPLATE_DV_KMS, beam, tmp))
+        for factor, sch, beam in gauss_bins:
+            rows.append(run_bin("gauss", models, factor, sch * factor * clover.TEMPLATE_DV_KMS, beam, tmp))
         models = clover.CloverModels("nh3", nproc=args.nproc)
-        for factor in FACTORS:
-            for sig in NH3_SIGMA_KMS:
-                for beam in BEAMS:
-                    rows.append(run_bin("nh3", models, factor, sig, beam, tmp))
+        for factor, sig, beam in nh3_bins:
+            rows.append(run_bin("nh3", models, factor, sig, beam, tmp))
     columns = ["line", "dv / trained", "sigma (channels)", "beam (px)", "resampled", "class_accuracy", "mae_v_kms",
                "mae_v_channels", "mae_sigma_rel", "pull_std_v", "warnings"]
     for line in ("gauss", "nh3"):
         print("\n" + markdown_table([r for r in rows if r["line"] == line], columns))
+    if args.quick:
+        print("--quick: a smoke run, results/clover_domain.json not written")
+        return 0
     path = write_results("clover_domain", rows, grid={"factors": FACTORS, "gauss_sigma_channels": GAUSS_SIGMA_CH,
                                                      "nh3_sigma_kms": NH3_SIGMA_KMS, "beams_px": BEAMS})
     print("wrote", path)

@@ -11,9 +11,10 @@ classifier can do better than chance on such spectra.  The shipped clover ensemb
 classifies the same spectra; its accuracy is reported per dchi2 class and per separation
 bin.
 
-    .venv/bin/python benchmarks/bench_clover_nh3_limit.py [--n 1200] [--seed 4242]
+    .venv/bin/python benchmarks/bench_clover_nh3_limit.py [--n 1200] [--seed 4242] [--quick]
 
-Writes ``benchmarks/results/clover_nh3_limit.json`` and prints a Markdown table.
+Writes ``benchmarks/results/clover_nh3_limit.json`` and prints a Markdown table.  ``--quick`` is
+a smoke run (30 spectra) whose numbers are not written.
 """
 import argparse
 import os
@@ -73,7 +74,10 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=1200)
     parser.add_argument("--seed", type=int, default=4242)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="30 spectra (a smoke run; nothing written)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.n = 30
     import clover
     rng = np.random.default_rng(args.seed)
     freq, model, copies, snr_min, params = simulate(args.n, rng)
@@ -109,6 +113,9 @@ def main(argv=None):
     ceiling = 1 - 0.5 * rows[1]["fraction"]
     print("\nwith chance (0.5) on the dchi2 < 8 spectra and perfect elsewhere, the best possible "
           "two-component accuracy is %.3f; one-component fits took %.0f s" % (ceiling, seconds))
+    if args.quick:
+        print("--quick: a smoke run, results/clover_nh3_limit.json not written")
+        return 0
     path = write_results("clover_nh3_limit", rows, ceiling=ceiling, n=args.n, seed=args.seed,
                          fit_seconds=seconds)
     print("wrote", path)

@@ -14,9 +14,10 @@ pixels called two-component by the networks alone, by the fits with the beam in 
 header (BMAJ = BMIN = the FWHM of the noise correlation) and by the fits with no beam
 in the header (the neighbours wrongly counted as independent).
 
-    .venv/bin/python benchmarks/bench_clover_nh3_maps.py [--beam 1.3] [--seps 1.2,1.7]
+    .venv/bin/python benchmarks/bench_clover_nh3_maps.py [--beam 1.3] [--seps 1.2,1.7] [--quick]
 
-Writes ``benchmarks/results/clover_nh3_maps.json`` and prints a Markdown table.
+Writes ``benchmarks/results/clover_nh3_maps.json`` and prints a Markdown table.  ``--quick`` is a
+smoke run (8 x 8-pixel maps, one separation) whose numbers are not written.
 """
 import argparse
 import os
@@ -35,9 +36,9 @@ from benchutil import markdown_table, write_results  # noqa: E402
 SIZE = 30
 
 
-def smooth_fields():
+def smooth_fields(size=SIZE):
     """Per-pixel T_kin, log N, sigma and centroid (smooth over the map)."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    yy, xx = np.mgrid[0:size, 0:size]
     tkin = 18 + 5 * np.sin(yy / 5.0)
     logn = 13.7 + 0.3 * np.cos(xx / 4.0)
     sigma = 0.3 + 0.15 * np.sin(xx / 6.0) * np.cos(yy / 7.0)
@@ -45,10 +46,10 @@ def smooth_fields():
     return [a.ravel() for a in (tkin, logn, sigma, vlsr)]
 
 
-def noise_cube(rng, beam):
-    """(1000, SIZE, SIZE) unit-rms noise, spatially smoothed by a Gaussian of ``beam`` pixels."""
+def noise_cube(rng, beam, size=SIZE):
+    """(1000, size, size) unit-rms noise, spatially smoothed by a Gaussian of ``beam`` pixels."""
     from scipy.ndimage import gaussian_filter
-    noise = rng.standard_normal((1000, SIZE, SIZE))
+    noise = rng.standard_normal((1000, size, size))
     if beam > 0:
         noise = gaussian_filter(noise, (0, beam, beam))
         noise /= noise.std()
@@ -74,13 +75,18 @@ def main(argv=None):
     parser.add_argument("--seps", default="1.2,1.7", help="two-component separations / sigma")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="8 x 8-pixel maps, one separation (a smoke run; nothing written)")
     args = parser.parse_args(argv)
+    size = SIZE
+    if args.quick:
+        size, args.seps = 8, args.seps.split(",")[0]
     import clover
     clover.setup_logging(quiet=True)
     rng = np.random.default_rng(args.seed)
     models = clover.CloverModels("nh3", nproc=args.nproc)
     freq, velocity = clover.nh3_template_axis()
-    tkin, logn, sigma, vlsr = smooth_fields()
+    tkin, logn, sigma, vlsr = smooth_fields(size)
     one = clover.nh3_spectra(freq, tkin, logn, sigma, vlsr)
     truths = [("one component", one)]
     for sep in (float(s) for s in args.seps.split(",")):
@@ -90,7 +96,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for label, spec in truths:
             for beam in (0.0, args.beam):
-                cube = (spec.T.reshape(-1, SIZE, SIZE) + 0.1 * noise_cube(rng, beam)).astype(np.float32)
+                cube = (spec.T.reshape(-1, size, size) + 0.1 * noise_cube(rng, beam, size)).astype(np.float32)
                 rows.append({"truth": label, "noise beam sigma (px)": beam,
                              "two: networks": two_fraction(cube, velocity, models, False, None, tmp),
                              "two: fits, beam in header": two_fraction(cube, velocity, models, True, beam, tmp),
@@ -98,7 +104,10 @@ def main(argv=None):
     columns = ["truth", "noise beam sigma (px)", "two: networks", "two: fits, beam in header",
                "two: fits, no beam in header"]
     print(markdown_table(rows, columns))
-    path = write_results("clover_nh3_maps", rows, seed=args.seed, size=SIZE)
+    if args.quick:
+        print("--quick: a smoke run, results/clover_nh3_maps.json not written")
+        return 0
+    path = write_results("clover_nh3_maps", rows, seed=args.seed, size=size)
     print("wrote", path)
     return 0
 

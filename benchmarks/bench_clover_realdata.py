@@ -14,9 +14,11 @@
    script's per-pixel fits) on ``--pyspeckit-pixels`` random pixels; both scored against
    the injected truth.
 
-    .venv/bin/python benchmarks/bench_clover_realdata.py [--size 100] [--pyspeckit-pixels 60]
+    .venv/bin/python benchmarks/bench_clover_realdata.py [--size 100] [--pyspeckit-pixels 60] [--quick]
 
-Writes ``benchmarks/results/clover_realdata.json`` and prints Markdown tables.
+Writes ``benchmarks/results/clover_realdata.json`` and prints Markdown tables.  ``--quick`` is a
+smoke run (the real cubes timed once, a 12 x 12 simulated cube, 2 pyspeckit pixels) whose
+numbers are not written.
 """
 import argparse
 import logging
@@ -39,14 +41,15 @@ DATA = ROOT / "tests" / "data" / "nh3"
 CUBE11, CUBE22 = DATA / "ammonia_11_cutout.fits", DATA / "ammonia_22_cutout.fits"
 
 
-def real_rows(models):
-    """clover vs the stored pyspeckit reference on the real cubes."""
+def real_rows(models, quick=False):
+    """clover vs the stored pyspeckit reference on the real cubes (``quick``: no warm-up, one repeat)."""
     import clover
     from astropy.table import Table
     ref = Table.read(DATA / "g23_pyspeckit_reference.ecsv")
     run = lambda **kw: clover.predict(CUBE11, nh3=True, models=models, write=False, progress=False, **kw)  # noqa: E731
-    run()
-    t11, res = best_of(run, repeat=2)
+    if not quick:
+        run()
+    t11, res = best_of(run, repeat=1 if quick else 2)
     t22, res22 = best_of(lambda: run(nh3_22=CUBE22), repeat=1)
     y, x = np.asarray(ref["y"]), np.asarray(ref["x"])
     maps = res22["maps"]
@@ -150,15 +153,23 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=100, help="simulated cube size (pixels)")
     parser.add_argument("--pyspeckit-pixels", type=int, default=60, help="pixels pyspeckit fits in the simulated cube")
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="one timing of the real cubes, a 12 x 12 simulated cube, 2 pyspeckit pixels "
+                             "(a smoke run; nothing written)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.size, args.pyspeckit_pixels = 12, 2
     import clover
     clover.setup_logging(quiet=True)
     models = clover.CloverModels("nh3", nproc=args.nproc)
-    real, speed = real_rows(models)
+    real, speed = real_rows(models, args.quick)
     print(markdown_table([real], list(real)))
     print("\n" + markdown_table(speed, ["method", "spectra_per_s", "speedup"]))
     sim = simulated_rows(models, args.size, args.pyspeckit_pixels)
     print("\n" + markdown_table(sim, ["method", "spectra_per_s", "speedup", "class accuracy", "median |dv1| km/s"]))
+    if args.quick:
+        print("--quick: a smoke run, results/clover_realdata.json not written")
+        return 0
     path = write_results("clover_realdata", {"real": real, "speed": speed, "simulated": sim},
                          size=args.size, pyspeckit_pixels=args.pyspeckit_pixels, threads=args.nproc)
     print("wrote", path)

@@ -13,11 +13,12 @@ with 2 parallel workers vs 1.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_faust.py [--nchan 32] [--keep DIR]
+    .venv/bin/python benchmarks/bench_faust.py [--nchan 32] [--keep DIR] [--quick]
 
 Each case is timed ``--repeat`` times (default 2), alternating, and the best time kept,
 because the machine may be shared.  Prints a Markdown table and writes
-benchmarks/results/faust.json.
+benchmarks/results/faust.json (not with ``--quick``: 16 channels, one repeat, a smoke run
+whose numbers mean little).
 """
 import argparse
 import json
@@ -110,7 +111,11 @@ def main(argv=None):
     parser.add_argument("--nchan", type=int, default=32)
     parser.add_argument("--keep", help="work in this folder and keep it")
     parser.add_argument("--repeat", type=int, default=2, help="best of N alternating runs")
+    parser.add_argument("--quick", action="store_true",
+                        help="16 channels, one repeat (a smoke run; results/faust.json not written)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.nchan, args.repeat = 16, 1       # the simulated lines need >= 16 channels
     root = Path(args.keep or tempfile.mkdtemp(prefix="bench-faust-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     try:
@@ -124,6 +129,7 @@ def main(argv=None):
             bare_s = min(bare_s, time_bare_tclean(config, root / "bare"))
             one = min(one, time_chunked(root, cfg, 1))
             two = min(two, time_chunked(root, cfg, 2))
+        imsize = list(config.dset.imsize)     # read from the MS (dish diameter): before it is removed
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -136,9 +142,12 @@ def main(argv=None):
          "ours_s": two, "reference_s": one, "ratio": two / one},
     ]
     columns = ["case", "ours_s", "reference_s", "ratio"]
-    print("nchan %d, imsize %s, load average %s" % (args.nchan, config.dset.imsize, os.getloadavg()))
+    print("nchan %d, imsize %s, load average %s" % (args.nchan, imsize, os.getloadavg()))
     print(markdown_table(rows, columns))
-    path = write_results("faust", rows, nchan=args.nchan, imsize=config.dset.imsize, repeat=args.repeat,
+    if args.quick:
+        print("--quick: a smoke run, results/faust.json not written")
+        return 0
+    path = write_results("faust", rows, nchan=args.nchan, imsize=imsize, repeat=args.repeat,
                          loadavg=os.getloadavg(), target_overhead_ratio=1.10)
     print("wrote", path)
     return 0

@@ -133,6 +133,7 @@ def main(argv=None):
                              original_parameters=int(orig.count_params()))
         print("wrote", path)
     else:
+        print("--quick: a smoke run, results/ir_blobs.json not written")
         print(json.dumps({"quick": True, "rows": len(rows)}))
     return 0
 

@@ -103,7 +103,9 @@ def main(argv=None):
     cols = ["model", "weights", "precision", "recall", "false_pos", "faint_recall", "auc", "threshold", "epochs",
             "train_s", "subframes_per_s"]
     print(markdown_table(rows, cols))
-    if not args.quick:
+    if args.quick:
+        print("--quick: a smoke run, results/ir_blobs_models.json not written")
+    else:
         print("wrote", write_results("ir_blobs_models", rows, n_train=n_train, n_val=n_val, epochs=epochs,
                                      test_tiles=int(len(te["labels"])), test_seed=4242))
     return 0

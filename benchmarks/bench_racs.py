@@ -13,8 +13,10 @@ nearest neighbour in catalogue 2 within 45"), side by side:
 Then the whole pipeline (simulate -> Aegean -> crossmatch -> transients -> stamps -> database)
 on a simulated 4k x 4k ASKAP-like image, with the time of each step.
 
-Run: ``.venv/bin/python benchmarks/bench_racs.py [--sizes 1e4 1e5 1e6] [--e2e-size 4000]``.
-Without TOOLKIT_PG_URL the script re-runs itself under tests/with_postgres.sh.
+Run: ``.venv/bin/python benchmarks/bench_racs.py [--sizes 1e4 1e5 1e6] [--e2e-size 4000] [--quick]``.
+Without TOOLKIT_PG_URL the script re-runs itself under tests/with_postgres.sh.  ``--quick`` is a
+smoke run (2000 x 2000 sources, one repeat, a 500 x 500 image end to end) whose numbers are not
+written.
 """
 import argparse
 import os
@@ -152,7 +154,11 @@ def main(argv=None):
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--e2e-size", type=int, default=4000, help="0 = skip the end-to-end run")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="2000 sources, one repeat, a 500 px image (a smoke run; nothing written)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.repeat, args.e2e_size = [2000], 1, 500
     pg_url, code = postgres_or_reexec(__file__, argv, skip=args.no_postgres)
     if code is not None:
         return code
@@ -182,6 +188,9 @@ def main(argv=None):
         previous = RESULTS_DIR / "racs.json"
         if previous.is_file():
             e2e = json.loads(previous.read_text()).get("end_to_end", [])
+    if args.quick:
+        print("\n--quick: a smoke run, results/racs.json not written")
+        return 0
     path = write_results("racs", rows, end_to_end=e2e, target="1e6 x 1e6 crossmatch <= 5 s on 2 cores")
     print("\nwritten", path)
     return 0

@@ -8,8 +8,9 @@ random page), a cone search (10 arcmin around random positions), one run's cross
 table and the runs page.  Median and 95th percentile per request kind are written to
 ``benchmarks/results/racs_web.json``.  Target: median < 300 ms, p95 < 1 s.
 
-Run: ``.venv/bin/python benchmarks/bench_racs_web.py [--rows 100000] [--requests 60]``;
-without TOOLKIT_PG_URL the script re-runs itself under tests/with_postgres.sh.
+Run: ``.venv/bin/python benchmarks/bench_racs_web.py [--rows 100000] [--requests 60] [--quick]``;
+without TOOLKIT_PG_URL the script re-runs itself under tests/with_postgres.sh.  ``--quick`` is a
+smoke run (1000 rows, 3 requests of each kind) whose numbers are not written.
 """
 import argparse
 import http.cookiejar
@@ -113,7 +114,11 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=60)
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--quick", action="store_true",
+                        help="1000 rows, 3 requests each (a smoke run; nothing written)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.requests = 1000, 3
     pg_url, code = postgres_or_reexec(__file__, argv, skip=args.no_postgres)
     if code is not None:
         return code
@@ -132,6 +137,9 @@ def main(argv=None):
                 conn.execute(sa.text('DROP DATABASE IF EXISTS "racs_web_bench" WITH (FORCE)'))
     print("\nReview website, %d crossmatch rows, %d requests each, over HTTP on 127.0.0.1\n" % (args.rows, args.requests))
     print(markdown_table(rows, ["database", "request", "median_ms", "p95_ms", "max_ms"]))
+    if args.quick:
+        print("\n--quick: a smoke run, results/racs_web.json not written")
+        return 0
     path = write_results("racs_web", rows, target="median < 300 ms, p95 < 1 s (1e5 rows)")
     print("\nwritten", path)
     return 0

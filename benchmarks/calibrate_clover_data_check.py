@@ -9,9 +9,10 @@ once (its own seed, not the training or test seeds), then scans the network weig
 count-weighted mean |fraction correct - mean prob| over probability bins) - the
 numbers behind the shipped ``network_weight`` and ``temperature``.
 
-    .venv/bin/python benchmarks/calibrate_clover_data_check.py [--n 3000] [--seed 555]
+    .venv/bin/python benchmarks/calibrate_clover_data_check.py [--n 3000] [--seed 555] [--quick]
 
-Writes ``benchmarks/results/clover_data_check.json`` and prints Markdown tables.
+Writes ``benchmarks/results/clover_data_check.json`` and prints Markdown tables.  ``--quick`` is a
+smoke run (60 Gaussian and 30 NH3 spectra) whose numbers are not written.
 """
 import argparse
 import os
@@ -67,7 +68,11 @@ def main(argv=None):
     parser.add_argument("--n", type=int, default=3000, help="spectra per line type (NH3: half)")
     parser.add_argument("--seed", type=int, default=555)
     parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--quick", action="store_true",
+                        help="60 + 30 spectra (a smoke run; nothing written)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.n = 60
     out = {}
     for line, n in (("gauss", args.n), ("nh3", args.n // 2)):
         sim, res, check = fitted_set(line, n // 3 * 3, args.seed, args.nproc)
@@ -75,6 +80,9 @@ def main(argv=None):
         print("\n%s (%d spectra)\n" % (line, n))
         print(markdown_table(rows, ["w", "T", "acc noise", "acc one", "acc two", "log loss", "ECE"]))
         out[line] = rows
+    if args.quick:
+        print("--quick: a smoke run, results/clover_data_check.json not written")
+        return 0
     path = write_results("clover_data_check", out, n=args.n, seed=args.seed)
     print("wrote", path)
     return 0

@@ -38,7 +38,11 @@ Outputs (no network access is needed or used)::
 Usage::
 
     .venv/bin/python benchmarks/reference_clover_nh3_pyspeckit.py [--nproc 2]
-        [--check-plot /tmp/ref_check.png] [--max-pixels N]
+        [--check-plot /tmp/ref_check.png] [--max-pixels N] [--quick]
+
+``--quick`` is a smoke run: the first 2 pixels (``--max-pixels``) and the 1-D spectrum, the
+tables written to a temporary folder that is then removed, the speed JSON not written (the
+stored reference tables and benchmarks/results stay as they are).
 
 Notes
 -----
@@ -712,7 +716,27 @@ def main(argv=None):
     parser.add_argument("--check-plot", default="",
                         help="PNG with data vs model for a few pixels")
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--quick", action="store_true",
+                        help="2 pixels + the 1-D spectrum, tables to a temporary folder, no results "
+                             "JSON (a smoke run)")
     args = parser.parse_args(argv)
+    if not args.quick:
+        return run(args)
+    import shutil
+    import tempfile
+    tmp = Path(tempfile.mkdtemp(prefix="reference-nh3-quick-"))
+    args.max_pixels = args.max_pixels or 2
+    args.out, args.out_spectrum = str(tmp / "reference.ecsv"), str(tmp / "spectrum.ecsv")
+    if args.check_plot:
+        args.check_plot = str(tmp / "check.png")
+    try:
+        return run(args)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run(args):
+    """Fit, write the tables and (without ``--quick``) the speed JSON."""
 
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
     _quiet()
@@ -843,14 +867,20 @@ def main(argv=None):
                                "median_s_per_spectrum": tstats[key]["median_s"],
                                "cpu_seconds": s})
     joint_sum = tstats.get("j1_time", {}).get("sum_s", 0) + tstats.get("j2_time", {}).get("sum_s", 0)
-    path = write_results(
-        args.results_name, speed_rows, n_spectra=n, nproc=args.nproc,
-        wall_seconds_total=wall_cube, spectra_per_s_wall=n / wall_cube,
-        joint_spectra_per_s_one_process=(n / joint_sum if joint_sum else None),
-        starts={"one": 3, "two": 3, "joint": len(cfg["joint_tkin_starts"])},
-        pyspeckit_version=pyspeckit.__version__, ncomp_counts=counts,
-        test_spectrum_seconds=(spec_rows[0]["time_total"] if spec_rows else None))
-    LOG.info("wrote %s", path)
+    for row in speed_rows:
+        LOG.info("%s: %.3g spectra/s (one process), median %.3g s per spectrum", row["fit"],
+                 row["spectra_per_s_one_process"], row["median_s_per_spectrum"])
+    if args.quick:
+        LOG.info("--quick: a smoke run, benchmarks/results/%s.json not written", args.results_name)
+    else:
+        path = write_results(
+            args.results_name, speed_rows, n_spectra=n, nproc=args.nproc,
+            wall_seconds_total=wall_cube, spectra_per_s_wall=n / wall_cube,
+            joint_spectra_per_s_one_process=(n / joint_sum if joint_sum else None),
+            starts={"one": 3, "two": 3, "joint": len(cfg["joint_tkin_starts"])},
+            pyspeckit_version=pyspeckit.__version__, ncomp_counts=counts,
+            test_spectrum_seconds=(spec_rows[0]["time_total"] if spec_rows else None))
+        LOG.info("wrote %s", path)
 
     if args.check_plot and cube22 is not None:
         picks = pick_check_pixels(tab)
