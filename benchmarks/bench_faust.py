@@ -21,7 +21,6 @@ benchmarks/results/faust.json (not with ``--quick``: 16 channels, one repeat, a 
 whose numbers mean little).
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
