@@ -199,9 +199,6 @@ def _repeated_catalogue(path, copies=5):
     return path
 
 
-COPIES = 12   # autospec does ~30 objects/s: 40 objects once all finished before the signal (CI)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
 def test_resume_after_an_interrupt_gives_complete_products(tmp_path, signal_name):
@@ -213,8 +210,7 @@ def test_resume_after_an_interrupt_gives_complete_products(tmp_path, signal_name
     import sys
     import time
     from astropy.table import Table
-    cat = _repeated_catalogue(tmp_path / "cat.txt", copies=COPIES)   # 96 objects: the poll may
-    n_objects = 8 * COPIES                                  # be starved for seconds on a busy machine
+    cat = _repeated_catalogue(tmp_path / "cat.txt")
     ini = tmp_path / "run.ini"
 
     def config(out):
@@ -223,24 +219,27 @@ def test_resume_after_an_interrupt_gives_complete_products(tmp_path, signal_name
         return [sys.executable, str(Path(autospec.__file__)), "run", "-c", str(ini), "-q", "--no-progress"]
 
     done_dir = tmp_path / "cut" / autospec.DONE_DIR
-    proc = subprocess.Popen(config(tmp_path / "cut"))
+    # SIGINT's default action in the child even where this test runs with SIGINT ignored (a
+    # background job of a non-interactive shell: Python then installs no KeyboardInterrupt)
+    proc = subprocess.Popen(config(tmp_path / "cut"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and len(list(done_dir.glob("*.npz"))) < 6:
         time.sleep(0.05)
     proc.send_signal(getattr(signal, signal_name))
     proc.wait(60)
     n_done = len(list(done_dir.glob("*.npz")))
-    assert 6 <= n_done < n_objects, n_done                    # killed midway
+    assert 6 <= n_done < 40, n_done                    # killed midway
     assert subprocess.run(config(tmp_path / "cut"), timeout=600).returncode == 0
     assert subprocess.run(config(tmp_path / "full"), timeout=600).returncode == 0
     cut, full = (Table.read(tmp_path / d / "summary.ecsv") for d in ("cut", "full"))
-    assert sorted(cut["ID"]) == sorted(full["ID"]) and len(cut) == n_objects
+    assert sorted(cut["ID"]) == sorted(full["ID"]) and len(cut) == 40
     a, b = (dict(zip(t["ID"], zip(t["STATUS"], t["SN_CROSS_CORRELATION_ITER_SKYSUB"]))) for t in (cut, full))
     for ident in a:
         assert a[ident][0] == b[ident][0] and a[ident][1] == pytest.approx(b[ident][1], rel=1e-6), ident
     from astropy.io import fits
     with fits.open(tmp_path / "cut" / "marz.fits") as m1, fits.open(tmp_path / "full" / "marz.fits") as m2:
-        assert m1[0].data.shape == m2[0].data.shape == (n_objects, m2[0].data.shape[1])
+        assert m1[0].data.shape == m2[0].data.shape == (40, m2[0].data.shape[1])
     for ident in a:
         assert len(list((tmp_path / "cut" / "images" / str(ident)).glob("*.jpg"))) >= 3, ident
     assert not [p for p in (tmp_path / "cut").rglob("*") if ".part" in p.name]
